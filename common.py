@@ -1,0 +1,457 @@
+"""Shared plumbing for the RLHF scripts: loading, padding, log-prob gather, masked statistics,
+distributed reductions, logging and checkpoints. No algorithm logic lives here: what each
+algorithm optimises is written out in its own script."""
+
+import importlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parent
+
+
+def fail(message: str):
+    """Stop with a one-line error naming the problem and the fix (exit status 1)."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve(path: str) -> str:
+    """Defaults like `toy/policy` are relative to the repository, wherever the script runs from."""
+    return str(REPO / path) if not os.path.exists(path) and (REPO / path).exists() else path
+
+
+# ---------------------------------------------------------------- distributed
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_list(items: list) -> list:
+    if not dist.is_initialized():
+        return items
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+def broadcast_object(obj):
+    """Rank 0's value of `obj` on every rank (e.g. a time-stamped output directory name)."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def max_replica_difference(model: nn.Module) -> float:
+    """Largest difference between ranks of any parameter's checksum (0.0 when replicas agree)."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    if not dist.is_initialized():
+        return 0.0
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return (hi - lo).abs().max().item()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_size: int, world_size: int):
+    for flag, size in (("--rollout-batch-size", rollout_batch_size), ("--mini-batch-size", mini_batch_size)):
+        if size % world_size:
+            fail(f"{flag} {size} is not divisible by the {world_size} ranks; make it a multiple of the world size")
+    if rollout_batch_size % mini_batch_size:
+        fail(f"--rollout-batch-size {rollout_batch_size} is not divisible by --mini-batch-size {mini_batch_size}")
+    if total_episodes < rollout_batch_size:
+        fail(f"--total-episodes {total_episodes} is less than one --rollout-batch-size ({rollout_batch_size})")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def now(device: torch.device) -> float:
+    """Wall-clock time after the device has finished queued work (for the time split)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------- loading
+def _load(loader, path: str, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(resolve(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load {what} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer, path, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # e.g. Pythia/GPT-J tokenizers: pad with EOS, masks keep it out
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = _load(AutoModelForCausalLM, path, "--model", dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()  # dropout off everywhere (SPEC 1.11)
+
+
+def add_lora(model, r: int, task_type: str):
+    """Freeze the base, add a LoRA adapter to every linear layer (plus the score head for SEQ_CLS)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:  # trained weights in float32 even when the frozen base is bf16
+            p.data = p.data.float()
+    return model
+
+
+class ValueModel(nn.Module):
+    """Scalar head reading EVERY position's last hidden state of a `*ForSequenceClassification`
+    model (num_labels=1): values[:, t] is the value of the state before token t+1. Used for the
+    value network and, read at the last real token, for reward-model scores."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state
+        head = self.model.score if hasattr(self.model, "score") else self.model.classifier
+        return head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code: bool = False) -> ValueModel:
+    """A separate network: `path`'s backbone plus a scalar head (new unless `path` is a reward model)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load(
+        AutoModelForSequenceClassification, path, what, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return ValueModel(model.eval())
+
+
+def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False):
+    """Sequence-level scorer (prompts, responses) -> (N,) float tensor on `device`: either a Python
+    function `module:function`, or a reward model scoring decoded text re-tokenized with its own
+    tokenizer, read at the last non-pad token (SPEC 1.6)."""
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not os.path.exists(spec):
+        module, name = spec.split(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
+        return lambda prompts, responses: torch.tensor(fn(prompts, responses), dtype=torch.float32, device=device)
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig, spec, flag, trust_remote_code=trust_remote_code)
+    if getattr(config, "num_labels", 1) != 1:
+        fail(f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)")
+    tokenizer = load_tokenizer(spec, trust_remote_code)
+    scorer = load_value_model(spec, dtype, flag, trust_remote_code).to(device).requires_grad_(False)
+
+    @torch.no_grad()
+    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        scores = []
+        for i in range(0, len(prompts), batch_size):
+            texts = [p + r for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+            enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt").to(device)
+            with autocast(device, dtype):
+                values = scorer(enc["input_ids"], enc["attention_mask"])
+            last = enc["attention_mask"].sum(-1) - 1
+            scores.append(values[torch.arange(len(texts), device=device), last])
+        return torch.cat(scores)
+
+    return score
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ---------------------------------------------------------------- data
+def load_rows(name: str, split: str) -> tuple[list[str], list[str] | None]:
+    """(prompts, chosen responses or None) from a hub dataset, a local data dir, a jsonl/json/parquet
+    file or a `save_to_disk` dir, in Dahoas/rm-static (`prompt`, `chosen`), Anthropic/hh-rlhf (full
+    `chosen` dialogues) or plain-`prompt` format."""
+    import datasets
+
+    path = resolve(name)
+    try:
+        if os.path.isdir(path) and any(
+            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
+        ):
+            ds = datasets.load_from_disk(path)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif os.path.isfile(path):
+            builder = "parquet" if path.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line naming the dataset
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
+    if len(ds) == 0:
+        fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
+    if "prompt" in ds.column_names:
+        prompts = list(ds["prompt"])
+        chosen = list(ds["chosen"]) if "chosen" in ds.column_names else None
+    elif "chosen" in ds.column_names:  # hh-rlhf: the prompt is the dialogue up to the last assistant turn
+        marker = "\n\nAssistant:"
+        dialogues = list(ds["chosen"])
+        prompts = [d[: d.rfind(marker) + len(marker)] for d in dialogues]
+        chosen = [d[len(p) :] for d, p in zip(dialogues, prompts)]
+    else:
+        fail(
+            f"--dataset '{name}' has columns {ds.column_names}; expected 'prompt' (Dahoas/rm-static or plain "
+            "prompts) or 'chosen' dialogues (Anthropic/hh-rlhf)"
+        )
+    return prompts, chosen
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
+    """Token ids per prompt, left-truncated so the end of the dialogue (the last turn) is kept."""
+    return [ids[-max_prompt_length:] for ids in tokenizer(prompts)["input_ids"]]
+
+
+def prompt_indices(n: int, batch_size: int, iteration: int, seed: int, rank: int, world_size: int) -> list[int]:
+    """This rank's disjoint share of the global batch for `iteration`, from a stream of seeded
+    epoch permutations (stateless, so a resumed run sees the same prompts)."""
+    indices, start = [], iteration * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        indices += perm[offset : offset + batch_size - len(indices)].tolist()
+    return indices[rank::world_size]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded and unpadded rows get the same positions (SPEC 1.1)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(model, queries, query_mask, generation_config, chunk_size: int):
+    """Sample responses with the KV cache in chunks of `chunk_size` prompts. Returns responses
+    (B, R) and response_mask (B, R): 1 on real tokens up to and including the first EOS (SPEC 1.4)."""
+    context_length = queries.shape[1]
+    chunks = [
+        model.generate(
+            input_ids=queries[i : i + chunk_size],
+            attention_mask=query_mask[i : i + chunk_size],
+            generation_config=generation_config,
+        )[:, context_length:]
+        for i in range(0, len(queries), chunk_size)
+    ]
+    width = max(c.shape[1] for c in chunks)
+    responses = torch.cat([F.pad(c, (0, width - c.shape[1]), value=generation_config.pad_token_id) for c in chunks])
+    is_eos = responses == generation_config.eos_token_id
+    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return responses, ~after_first_eos
+
+
+# ---------------------------------------------------------------- log-probs and masked statistics
+def response_logits(model, input_ids, attention_mask, context_length: int, temperature: float) -> torch.Tensor:
+    """Logits / T at the positions that predict the response tokens input_ids[:, context_length:].
+    Logits at position t predict token t+1: this is the one place the shift happens (SPEC 1.3)."""
+    response_length = input_ids.shape[1] - context_length
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=response_length + 1,
+    ).logits
+    return logits[:, :-1].float() / temperature  # (B, R, V)
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), values, 0.0).sum()  # where, not *, so NaN/inf in padding stay out
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, global_batch: bool = False) -> torch.Tensor:
+    """sum(m*v)/sum(m); with global_batch=True over every rank's tokens."""
+    total = torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)])
+    total = all_reduce_sum(total) if global_batch else total
+    return total[0] / total[1].clamp(min=1)
+
+
+def masked_whiten(values, mask, shift_mean: bool = True, global_batch: bool = True):
+    """Whiten over real tokens only, with statistics over the whole rollout batch on all ranks (SPEC 1.9)."""
+    mean = masked_mean(values, mask, global_batch)
+    var = masked_mean((values - mean) ** 2, mask, global_batch)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return torch.where(mask.bool(), whitened if shift_mean else whitened + mean, 0.0)
+
+
+class RunningMoments:
+    """Running mean/std of a scalar stream (Chan et al. parallel update), reduced across ranks."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor):
+        stats = all_reduce_sum(torch.stack([x.sum(), (x**2).sum(), torch.tensor(x.numel(), device=x.device)]).double())
+        n = stats[2].item()
+        batch_mean = stats[0].item() / n
+        batch_var = max(stats[1].item() / n - batch_mean**2, 0.0)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique n-grams / total n-grams over all responses (word level)."""
+    ngrams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(ngrams)) / max(len(ngrams), 1)
+
+
+# ---------------------------------------------------------------- output directory, logging, checkpoints
+def check_output_dir(output_dir: str, resume: bool):
+    checkpoint = os.path.join(output_dir, "checkpoint.pt")
+    if resume and not os.path.exists(checkpoint):
+        fail(f"--resume: no checkpoint at {checkpoint}; pass the --output-dir of the run to continue")
+    if not resume and os.path.isdir(output_dir) and os.listdir(output_dir):
+        fail(f"--output-dir {output_dir} already holds a run; pass --resume to continue it or choose a new directory")
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard (+ wandb with --track) + a tqdm bar, all on rank 0."""
+
+    def __init__(self, output_dir: str, args, rank: int, total: int, start: int):
+        self.rank = rank
+        if rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(self.path):  # on resume, drop rows logged after the checkpoint: they are redone
+            rows = [line for line in open(self.path) if json.loads(line)["iteration"] <= start]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(self.path + ".tmp", self.path)
+        self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.wandb = None
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                fail("--track needs wandb: pip install wandb")
+            self.wandb = wandb.init(project=args.wandb_project, config=vars(args), name=os.path.basename(output_dir))
+        self.bar = tqdm(total=total, initial=start, desc=os.path.basename(output_dir), dynamic_ncols=True)
+
+    def log(self, row: dict):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if "/" in key and (not key.startswith("eval/") or row.get("eval/iteration") == row["iteration"]):
+                self.writer.add_scalar(key, value, row["episodes"])
+        if self.wandb:
+            self.wandb.log(row, step=row["episodes"])
+        self.bar.update(1)
+        keys = ("train/reward", "train/kl", "eval/gold_reward", "time/samples_per_s")
+        self.bar.set_postfix({k.split("/")[1]: round(row[k], 3) for k in keys if k in row})
+
+    def close(self):
+        if self.rank == 0:
+            self.writer.close()
+            self.bar.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
+def trainable_state(model: nn.Module) -> dict:
+    """The parameters that training changes (all of them, or the adapter and head with LoRA)."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict):
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected or not state:
+        fail(
+            f"checkpoint does not match the model ({len(unexpected)} unknown tensors); use the run's --model/--use-lora"
+        )
+
+
+def save_checkpoint(output_dir: str, state: dict):
+    """Atomic: a killed save leaves the previous checkpoint intact."""
+    path = os.path.join(output_dir, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(output_dir: str) -> dict:
+    return torch.load(os.path.join(output_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+
+
+def save_final_policy(policy, tokenizer, output_dir: str, use_lora: bool):
+    """`save_pretrained` of the policy (+ tokenizer); with LoRA the adapter and the merged model."""
+    if use_lora:
+        policy.save_pretrained(os.path.join(output_dir, "adapter"))
+        tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
+        policy = policy.merge_and_unload()
+    final, tmp = os.path.join(output_dir, "policy"), os.path.join(output_dir, "policy.tmp")
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, final)

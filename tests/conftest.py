@@ -1,0 +1,84 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A few iterations of the toy task with small batches: what every end-to-end test runs.
+FAST = [
+    "--total-episodes",
+    "32",
+    "--rollout-batch-size",
+    "16",
+    "--mini-batch-size",
+    "8",
+    "--max-new-tokens",
+    "24",
+    "--eval-size",
+    "16",
+    "--eval-every",
+    "1",
+    "--save-every",
+    "1",
+]
+
+
+@pytest.fixture
+def tiny_lm():
+    """A randomly initialised 2-layer GPT-NeoX on the toy tokenizer (no download)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        rotary_pct=0.25,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600):
+    """Run an algorithm script as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(REPO / script),
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, str(REPO / script), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def read_metrics(output_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]

@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from common import (
+    RunningMoments,
+    distinct_n,
+    gather_logprobs,
+    generate,
+    left_pad,
+    load_rows,
+    masked_mean,
+    masked_whiten,
+    prompt_indices,
+    response_logits,
+    tokenize_prompts,
+)
+
+
+def test_logprob_gather_matches_slow_loop_on_unpadded_rows(tiny_lm):
+    """Left-padded batch + position ids + the one shift == each row alone, token by token."""
+    torch.manual_seed(1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    responses = torch.randint(2, 64, (3, 4))
+    queries, query_mask = left_pad(prompts, 0, "cpu")
+    input_ids = torch.cat([queries, responses], 1)
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    with torch.no_grad():
+        fast = gather_logprobs(response_logits(tiny_lm, input_ids, attention_mask, queries.shape[1], 0.7), responses)
+        for b, prompt in enumerate(prompts):
+            row = torch.tensor([prompt + responses[b].tolist()])
+            logits = tiny_lm(row).logits[0] / 0.7
+            for t in range(4):
+                expected = torch.log_softmax(logits[len(prompt) - 1 + t], -1)[responses[b, t]]
+                assert torch.allclose(fast[b, t], expected, atol=1e-5), (b, t)
+
+
+def test_generate_samples_from_the_distribution_our_logprobs_describe(tiny_lm):
+    """generate() under left padding uses the same positions as our forward: its sampling scores
+    (logits / T) equal our log-probs, so pi_old is the distribution that was actually sampled."""
+    queries, query_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12]], 0, "cpu")
+    config = GenerationConfig(
+        max_new_tokens=5,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    torch.manual_seed(0)
+    out = tiny_lm.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
+    responses = out.sequences[:, queries.shape[1] :]
+    sampled = (
+        torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    )
+    input_ids = torch.cat([queries, responses], 1)
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    with torch.no_grad():
+        ours = gather_logprobs(response_logits(tiny_lm, input_ids, attention_mask, queries.shape[1], 0.7), responses)
+    assert torch.allclose(ours, sampled, atol=1e-4)
+
+
+def test_generate_response_mask_covers_up_to_first_eos():
+    class Fake:
+        def generate(self, input_ids, attention_mask, generation_config):
+            table = {3: [4, 1, 0, 0], 4: [4, 5, 6, 7], 5: [1, 1]}  # chunks may come back shorter
+            responses = torch.tensor([table[q] for q in input_ids[:, -1].tolist()])
+            return torch.cat([input_ids, responses], 1)
+
+    config = GenerationConfig(eos_token_id=1, pad_token_id=0)
+    queries, mask = left_pad([[3], [4], [5]], 0, "cpu")
+    responses, response_mask = generate(Fake(), queries, mask, config, chunk_size=2)
+    assert responses.shape == (3, 4)
+    assert response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_masked_mean_and_whiten_ignore_padding_even_when_nan():
+    values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, float("inf"), 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]]).bool()
+    assert masked_mean(values, mask).item() == pytest.approx(11 / 4)
+    whitened = masked_whiten(values, mask)
+    real = np.array([1.0, 2.0, 3.0, 5.0])
+    assert torch.isfinite(whitened).all()
+    assert whitened[mask].numpy() == pytest.approx((real - real.mean()) / real.std(), rel=1e-4)
+    assert whitened[~mask].abs().sum() == 0
+    kept_mean = masked_whiten(values, mask, shift_mean=False)[mask]
+    assert kept_mean.mean().item() == pytest.approx(real.mean(), rel=1e-4)
+
+
+def test_running_moments_match_numpy_over_a_stream():
+    rng = np.random.default_rng(0)
+    stream = [rng.normal(3, 2, size=n) for n in (5, 17, 1, 64)]
+    moments = RunningMoments()
+    for batch in stream:
+        moments.update(torch.tensor(batch, dtype=torch.float32))
+    seen = np.concatenate(stream)
+    assert moments.mean == pytest.approx(seen.mean(), rel=1e-4)
+    assert moments.std == pytest.approx(seen.std(), rel=1e-3)
+
+
+def test_prompt_indices_are_disjoint_shards_of_epoch_permutations():
+    shards = [prompt_indices(10, 4, 1, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 2 and not set(shards[0]) & set(shards[1])
+    epoch = [i for it in range(4) for i in prompt_indices(10, 5, it, 3, 0, 1)]
+    assert sorted(epoch[:10]) == list(range(10)) and sorted(epoch[10:]) == list(range(10))
+    assert prompt_indices(10, 4, 1, 3, 0, 2) == shards[0]  # stateless: a resumed run sees the same prompts
+
+
+def test_distinct_n_hand_computed():
+    assert distinct_n(["a b a b", "a c"], 1) == pytest.approx(3 / 6)
+    assert distinct_n(["a b a b", "a c"], 2) == pytest.approx(3 / 4)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_load_rows_reads_the_three_formats(tmp_path):
+    rm_static = _write_jsonl(
+        tmp_path / "a.jsonl", [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " yo", "rejected": " no"}]
+    )
+    assert load_rows(rm_static, "train") == (["\n\nHuman: hi\n\nAssistant:"], [" yo"])
+    dialogue = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
+    hh = _write_jsonl(tmp_path / "b.jsonl", [{"chosen": dialogue, "rejected": dialogue + "!"}])
+    assert load_rows(hh, "train") == (["\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"], [" d"])
+    plain = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p1"}, {"prompt": "p2"}])
+    assert load_rows(plain, "train") == (["p1", "p2"], None)
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"prompt": ["q"]})}).save_to_disk(str(tmp_path / "disk"))
+    assert load_rows(str(tmp_path / "disk"), "test")[0] == ["q"]
+
+
+def test_load_rows_errors_are_one_line(tmp_path):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])
+    with pytest.raises(SystemExit, match="expected 'prompt'"):
+        load_rows(bad, "train")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="error: "):
+        load_rows(str(tmp_path / "empty.jsonl"), "train")
+
+
+def test_prompts_are_left_truncated():
+    class Tok:
+        def __call__(self, texts):
+            return {"input_ids": [list(range(len(t))) for t in texts]}
+
+    assert tokenize_prompts(Tok(), ["abcdef", "ab"], 3) == [[3, 4, 5], [0, 1]]

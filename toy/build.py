@@ -1,0 +1,259 @@
+"""Regenerate the toy RLHF task deterministically: `python toy/build.py` (about 10 min on 2 CPUs).
+
+Writes, next to this file:
+  data/{train,test}.jsonl  Dahoas/rm-static format: prompt, response, chosen, rejected
+  tokenizer/               byte-level BPE (transformers tokenizer, EOS + pad tokens)
+  policy/                  SFT policy: GPT-NeoX (Pythia architecture) causal LM, ~1M params
+  reward_model/            GPTNeoXForSequenceClassification, num_labels=1, Bradley-Terry
+  build_report.json        sizes, SFT gold reward, reward-model held-out pair accuracy
+
+Responses come from a mix in which good ones are a minority, so the SFT policy has clear
+room to improve under the gold scorer (toy/gold.py), which also labels the RM's pairs.
+"""
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toy.gold import CLOSINGS, POLITE_OPENERS, RUDE_OPENERS, TOPICS, score_one  # noqa: E402
+
+OUT = Path(__file__).resolve().parent
+SEED = 0
+REQUESTS = [
+    "how do i get better at {t}?",
+    "can you give me a tip about {t}?",
+    "i want to learn about {t}. where do i start?",
+    "what matters most in {t}?",
+    "any advice on {t} for a beginner?",
+]
+VERBS = ["check", "use", "watch", "choose", "keep", "plan around"]
+ADVERBS = ["every day", "with care", "slowly", "early", "often", "first"]
+FILLERS = [
+    "it really depends on you.",
+    "there are many ways to do this.",
+    "people have different opinions.",
+    "that is a big question.",
+]
+
+
+def make_prompt(rng: random.Random) -> str:
+    topic = rng.choice(list(TOPICS))
+    return f"\n\nHuman: {rng.choice(REQUESTS).format(t=topic)}\n\nAssistant:"
+
+
+def sample_response(rng: random.Random, topic: str) -> str:
+    """One response from the SFT mix: each quality feature is drawn independently."""
+    parts = []
+    u = rng.random()
+    if u < 0.35:
+        parts.append(rng.choice(POLITE_OPENERS))
+    elif u < 0.6:
+        parts.append(rng.choice(RUDE_OPENERS))
+    body = []
+    for _ in range(rng.choices([1, 2, 3, 4, 5], weights=[20, 30, 25, 15, 10])[0]):
+        v = rng.random()
+        if v < 0.55:
+            word = rng.choice(TOPICS[topic])
+        elif v < 0.75:
+            word = rng.choice(TOPICS[rng.choice([t for t in TOPICS if t != topic])])
+        else:
+            body.append(rng.choice(FILLERS))
+            continue
+        body.append(f"{rng.choice(VERBS)} the {word} {rng.choice(ADVERBS)}.")
+    if rng.random() < 0.2:  # repetition
+        for _ in range(rng.randint(1, 2)):
+            body.insert(rng.randint(0, len(body)), rng.choice(body))
+    parts += body
+    if rng.random() < 0.4:
+        parts.append(rng.choice(CLOSINGS))
+    text = " ".join(parts)
+    if rng.random() < 0.1:  # cut off mid-sentence
+        words = text.split()
+        text = " ".join(words[: rng.randint(max(1, len(words) // 2), len(words))]).rstrip(".!?,")
+    return " " + text
+
+
+def topic_of(prompt: str) -> str:
+    return next(t for t in TOPICS if t in prompt)
+
+
+def make_pairs(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    while len(rows) < n:
+        prompt = make_prompt(rng)
+        a, b = (sample_response(rng, topic_of(prompt)) for _ in range(2))
+        sa, sb = score_one(prompt, a), score_one(prompt, b)
+        if abs(sa - sb) < 0.25:  # near-ties carry no preference
+            continue
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        rows.append(dict(prompt=prompt, response=chosen, chosen=chosen, rejected=rejected))
+    return rows
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+
+
+def model_config(tokenizer) -> GPTNeoXConfig:
+    return GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+def train_sft(tokenizer, rng: random.Random, steps: int = 1500, batch: int = 64) -> GPTNeoXForCausalLM:
+    model = GPTNeoXForCausalLM(model_config(tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    eos = tokenizer.eos_token_id
+    for step in range(steps):
+        prompts = [make_prompt(rng) for _ in range(batch)]
+        responses = [sample_response(rng, topic_of(p)) for p in prompts]
+        p_ids = tokenizer(prompts)["input_ids"]
+        r_ids = tokenizer(responses)["input_ids"]
+        ids, mask = right_pad([p + r + [eos] for p, r in zip(p_ids, r_ids)], tokenizer.pad_token_id)
+        labels = ids.masked_fill(mask == 0, -100)
+        for i, p in enumerate(p_ids):  # loss on the response (and its EOS) only
+            labels[i, : len(p)] = -100
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            print(f"sft step {step} loss {loss.item():.3f}", flush=True)
+    return model.eval()
+
+
+def rm_scores(rm, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    ids, mask = right_pad(tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"], tokenizer.pad_token_id)
+    return rm(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+
+
+def train_rm(policy, tokenizer, pairs: list[dict], steps: int = 1200, batch: int = 64):
+    config = model_config(tokenizer)
+    config.num_labels = 1
+    rm = GPTNeoXForSequenceClassification(config)
+    rm.gpt_neox.load_state_dict(policy.gpt_neox.state_dict())  # RM initialised from the SFT backbone
+    opt = torch.optim.AdamW(rm.parameters(), lr=5e-4, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(SEED)
+    for step in range(steps):
+        idx = torch.randint(len(pairs), (batch,), generator=gen).tolist()
+        prompts = [pairs[i]["prompt"] for i in idx]
+        chosen = rm_scores(rm, tokenizer, prompts, [pairs[i]["chosen"] for i in idx])
+        rejected = rm_scores(rm, tokenizer, prompts, [pairs[i]["rejected"] for i in idx])
+        loss = -F.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 5e-4)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            print(f"rm step {step} loss {loss.item():.3f}", flush=True)
+    return rm.eval()
+
+
+@torch.no_grad()
+def pair_accuracy(rm, tokenizer, pairs: list[dict]) -> float:
+    prompts = [r["prompt"] for r in pairs]
+    chosen = rm_scores(rm, tokenizer, prompts, [r["chosen"] for r in pairs])
+    rejected = rm_scores(rm, tokenizer, prompts, [r["rejected"] for r in pairs])
+    return (chosen > rejected).float().mean().item()
+
+
+@torch.no_grad()
+def sft_gold(policy, tokenizer, prompts: list[str]) -> float:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = policy.generate(
+        **enc, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=48, pad_token_id=tokenizer.pad_token_id
+    )
+    responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return sum(score_one(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+
+
+def main():
+    torch.manual_seed(SEED)
+    torch.set_num_threads(2)
+    rng = random.Random(SEED)
+    train, test = make_pairs(rng, 10000), make_pairs(rng, 500)
+    (OUT / "data").mkdir(exist_ok=True)
+    for name, rows in [("train", train), ("test", test)]:
+        with open(OUT / "data" / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    corpus = [r["prompt"] + r["chosen"] for r in train] + [r["prompt"] + r["rejected"] for r in train]
+    tokenizer = build_tokenizer(corpus)
+    tokenizer.save_pretrained(OUT / "tokenizer")
+
+    policy = train_sft(tokenizer, random.Random(SEED + 1))
+    rm = train_rm(policy, tokenizer, train)
+    report = {
+        "policy_parameters": sum(p.numel() for p in policy.parameters()),
+        "reward_model_parameters": sum(p.numel() for p in rm.parameters()),
+        "vocab_size": len(tokenizer),
+        "gold_reward_chosen_test": sum(score_one(r["prompt"], r["chosen"]) for r in test) / len(test),
+        "gold_reward_rejected_test": sum(score_one(r["prompt"], r["rejected"]) for r in test) / len(test),
+    }
+    for name, model in [("policy", policy.half()), ("reward_model", rm.half())]:
+        model.save_pretrained(OUT / name)
+        tokenizer.save_pretrained(OUT / name)
+    policy, rm = policy.float(), rm.float()  # measure what was saved (fp16 weights)
+    report["reward_model_test_pair_accuracy"] = pair_accuracy(rm, tokenizer, test)
+    report["reward_model_train_pair_accuracy"] = pair_accuracy(rm, tokenizer, train[:1000])
+    report["sft_gold_reward_test_prompts"] = sft_gold(policy, tokenizer, [r["prompt"] for r in test])
+    (OUT / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
