@@ -15,6 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_libraries():
+    """Hide the libraries' load reports and progress bars; our own errors and logs stay."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def fail(message: str):
@@ -32,6 +44,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    quiet_libraries()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -73,6 +86,13 @@ def max_replica_difference(model: nn.Module) -> float:
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     return (hi - lo).abs().max().item()
+
+
+def global_means(per_sequence: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over all ranks' sequences of each per-sequence statistic: one all-reduce, one sync."""
+    count = next(iter(per_sequence.values())).new_tensor(len(next(iter(per_sequence.values()))), dtype=torch.float)
+    sums = all_reduce_sum(torch.stack([v.float().sum() for v in per_sequence.values()] + [count])).tolist()
+    return {key: total / sums[-1] for key, total in zip(per_sequence, sums)}
 
 
 def barrier():
@@ -409,7 +429,7 @@ class Logger:
                 self.writer.add_scalar(key, value, row["episodes"])
         if self.wandb:
             self.wandb.log(row, step=row["episodes"])
-        self.bar.update(1)
+        self.bar.update(row["iteration"] - self.bar.n)
         keys = ("train/reward", "train/kl", "eval/gold_reward", "time/samples_per_s")
         self.bar.set_postfix({k.split("/")[1]: round(row[k], 3) for k in keys if k in row})
 

@@ -38,6 +38,7 @@ from common import (
     fail,
     gather_logprobs,
     generate,
+    global_means,
     left_pad,
     load_causal_lm,
     load_checkpoint,
@@ -171,19 +172,18 @@ def adaptive_kl_update(kl_coef: float, kl: float, kl_target: float, n: int, hori
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate; returns (loss, ratio, clip fraction)."""
+    """Clipped surrogate; returns (loss, stats)."""
     ratio = torch.exp(logprobs - old_logprobs)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    clipfrac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
-    return masked_mean(losses, mask), ratio, clipfrac
+    return masked_mean(losses, mask), {"policy/clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)}
 
 
 def value_loss(values, old_values, returns, mask, value_clip: float):
-    """Clipped value loss; returns (loss, clip fraction)."""
+    """Clipped value loss; returns (loss, stats)."""
     clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     clipfrac = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
-    return 0.5 * masked_mean(losses, mask), clipfrac
+    return 0.5 * masked_mean(losses, mask), {"value/clipfrac": clipfrac}
 
 
 def main():
@@ -294,29 +294,24 @@ def main():
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        sums = [
-            score_fn(prompt_texts, response_texts).sum(),
-            kl.sum(),
-            response_mask.sum(),
-            (responses == tokenizer.eos_token_id).any(1).sum(),
-            torch.tensor(float(len(queries)), device=device),
-        ]
-        if eval_score_fn:
-            sums.append(eval_score_fn(prompt_texts, response_texts).sum())
-        sums = all_reduce_sum(torch.stack([s.float() for s in sums])).tolist()
-        all_texts = all_gather_list(response_texts)
-        metrics = {
-            "eval/reward": sums[0] / sums[4],
-            "eval/kl": sums[1] / sums[4],
-            "eval/response_length": sums[2] / sums[4],
-            "eval/eos_rate": sums[3] / sums[4],
-            "eval/distinct_1": distinct_n(all_texts, 1),
-            "eval/distinct_2": distinct_n(all_texts, 2),
+        per_sequence = {
+            "eval/reward": score_fn(prompt_texts, response_texts),
+            "eval/kl": kl.sum(1),
+            "eval/response_length": response_mask.sum(1),
+            "eval/eos_rate": (responses == tokenizer.eos_token_id).any(1),
         }
-        metrics["eval/gold_reward"] = sums[5] / sums[4] if eval_score_fn else float("nan")
-        return metrics
+        if eval_score_fn:
+            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts)
+        texts = all_gather_list(response_texts)
+        return {
+            **global_means(per_sequence),
+            "eval/distinct_1": distinct_n(texts, 1),
+            "eval/distinct_2": distinct_n(texts, 2),
+        }
 
-    eval_metrics = {"eval/iteration": start_iteration, **evaluate()} if start_iteration < num_iterations else {}
+    eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
+    if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
+        logger.log({"iteration": 0, "episodes": 0, **eval_metrics})
     for iteration in range(start_iteration + 1, num_iterations + 1):
         torch.manual_seed(
             args.seed + 10_000 * iteration + rank
@@ -352,30 +347,22 @@ def main():
         rewards[torch.arange(local_batch, device=device), last_index] += scaled_scores
         advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
         advantages = masked_whiten(advantages, response_mask)
-        batch_sums = all_reduce_sum(
-            torch.stack(
-                [
-                    scores.sum(),
-                    kl.sum(),
-                    ((-kl).exp() - 1 + kl).sum(),
-                    response_mask.sum(),
-                    (~contains_eos).sum(),
-                    (scores**2).sum(),
-                ]
-            ).float()
-        )
-        mean_kl = batch_sums[1].item() / args.rollout_batch_size
+        rollout_stats = global_means({
+            "train/reward": scores, "train/kl": kl.sum(1), "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
+            "train/response_length": response_mask.sum(1), "train/missing_eos_rate": ~contains_eos,
+        })  # fmt: skip
         kl_coef_used = kl_coef
-        kl_coef = adaptive_kl_update(kl_coef, mean_kl, args.kl_target, args.rollout_batch_size, args.kl_horizon)
+        kl_coef = adaptive_kl_update(
+            kl_coef, rollout_stats["train/kl"], args.kl_target, args.rollout_batch_size, args.kl_horizon
+        )
         t_score = now(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
-        num_minibatches = local_batch // local_mini_batch
-        stats = torch.zeros(args.update_epochs, num_minibatches, 8, device=device)
-        for epoch in range(args.update_epochs):
+        stats = []
+        for _ in range(args.update_epochs):
             permutation = torch.randperm(local_batch, device=device)
-            for j in range(num_minibatches):
-                mb = permutation[j * local_mini_batch : (j + 1) * local_mini_batch]
+            for start in range(0, local_batch, local_mini_batch):
+                mb = permutation[start : start + local_mini_batch]
                 mb_mask = response_mask[mb]
                 with autocast(device, dtype):
                     logits = response_logits(
@@ -384,10 +371,8 @@ def main():
                     new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
                 new_logprobs = gather_logprobs(logits, responses[mb])
                 # ALGO LOGIC: clipped surrogate and clipped value loss
-                pg_loss, ratio, pg_clipfrac = policy_loss(
-                    new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps
-                )
-                vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
+                pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
+                vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
                 policy_optimizer.zero_grad(set_to_none=True)
                 pg_loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -396,52 +381,36 @@ def main():
                 (args.vf_coef * vf_loss).backward()
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
                 value_optimizer.step()
-                with torch.no_grad():
-                    log_ratio = new_logprobs - logprobs[mb]
-                    stats[epoch, j] = torch.stack(
-                        [
-                            pg_loss,
-                            vf_loss,
-                            pg_clipfrac,
-                            vf_clipfrac,
-                            masked_mean(ratio, mb_mask),
-                            masked_mean(ratio - 1 - log_ratio, mb_mask),
-                            masked_mean(entropy_from_logits(logits.detach()), mb_mask),
-                            masked_mean(log_ratio.abs(), mb_mask),
-                        ]
-                    )
-        stats = all_reduce_sum(stats) / world_size
+                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch (SPEC 1.1)
+                    log_ratio = new_logprobs.detach() - logprobs[mb]
+                    mb_stats = {
+                        "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
+                        "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
+                        "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
+                        "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
+                        "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
+                    }  # fmt: skip
+                    stats.append(torch.stack([v.detach().float() for v in mb_stats.values()]))
+        stats = all_reduce_sum(torch.stack(stats)) / world_size  # (update_epochs * minibatches, K): one sync below
         if not torch.isfinite(stats).all():
-            fail(
-                f"NaN/inf loss at iteration {iteration}; nothing was saved from it (last checkpoint intact); lower --lr"
-            )
+            fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
         t_end = now(device)
 
         # ---- log, evaluate, checkpoint
         explained = 1 - masked_mean((returns - values) ** 2, response_mask, True) / masked_mean(
             (returns - masked_mean(returns, response_mask, True)) ** 2, response_mask, True
         )
-        n = args.rollout_batch_size
+        n, first = args.rollout_batch_size, dict(zip(mb_stats, stats[0].tolist()))
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
-            "train/reward": batch_sums[0].item() / n,
-            "train/reward_std": max(batch_sums[5].item() / n - (batch_sums[0].item() / n) ** 2, 0) ** 0.5,
-            "train/kl": mean_kl,
-            "train/kl_k3": batch_sums[2].item() / n,
-            "train/response_length": batch_sums[3].item() / n,
-            "train/missing_eos_rate": batch_sums[4].item() / n,
-            "train/kl_coef": kl_coef_used,
+            **rollout_stats,
+            "train/reward_std": torch.tensor(all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
-            "loss/policy": stats[..., 0].mean().item(),
-            "loss/value": stats[..., 1].mean().item(),
-            "policy/clipfrac": stats[..., 2].mean().item(),
-            "value/clipfrac": stats[..., 3].mean().item(),
-            "policy/ratio_mean": stats[..., 4].mean().item(),
-            "policy/approx_kl": stats[..., 5].mean().item(),
-            "policy/entropy": stats[..., 6].mean().item(),
-            "policy/ratio_first_mb": stats[0, 0, 4].item(),
-            "policy/abs_log_ratio_first_mb": stats[0, 0, 7].item(),
+            "train/kl_coef": kl_coef_used,  # ALGO LOGIC
+            **dict(zip(mb_stats, stats.mean(0).tolist())),
+            "policy/ratio_first_mb": first["policy/ratio"],
+            "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
             "value/explained_variance": explained.item(),
             "value/mean": masked_mean(values, response_mask, True).item(),
             "value/returns_mean": masked_mean(returns, response_mask, True).item(),

@@ -179,18 +179,18 @@ def rm_scores(rm, tokenizer, prompts: list[str], responses: list[str]) -> torch.
     return rm(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 
 
-def train_rm(policy, tokenizer, pairs: list[dict], steps: int = 1200, batch: int = 64):
+def train_rm(policy, tokenizer, rng: random.Random, steps: int = 1500, batch: int = 64):
+    """Bradley-Terry on freshly generated gold-labelled pairs every step (a fixed set overfits)."""
     config = model_config(tokenizer)
     config.num_labels = 1
     rm = GPTNeoXForSequenceClassification(config)
     rm.gpt_neox.load_state_dict(policy.gpt_neox.state_dict())  # RM initialised from the SFT backbone
     opt = torch.optim.AdamW(rm.parameters(), lr=5e-4, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(SEED)
     for step in range(steps):
-        idx = torch.randint(len(pairs), (batch,), generator=gen).tolist()
-        prompts = [pairs[i]["prompt"] for i in idx]
-        chosen = rm_scores(rm, tokenizer, prompts, [pairs[i]["chosen"] for i in idx])
-        rejected = rm_scores(rm, tokenizer, prompts, [pairs[i]["rejected"] for i in idx])
+        pairs = make_pairs(rng, batch)
+        prompts = [r["prompt"] for r in pairs]
+        chosen = rm_scores(rm, tokenizer, prompts, [r["chosen"] for r in pairs])
+        rejected = rm_scores(rm, tokenizer, prompts, [r["rejected"] for r in pairs])
         loss = -F.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 5e-4)
@@ -222,35 +222,40 @@ def sft_gold(policy, tokenizer, prompts: list[str]) -> float:
 
 
 def main():
+    """`python toy/build.py` builds everything; `python toy/build.py rm` rebuilds only the reward model."""
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     rng = random.Random(SEED)
     train, test = make_pairs(rng, 10000), make_pairs(rng, 500)
-    (OUT / "data").mkdir(exist_ok=True)
-    for name, rows in [("train", train), ("test", test)]:
-        with open(OUT / "data" / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-    corpus = [r["prompt"] + r["chosen"] for r in train] + [r["prompt"] + r["rejected"] for r in train]
-    tokenizer = build_tokenizer(corpus)
-    tokenizer.save_pretrained(OUT / "tokenizer")
-
-    policy = train_sft(tokenizer, random.Random(SEED + 1))
-    rm = train_rm(policy, tokenizer, train)
+    if sys.argv[1:] != ["rm"]:
+        (OUT / "data").mkdir(exist_ok=True)
+        for name, rows in [("train", train), ("test", test)]:
+            with open(OUT / "data" / f"{name}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        corpus = [r["prompt"] + r["chosen"] for r in train] + [r["prompt"] + r["rejected"] for r in train]
+        tokenizer = build_tokenizer(corpus)
+        tokenizer.save_pretrained(OUT / "tokenizer")
+        policy = train_sft(tokenizer, random.Random(SEED + 1))
+        policy.half().save_pretrained(OUT / "policy")
+        tokenizer.save_pretrained(OUT / "policy")
+    # from here on, work from the saved (fp16) files, so `build.py rm` reproduces a full build exactly
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(OUT / "tokenizer")
+    policy = GPTNeoXForCausalLM.from_pretrained(OUT / "policy", dtype=torch.float32).eval()
+    torch.manual_seed(SEED + 2)
+    rm = train_rm(policy, tokenizer, random.Random(SEED + 2))
+    rm.half().save_pretrained(OUT / "reward_model")
+    tokenizer.save_pretrained(OUT / "reward_model")
+    rm = rm.float()  # measure what was saved (fp16 weights)
     report = {
         "policy_parameters": sum(p.numel() for p in policy.parameters()),
         "reward_model_parameters": sum(p.numel() for p in rm.parameters()),
         "vocab_size": len(tokenizer),
         "gold_reward_chosen_test": sum(score_one(r["prompt"], r["chosen"]) for r in test) / len(test),
         "gold_reward_rejected_test": sum(score_one(r["prompt"], r["rejected"]) for r in test) / len(test),
+        "reward_model_test_pair_accuracy": pair_accuracy(rm, tokenizer, test),
+        "reward_model_train_pair_accuracy": pair_accuracy(rm, tokenizer, train[:1000]),
+        "sft_gold_reward_test_prompts": sft_gold(policy, tokenizer, [r["prompt"] for r in test]),
     }
-    for name, model in [("policy", policy.half()), ("reward_model", rm.half())]:
-        model.save_pretrained(OUT / name)
-        tokenizer.save_pretrained(OUT / name)
-    policy, rm = policy.float(), rm.float()  # measure what was saved (fp16 weights)
-    report["reward_model_test_pair_accuracy"] = pair_accuracy(rm, tokenizer, test)
-    report["reward_model_train_pair_accuracy"] = pair_accuracy(rm, tokenizer, train[:1000])
-    report["sft_gold_reward_test_prompts"] = sft_gold(policy, tokenizer, [r["prompt"] for r in test])
     (OUT / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
