@@ -149,7 +149,6 @@ class Args:
     """wandb project name"""
 
 
-# ALGO LOGIC: the pieces of PPO, as plain functions the tests import
 def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
     """GAE over response tokens (SPEC 1.8): V after the last real token is 0. Returns (advantages, returns)."""
     values = torch.where(mask, values, 0.0)
@@ -163,6 +162,7 @@ def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
     return torch.where(mask, advantages, 0.0), torch.where(mask, advantages + values, 0.0)
 
 
+# ALGO LOGIC: the pieces of PPO, as plain functions the tests import
 def adaptive_kl_update(kl_coef: float, kl: float, kl_target: float, n: int, horizon: int) -> float:
     """Ziegler et al. (2019) proportional controller on the batch's mean sequence KL."""
     if kl_target == 0:
@@ -238,8 +238,8 @@ def main():
     value_optimizer = torch.optim.AdamW(
         [p for p in value_model.parameters() if p.requires_grad], lr=args.value_lr, betas=args.adam_betas
     )
-    # ALGO LOGIC: state of the KL controller and the score normaliser
-    kl_coef, score_stats = args.kl_coef, RunningMoments()
+    score_stats = RunningMoments()
+    kl_coef = args.kl_coef  # ALGO LOGIC: the adaptive KL controller's state
     start_iteration = 0
     if args.resume:
         checkpoint = load_checkpoint(output_dir)
@@ -247,7 +247,8 @@ def main():
         load_trainable_state(value_model, checkpoint["value_model"])
         policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
         value_optimizer.load_state_dict(checkpoint["value_optimizer"])
-        kl_coef, start_iteration = checkpoint["kl_coef"], checkpoint["iteration"]
+        start_iteration = checkpoint["iteration"]
+        kl_coef = checkpoint["kl_coef"]  # ALGO LOGIC
         score_stats.mean, score_stats.var, score_stats.count = checkpoint["score_stats"]
     barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
@@ -351,7 +352,7 @@ def main():
             "train/reward": scores, "train/kl": kl.sum(1), "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
             "train/response_length": response_mask.sum(1), "train/missing_eos_rate": ~contains_eos,
         })  # fmt: skip
-        kl_coef_used = kl_coef
+        kl_coef_used = kl_coef  # ALGO LOGIC: adapt beta to this batch's KL
         kl_coef = adaptive_kl_update(
             kl_coef, rollout_stats["train/kl"], args.kl_target, args.rollout_batch_size, args.kl_horizon
         )
@@ -431,7 +432,7 @@ def main():
                 {
                     "iteration": iteration,
                     "args": asdict(args),
-                    "kl_coef": kl_coef,
+                    "kl_coef": kl_coef,  # ALGO LOGIC
                     "score_stats": (score_stats.mean, score_stats.var, score_stats.count),
                     "policy": trainable_state(unwrapped_policy),
                     "value_model": trainable_state(value_model.module if world_size > 1 else value_model),
