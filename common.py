@@ -29,8 +29,13 @@ def quiet_libraries():
     datasets.logging.set_verbosity_error()
 
 
+_progress_bar = None  # the run's tqdm bar, closed before an error so the error gets a line of its own
+
+
 def fail(message: str):
     """Stop with a one-line error naming the problem and the fix (exit status 1)."""
+    if _progress_bar is not None:
+        _progress_bar.close()
     raise SystemExit(f"error: {message}")
 
 
@@ -417,7 +422,10 @@ class Logger:
             except ImportError:
                 fail("--track needs wandb: pip install wandb")
             self.wandb = wandb.init(project=args.wandb_project, config=vars(args), name=os.path.basename(output_dir))
-        self.bar = tqdm(total=total, initial=start, desc=os.path.basename(output_dir), dynamic_ncols=True)
+        global _progress_bar
+        self.bar = _progress_bar = tqdm(
+            total=total, initial=start, desc=os.path.basename(output_dir), dynamic_ncols=True
+        )
 
     def log(self, row: dict):
         if self.rank != 0:

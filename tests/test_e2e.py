@@ -26,7 +26,8 @@ def load_policy_params(path):
 def test_default_run_writes_the_contract(script, tmp_path):
     out = tmp_path / "run"
     run_script(script, *FAST, "--output-dir", str(out))
-    rows = read_metrics(out)
+    sft, *rows = read_metrics(out)
+    assert sft["iteration"] == sft["episodes"] == 0 and "eval/gold_reward" in sft  # the initial policy's evaluation
     assert [r["iteration"] for r in rows] == [1, 2]
     for row in rows:
         assert set(CONTRACT) <= set(row), set(CONTRACT) - set(row)
@@ -48,7 +49,7 @@ def test_lora_saves_adapter_and_merged_model(script, tmp_path):
 
     out = tmp_path / "run"
     run_script(script, *FAST, "--use-lora", "--lora-r", "4", "--lr", "1e-3", "--output-dir", str(out))
-    assert read_metrics(out)[0]["policy/abs_log_ratio_first_mb"] < 1e-5
+    assert read_metrics(out)[1]["policy/abs_log_ratio_first_mb"] < 1e-5
     merged = load_policy_params(out / "policy")
     base = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy")
     reloaded = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
@@ -64,7 +65,7 @@ def test_torchrun_two_ranks_keeps_replicas_identical(script, tmp_path):
     run_script(script, *FAST, "--output-dir", str(out), nproc=2)
     rows = read_metrics(out)
     assert rows[-1]["dist/max_param_difference"] == 0.0
-    assert rows[0]["policy/abs_log_ratio_first_mb"] < 1e-5
+    assert rows[1]["policy/abs_log_ratio_first_mb"] < 1e-5
     assert (out / "policy" / "config.json").exists()
 
 
@@ -85,8 +86,8 @@ def test_kill_and_resume_continues_exactly(script, tmp_path):
     assert saved < 4, "the run finished before it could be killed"
     run_script(script, *args, "--output-dir", str(out), "--resume")
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
-    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(straight[1:], resumed[1:]):
         assert a["train/reward"] == pytest.approx(b["train/reward"], abs=1e-6)
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-5)
     final_a, final_b = load_policy_params(tmp_path / "straight" / "policy"), load_policy_params(out / "policy")
@@ -132,7 +133,7 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(case, tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, result.stderr[-2000:]
-    if case == "nan_loss":  # it stopped in the first iteration, before any checkpoint
+    if case.startswith("nan_"):  # it stopped in the first iteration, before any checkpoint
         assert not (out / "checkpoint.pt").exists()
     elif case == "run_exists":
         assert os.listdir(tmp_path / "existing") == ["metrics.jsonl"]
