@@ -1,12 +1,14 @@
 """APA: Advantage-Induced Policy Alignment (Zhu et al. 2023, arXiv 2306.02231).
 
-Rollouts, the separate value network, GAE and whitening as in ppo.py, but NO KL penalty in the
-reward: the squared-error loss is the KL control. Paper eq. (9), per response token:
-    L_pi = mean_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t) - A_t / lambda)^2
-whose minimiser is pi(a|s) proportional to pi_ref(a|s) exp(A(s, a) / lambda) (Theorem 1, eq. 3).
-The anchor is the initial policy pi_ref, not pi_old: no ratio, no clipping. L_V = 0.5 mean_t (V_t - R_t)^2.
+Shared by every online script (SPEC section 1): rollouts with the KV cache, reward-model scores
+at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
+whitened over the whole batch, then update epochs over shuffled minibatches.
+APA, paper eq. (9): NO KL penalty in the reward; the squared loss, anchored at pi_ref, is the KL control:
+    r_t = [t = last] clip(score / running_std, -c, c)
+    L_pi = mean_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t) - A_t / lambda)^2,  min at pi ~ pi_ref exp(A / lambda)
+    L_V = 0.5 mean_t (V_t - R_t)^2
 
-`diff ppo.py apa.py` shows: the loss, no KL penalty or controller, no clipping, `--lam`.
+`diff ppo.py apa.py` shows only the `# ALGO LOGIC:` lines: the loss, no KL penalty, `--lam`.
 """
 
 import os
@@ -320,7 +322,7 @@ def main():
         if not torch.isfinite(all_reduce_sum(scores.sum())):
             fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 per token (SPEC 1.7)
-        # ALGO LOGIC: score / running std, clipped, at the last token; no KL penalty (the APA loss is the KL control)
+        # ALGO LOGIC: score / running std, clipped, at the last token; no KL penalty (the loss is the KL control)
         score_stats.update(scores)
         scaled_scores = (scores / score_stats.std).clamp(-args.reward_clip, args.reward_clip)
         rewards = torch.zeros_like(kl)
@@ -341,10 +343,11 @@ def main():
                 mb = permutation[start : start + local_mini_batch]
                 mb_mask = response_mask[mb]
                 with autocast(device, dtype):
+                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                with autocast(device, dtype):
                     logits = response_logits(
                         policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
                     )
-                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
                 new_logprobs = gather_logprobs(logits, responses[mb])
                 # ALGO LOGIC: APA loss anchored at pi_ref, unclipped value loss
                 pg_loss, pg_stats = policy_loss(new_logprobs, ref_logprobs[mb], advantages[mb], mb_mask, args.lam)

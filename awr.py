@@ -1,11 +1,14 @@
-"""AWR: advantage-weighted regression (Peng et al. 2019), the APA paper's other baseline (arXiv 2306.02231).
+"""AWR: advantage-weighted regression (Peng et al. 2019), the APA paper's other baseline.
 
-Rollouts, the separate value network, GAE and whitening as in apa.py (no KL penalty in the reward).
-Policy loss, per response token, with detached weights clipped at max_weight (the authors did not clip):
-    L_pi = mean_t -log pi(a_t|s_t) * w_t,   w_t = min(exp(A_t / beta), max_weight)
-beta = 2 by default (the APA paper found beta = 0.1 explodes). L_V = 0.5 mean_t (V_t - R_t)^2.
+Shared by every online script (SPEC section 1): rollouts with the KV cache, reward-model scores
+at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
+whitened over the whole batch, then update epochs over shuffled minibatches.
+AWR, with detached weights clipped at max_weight (the authors did not clip; beta = 0.1 explodes):
+    r_t = [t = last] clip(score / running_std, -c, c)
+    L_pi = mean_t -log pi(a_t|s_t) min(exp(A_t / beta), max_weight)
+    L_V = 0.5 mean_t (V_t - R_t)^2
 
-`diff apa.py awr.py` shows: the loss, and `--beta`/`--max-weight` instead of `--lam`.
+`diff apa.py awr.py` shows only the `# ALGO LOGIC:` lines: the loss, `--beta` and `--max-weight`.
 """
 
 import os
@@ -322,7 +325,7 @@ def main():
         if not torch.isfinite(all_reduce_sum(scores.sum())):
             fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 per token (SPEC 1.7)
-        # ALGO LOGIC: score / running std, clipped, at the last token; no KL penalty, as in apa.py
+        # ALGO LOGIC: score / running std, clipped, at the last token; no KL penalty (the loss is the KL control)
         score_stats.update(scores)
         scaled_scores = (scores / score_stats.std).clamp(-args.reward_clip, args.reward_clip)
         rewards = torch.zeros_like(kl)
@@ -343,10 +346,11 @@ def main():
                 mb = permutation[start : start + local_mini_batch]
                 mb_mask = response_mask[mb]
                 with autocast(device, dtype):
+                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                with autocast(device, dtype):
                     logits = response_logits(
                         policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
                     )
-                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
                 new_logprobs = gather_logprobs(logits, responses[mb])
                 # ALGO LOGIC: advantage-weighted regression, unclipped value loss
                 pg_loss, pg_stats = policy_loss(new_logprobs, advantages[mb], mb_mask, args.beta, args.max_weight)

@@ -65,6 +65,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_list(items: list) -> list:
     if not dist.is_initialized():
         return items
@@ -195,11 +202,23 @@ def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code
     return ValueModel(model.eval())
 
 
+def is_scoring_function(spec: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec)) and not os.path.exists(spec)
+
+
+def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: bool = False):
+    """A model that reads the policy's token ids (a critic made from the reward model) needs its vocabulary."""
+    if is_scoring_function(path):
+        fail(f"{flag} '{path}' is a scoring function, not a model; pass a --critic-model path or hub name")
+    if load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        fail(f"{flag} '{path}' has another tokenizer than --model; pass a --critic-model with the policy's tokenizer")
+
+
 def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False):
     """Sequence-level scorer (prompts, responses) -> (N,) float tensor on `device`: either a Python
     function `module:function`, or a reward model scoring decoded text re-tokenized with its own
     tokenizer, read at the last non-pad token (SPEC 1.6)."""
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not os.path.exists(spec):
+    if is_scoring_function(spec):
         module, name = spec.split(":")
         try:
             fn = getattr(importlib.import_module(module), name)
@@ -296,6 +315,13 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Left-padded and unpadded rows get the same positions (SPEC 1.1)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -367,7 +393,7 @@ class RunningMoments:
     """Running mean/std of a scalar stream (Chan et al. parallel update), reduced across ranks."""
 
     def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0  # the first batch sets mean and var exactly
 
     def update(self, x: torch.Tensor):
         stats = all_reduce_sum(torch.stack([x.sum(), (x**2).sum(), torch.tensor(x.numel(), device=x.device)]).double())

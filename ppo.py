@@ -1,15 +1,14 @@
 """PPO for RLHF, trlX style: the baseline of the APA paper (Zhu et al. 2023, arXiv 2306.02231).
 
-Per-token reward (Ziegler et al. 2019), k1_t = log pi_old(a_t|s_t) - log pi_ref(a_t|s_t):
-    r_t = -beta * k1_t  +  [t = last real token] * clip(score / std_running(score), -c, c)
-Adaptive KL controller: beta <- beta * (1 + clip(KL / KL_target - 1, -0.2, 0.2) * n / horizon)
-GAE (gamma = 1, lambda = 0.95) from a separate value network; advantages whitened over the batch.
-Clipped surrogate (Schulman et al. 2017), rho_t = pi(a_t|s_t) / pi_old(a_t|s_t):
-    L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
-    L_V  = 0.5 mean_t max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -0.2, 0.2) - R_t)^2)
+Shared by every online script (SPEC section 1): rollouts with the KV cache, reward-model scores
+at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
+whitened over the whole batch, then update epochs over shuffled minibatches.
+PPO (Ziegler et al. 2019; Schulman et al. 2017), with k1_t = log pi_old(a_t|s_t) - log pi_ref(a_t|s_t):
+    r_t = -beta k1_t + [t = last] clip(score / running_std, -c, c),  beta adapted to a KL target
+    L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi / pi_old
+    L_V = 0.5 mean_t max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -0.2, 0.2) - R_t)^2)
 
-This file is the template of the online scripts: `diff ppo.py apa.py` (or awr.py, ppo_max.py)
-shows only the lines marked `# ALGO LOGIC:`, i.e. the algorithm.
+`diff ppo.py X.py` shows only the `# ALGO LOGIC:` lines: this file is the template.
 """
 
 import os
@@ -366,10 +365,11 @@ def main():
                 mb = permutation[start : start + local_mini_batch]
                 mb_mask = response_mask[mb]
                 with autocast(device, dtype):
+                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                with autocast(device, dtype):
                     logits = response_logits(
                         policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
                     )
-                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
                 new_logprobs = gather_logprobs(logits, responses[mb])
                 # ALGO LOGIC: clipped surrogate and clipped value loss
                 pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FAST, REPO, read_metrics, run_script
 
-ONLINE = ["ppo.py", "apa.py", "awr.py"]
+ONLINE = ["ppo.py", "apa.py", "awr.py", "ppo_max.py"]
 CONTRACT = ["iteration", "episodes", "train/reward", "train/kl", "eval/reward", "eval/gold_reward", "eval/kl"]
 CONTRACT += ["eval/response_length", "time/samples_per_s", "time/generate", "time/score", "time/update"]
 

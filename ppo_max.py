@@ -1,0 +1,492 @@
+"""PPO-max: "Secrets of RLHF in Large Language Models Part I: PPO" (Zheng et al. 2023, arXiv 2307.04964).
+
+Shared by every online script (SPEC section 1): rollouts with the KV cache, reward-model scores
+at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
+whitened over the whole batch, then update epochs over shuffled minibatches.
+PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe;
+`--recipe released` switches to the MOSS-RLHF scripts' score / running_std and KL coef 0.01):
+    r_t = -eta k1_t + [t = last] clip((score - running_mean) / running_std, -delta, delta),  eta FIXED
+    no advantage whitening (`--norm-adv` on), one gradient-norm clip over policy and critic together,
+    critic initialised from the reward model, `--critic-warmup-steps`, one update epoch, PPO-ptx.
+
+`diff ppo.py ppo_max.py` shows only the `# ALGO LOGIC:` lines: the components above.
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import GenerationConfig
+
+from common import (
+    Logger,
+    RunningMoments,
+    add_lora,
+    all_gather_list,
+    all_reduce_max,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    broadcast_object,
+    check_batch_sizes,
+    check_output_dir,
+    check_same_tokenizer,
+    distinct_n,
+    entropy_from_logits,
+    fail,
+    gather_logprobs,
+    generate,
+    global_means,
+    left_pad,
+    load_causal_lm,
+    load_checkpoint,
+    load_rows,
+    load_scorer,
+    load_tokenizer,
+    load_trainable_state,
+    load_value_model,
+    masked_mean,
+    masked_whiten,
+    max_replica_difference,
+    now,
+    prompt_indices,
+    resolve_dtype,
+    response_logits,
+    right_pad,
+    save_checkpoint,
+    save_final_policy,
+    setup_distributed,
+    tokenize_prompts,
+    trainable_state,
+)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (prefix of the default output directory)"""
+    seed: int = 1
+    """seed of prompt order, sampling and initialisation"""
+    model: str = "toy/policy"
+    """policy to train (hub name or local path); also the frozen reference and the value net's initial backbone"""
+    reward_model: str = "toy/reward_model"
+    """reward model (sequence classification, num_labels=1; hub name or path) or a scoring function module:function"""
+    eval_reward: str = "toy.gold:score"
+    """second scorer reported as eval/gold_reward (model or module:function); '' for none"""
+    dataset: str = "toy/data"
+    """prompts: hub name, local dir, jsonl/json/parquet file or save_to_disk dir (rm-static, hh-rlhf or 'prompt')"""
+    train_split: str = "train"
+    """dataset split the rollout prompts are drawn from"""
+    eval_split: str = "test"
+    """dataset split of the held-out evaluation prompts"""
+    output_dir: str = ""
+    """where metrics, TensorBoard events, checkpoints and the final policy go (default runs/<exp>__<seed>__<time>)"""
+    resume: bool = False
+    """continue the run in --output-dir from its last checkpoint"""
+    trust_remote_code: bool = False
+    """allow models and tokenizers that ship their own Python code"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    total_episodes: int = 4096
+    """number of sampled responses to train on (iterations = total_episodes // rollout_batch_size)"""
+    rollout_batch_size: int = 64
+    """prompts per iteration, summed over all ranks"""
+    mini_batch_size: int = 16
+    """responses per gradient step, summed over all ranks"""
+    update_epochs: int = 1  # ALGO LOGIC: a small experience buffer, used once
+    """passes over each rollout batch"""
+    rollout_forward_batch_size: int = 64
+    """chunk size of the no-grad generation, reference, reward and value passes"""
+    max_new_tokens: int = 48
+    """longest response; a response without EOS by then is truncated and penalised"""
+    max_prompt_length: int = 128
+    """prompts are left-truncated to this many tokens (the end of the dialogue is kept)"""
+    temperature: float = 1.0
+    """sampling temperature; every log-prob is computed from logits / temperature"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that never emits EOS (0 = off)"""
+    lr: float = 3e-4
+    """policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)"""
+    value_lr: float = 3e-4
+    """value network learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm, per network"""
+    gamma: float = 1.0
+    """discount"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    # ALGO LOGIC: PPO-max's hyper-parameters
+    recipe: Literal["paper", "released"] = "paper"
+    """paper: (score - running mean) / running std clipped to +-reward_clip; released: score / running std"""
+    kl_coef: float | None = None
+    """fixed token-level KL penalty coefficient eta (default: 0.05 paper, 0.01 released)"""
+    reward_clip: float = 0.8
+    """delta, the clip of normalised scores (paper: 0.3 or 0.8; not used by --recipe released)"""
+    clip_eps: float = 0.2
+    """policy ratio clip range"""
+    value_clip: float = 0.2
+    """value clip range around the rollout-time values"""
+    vf_coef: float = 1.0
+    """value loss weight"""
+    norm_adv: bool = False
+    """whiten advantages over the batch (off in PPO-max)"""
+    critic_model: str = ""
+    """critic initialisation, backbone and head (default: the reward model; must share the policy's tokenizer)"""
+    critic_warmup_steps: int = 4
+    """rollout batches at the start that train only the critic"""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of the token-mean NLL of the dataset's chosen responses in the policy loss"""
+    use_lora: bool = False
+    """train LoRA adapters (policy and value net) on frozen bases; the reference is the policy with its adapter off"""
+    lora_r: int = 16
+    """LoRA rank"""
+    eval_every: int = 16
+    """evaluate every N iterations (and before the first and after the last)"""
+    eval_size: int = 128
+    """number of held-out prompts to evaluate on"""
+    save_every: int = 16
+    """checkpoint every N iterations (and at the end)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf-reference"
+    """wandb project name"""
+
+
+def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
+    """GAE over response tokens (SPEC 1.8): V after the last real token is 0. Returns (advantages, returns)."""
+    values = torch.where(mask, values, 0.0)
+    last_gae, advantages = torch.zeros_like(values[:, 0]), []
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * gae_lambda * last_gae
+        advantages.append(last_gae)
+    advantages = torch.stack(advantages[::-1], dim=1)
+    return torch.where(mask, advantages, 0.0), torch.where(mask, advantages + values, 0.0)
+
+
+# ALGO LOGIC: the pieces of PPO-max, as plain functions the tests import
+def normalize_scores(scores, score_stats, recipe: str, reward_clip: float):
+    """Paper eq. (18): running statistics updated with this batch first, then normalise and clip."""
+    score_stats.update(scores)
+    if recipe == "released":  # the MOSS-RLHF scripts: no mean, no clip
+        return scores / score_stats.std
+    return ((scores - score_stats.mean) / score_stats.std).clamp(-reward_clip, reward_clip)
+
+
+def ptx_loss(logprobs, mask):
+    """PPO-ptx: token-mean negative log-likelihood of SFT responses."""
+    return masked_mean(-logprobs, mask)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
+    """Clipped surrogate; returns (loss, stats)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    return masked_mean(losses, mask), {"policy/clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)}
+
+
+def value_loss(values, old_values, returns, mask, value_clip: float):
+    """Clipped value loss; returns (loss, stats)."""
+    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    clipfrac = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
+    return 0.5 * masked_mean(losses, mask), {"value/clipfrac": clipfrac}
+
+
+def main():
+    args = tyro.cli(Args)
+    rank, world_size, device = setup_distributed()
+    check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size)
+    output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    check_output_dir(output_dir, args.resume)
+    torch.manual_seed(args.seed)
+    dtype = resolve_dtype(args.dtype, device)
+    local_batch, local_mini_batch = args.rollout_batch_size // world_size, args.mini_batch_size // world_size
+    num_iterations = args.total_episodes // args.rollout_batch_size
+
+    # ---- models: policy, reference (the policy with its adapter off under LoRA), value net, scorers
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    policy = load_causal_lm(args.model, dtype if args.use_lora else torch.float32, args.trust_remote_code)
+    critic_path = args.critic_model or args.reward_model  # ALGO LOGIC: the critic starts as the reward model
+    check_same_tokenizer(tokenizer, critic_path, "--critic-model", args.trust_remote_code)
+    value_model = load_value_model(
+        critic_path, dtype if args.use_lora else torch.float32, "--critic-model", args.trust_remote_code
+    )
+    ref_policy = None
+    if args.use_lora:
+        policy, value_model.model = (
+            add_lora(policy, args.lora_r, "CAUSAL_LM"),
+            add_lora(value_model.model, args.lora_r, "SEQ_CLS"),
+        )
+    else:
+        ref_policy = load_causal_lm(args.model, dtype, args.trust_remote_code).requires_grad_(False).to(device)
+    policy, value_model = policy.to(device), value_model.to(device)
+    score_fn = load_scorer(
+        args.reward_model, device, dtype, args.rollout_forward_batch_size, "--reward-model", args.trust_remote_code
+    )
+    eval_score_fn = args.eval_reward and load_scorer(
+        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward"
+    )
+    train_texts, sft_responses = load_rows(args.dataset, args.train_split)
+    train_prompts = tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
+    if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx data, the dataset's chosen responses ending in EOS
+        if sft_responses is None:
+            fail(f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column")
+        sft_responses = [
+            ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id] for ids in tokenizer(sft_responses)["input_ids"]
+        ]
+    eval_prompts = tokenize_prompts(
+        tokenizer, load_rows(args.dataset, args.eval_split)[0][: args.eval_size], args.max_prompt_length
+    )
+    generation_config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    policy_optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
+    )
+    value_optimizer = torch.optim.AdamW(
+        [p for p in value_model.parameters() if p.requires_grad], lr=args.value_lr, betas=args.adam_betas
+    )
+    score_stats = RunningMoments()
+    kl_coef = args.kl_coef if args.kl_coef is not None else {"paper": 0.05, "released": 0.01}[args.recipe]  # ALGO LOGIC
+    start_iteration = 0
+    if args.resume:
+        checkpoint = load_checkpoint(output_dir)
+        load_trainable_state(policy, checkpoint["policy"])
+        load_trainable_state(value_model, checkpoint["value_model"])
+        policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
+        value_optimizer.load_state_dict(checkpoint["value_optimizer"])
+        start_iteration = checkpoint["iteration"]
+        score_stats.mean, score_stats.var, score_stats.count = checkpoint["score_stats"]
+    barrier()  # every rank has checked the output directory before rank 0 creates it
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+    unwrapped_policy = policy
+    if world_size > 1:
+        policy, value_model = DDP(policy), DDP(value_model)
+    logger = Logger(output_dir, args, rank, num_iterations, start_iteration)
+
+    def ref_logits(input_ids, attention_mask, context_length):
+        if args.use_lora:
+            with unwrapped_policy.disable_adapter():
+                return response_logits(unwrapped_policy, input_ids, attention_mask, context_length, args.temperature)
+        return response_logits(ref_policy, input_ids, attention_mask, context_length, args.temperature)
+
+    @torch.no_grad()
+    def forward_passes(input_ids, attention_mask, responses, context_length, with_values=True):
+        """Rollout-time log-probs of the policy and the reference, and values, in no-grad chunks."""
+        logprobs, ref_logprobs, values = [], [], []
+        for i in range(0, len(input_ids), args.rollout_forward_batch_size):
+            chunk = slice(i, i + args.rollout_forward_batch_size)
+            with autocast(device, dtype):
+                ids, mask = input_ids[chunk], attention_mask[chunk]
+                logits = response_logits(unwrapped_policy, ids, mask, context_length, args.temperature)
+                logprobs.append(gather_logprobs(logits, responses[chunk]))
+                ref_logprobs.append(gather_logprobs(ref_logits(ids, mask, context_length), responses[chunk]))
+                if with_values:  # V(s_t) is read at the token before a_t
+                    values.append(value_model(ids, mask)[:, context_length - 1 : -1])
+        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values) if with_values else None
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
+        torch.manual_seed(args.seed + rank)  # the same samples for the same policy
+        queries, query_mask = left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
+        with autocast(device, dtype):
+            responses, response_mask = generate(
+                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
+            )
+        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        logprobs, ref_logprobs, _ = forward_passes(
+            input_ids, attention_mask, responses, queries.shape[1], with_values=False
+        )
+        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
+        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        per_sequence = {
+            "eval/reward": score_fn(prompt_texts, response_texts),
+            "eval/kl": kl.sum(1),
+            "eval/response_length": response_mask.sum(1),
+            "eval/eos_rate": (responses == tokenizer.eos_token_id).any(1),
+        }
+        if eval_score_fn:
+            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts)
+        texts = all_gather_list(response_texts)
+        return {
+            **global_means(per_sequence),
+            "eval/distinct_1": distinct_n(texts, 1),
+            "eval/distinct_2": distinct_n(texts, 2),
+        }
+
+    eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
+    if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
+        logger.log({"iteration": 0, "episodes": 0, **eval_metrics})
+    for iteration in range(start_iteration + 1, num_iterations + 1):
+        torch.manual_seed(
+            args.seed + 10_000 * iteration + rank
+        )  # resumable: the randomness is a function of the iteration
+        t_start = now(device)
+        # ---- rollout: sample responses to this rank's share of the prompts
+        indices = prompt_indices(
+            len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
+        )
+        queries, query_mask = left_pad([train_prompts[i] for i in indices], tokenizer.pad_token_id, device)
+        context_length = queries.shape[1]
+        with autocast(device, dtype):
+            responses, response_mask = generate(
+                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
+            )
+        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        t_generate = now(device)
+
+        # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
+        logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses, context_length)
+        contains_eos = (responses == tokenizer.eos_token_id).any(1)
+        last_index = response_mask.sum(1) - 1  # the last real token: the EOS when there is one (SPEC 1.5)
+        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = score_fn(prompt_texts, response_texts) - args.missing_eos_penalty * (~contains_eos).float()
+        if not torch.isfinite(all_reduce_sum(scores.sum())):
+            fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
+        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 per token (SPEC 1.7)
+        # ALGO LOGIC: PPO-max reward: normalised, clipped score at the last token; fixed KL penalty on every token
+        scaled_scores = normalize_scores(scores, score_stats, args.recipe, args.reward_clip)
+        rewards = -kl_coef * kl
+        rewards[torch.arange(local_batch, device=device), last_index] += scaled_scores
+        advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
+        if args.norm_adv:  # ALGO LOGIC
+            advantages = masked_whiten(advantages, response_mask)
+        rollout_stats = global_means({
+            "train/reward": scores, "train/kl": kl.sum(1), "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
+            "train/response_length": response_mask.sum(1), "train/missing_eos_rate": ~contains_eos,
+        })  # fmt: skip
+        train_policy = iteration > args.critic_warmup_steps  # ALGO LOGIC: critic warm-up first
+        t_score = now(device)
+
+        # ---- update: update_epochs passes of shuffled minibatches
+        stats = []
+        for _ in range(args.update_epochs):
+            permutation = torch.randperm(local_batch, device=device)
+            for start in range(0, local_batch, local_mini_batch):
+                mb = permutation[start : start + local_mini_batch]
+                mb_mask = response_mask[mb]
+                with autocast(device, dtype):
+                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                with autocast(device, dtype), torch.set_grad_enabled(train_policy):  # ALGO LOGIC
+                    logits = response_logits(
+                        policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
+                    )
+                new_logprobs = gather_logprobs(logits, responses[mb])
+                # ALGO LOGIC: clipped surrogate (+ PPO-ptx) and clipped value loss; one gradient clip over both nets
+                pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
+                vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
+                if args.ptx_coef > 0:
+                    batch = [
+                        (train_prompts[k], sft_responses[k])
+                        for k in torch.randint(len(train_prompts), (len(mb),)).tolist()
+                    ]
+                    ptx_queries, ptx_query_mask = left_pad([p for p, _ in batch], tokenizer.pad_token_id, device)
+                    ptx_responses, ptx_mask = right_pad([r for _, r in batch], tokenizer.pad_token_id, device)
+                    with autocast(device, dtype), torch.set_grad_enabled(train_policy):
+                        ptx_logits = response_logits(
+                            policy,
+                            torch.cat([ptx_queries, ptx_responses], 1),
+                            torch.cat([ptx_query_mask, ptx_mask], 1),
+                            ptx_queries.shape[1],
+                            1.0,
+                        )
+                    pg_stats["loss/ptx"] = ptx_loss(gather_logprobs(ptx_logits, ptx_responses), ptx_mask.bool())
+                    pg_stats["loss/clipped_surrogate"] = pg_loss
+                    pg_loss = pg_loss + args.ptx_coef * pg_stats["loss/ptx"]
+                policy_optimizer.zero_grad(set_to_none=True)
+                value_optimizer.zero_grad(set_to_none=True)
+                ((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss).backward()
+                torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], args.max_grad_norm)
+                if train_policy:
+                    policy_optimizer.step()
+                value_optimizer.step()
+                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch (SPEC 1.1)
+                    log_ratio = new_logprobs.detach() - logprobs[mb]
+                    mb_stats = {
+                        "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
+                        "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
+                        "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
+                        "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
+                        "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
+                    }  # fmt: skip
+                    stats.append(torch.stack([v.detach().float() for v in mb_stats.values()]))
+        stats = all_reduce_sum(torch.stack(stats)) / world_size  # (update_epochs * minibatches, K): one sync below
+        if not torch.isfinite(stats).all():
+            fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
+        t_end = now(device)
+
+        # ---- log, evaluate, checkpoint
+        explained = 1 - masked_mean((returns - values) ** 2, response_mask, True) / masked_mean(
+            (returns - masked_mean(returns, response_mask, True)) ** 2, response_mask, True
+        )
+        n, first = args.rollout_batch_size, dict(zip(mb_stats, stats[0].tolist()))
+        row = {
+            "iteration": iteration,
+            "episodes": iteration * n,
+            **rollout_stats,
+            "train/reward_std": torch.tensor(all_gather_list(scores.tolist())).std().item(),
+            "train/score_running_std": score_stats.std,
+            "train/kl_coef": kl_coef,  # ALGO LOGIC: PPO-max monitoring: collapse = length up, perplexity down, KL up
+            "train/perplexity": masked_mean(-logprobs, response_mask, True).exp().item(),
+            "train/ref_perplexity": masked_mean(-ref_logprobs, response_mask, True).exp().item(),
+            "value/advantages_mean": masked_mean(advantages, response_mask, True).item(),
+            "value/advantages_abs_max": all_reduce_max(torch.where(response_mask, advantages.abs(), 0.0).max()).item(),
+            **dict(zip(mb_stats, stats.mean(0).tolist())),
+            "policy/ratio_first_mb": first["policy/ratio"],
+            "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
+            "value/explained_variance": explained.item(),
+            "value/mean": masked_mean(values, response_mask, True).item(),
+            "value/returns_mean": masked_mean(returns, response_mask, True).item(),
+            "time/generate": t_generate - t_start,
+            "time/score": t_score - t_generate,
+            "time/update": t_end - t_score,
+            "time/iteration": t_end - t_start,
+            "time/samples_per_s": n / (t_end - t_start),
+        }
+        if iteration % args.eval_every == 0 or iteration == num_iterations:
+            eval_metrics = {"eval/iteration": iteration, **evaluate()}
+        if iteration == num_iterations and world_size > 1:
+            row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
+        logger.log({**row, **eval_metrics})
+        if rank == 0 and (iteration % args.save_every == 0 or iteration == num_iterations):
+            save_checkpoint(
+                output_dir,
+                {
+                    "iteration": iteration,
+                    "args": asdict(args),
+                    "score_stats": (score_stats.mean, score_stats.var, score_stats.count),
+                    "policy": trainable_state(unwrapped_policy),
+                    "value_model": trainable_state(value_model.module if world_size > 1 else value_model),
+                    "policy_optimizer": policy_optimizer.state_dict(),
+                    "value_optimizer": value_optimizer.state_dict(),
+                },
+            )
+
+    if rank == 0:
+        save_final_policy(unwrapped_policy, tokenizer, output_dir, args.use_lora)
+        print(f"saved the final policy to {output_dir}/policy")
+    logger.close()
+    barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, REPO, read_metrics, run_script
+
+from common import RunningMoments, left_pad, load_scorer, load_tokenizer, load_value_model
+from ppo_max import normalize_scores, ptx_loss
+
+
+def test_score_normaliser_matches_numpy_over_a_stream_and_clips():
+    rng = np.random.default_rng(0)
+    stats, seen = RunningMoments(), []
+    for n in (8, 3, 16):
+        batch = rng.normal(2.0, 3.0, size=n)
+        seen.append(batch)
+        out = normalize_scores(torch.tensor(batch, dtype=torch.float32), stats, "paper", 0.8)
+        everything = np.concatenate(seen)  # statistics include the current batch before use
+        expected = np.clip((batch - everything.mean()) / everything.std(), -0.8, 0.8)
+        assert out.numpy() == pytest.approx(expected, abs=1e-4)
+    assert (out.abs() <= 0.8).all() and (out.abs() == 0.8).any()
+
+
+def test_released_recipe_divides_by_the_running_std_only():
+    stats = RunningMoments()
+    scores = torch.tensor([10.0, 12.0, 14.0])
+    out = normalize_scores(scores, stats, "released", 0.8)
+    assert out.numpy() == pytest.approx((scores / np.std([10.0, 12.0, 14.0])).numpy(), rel=1e-4)  # no mean, no clip
+
+
+def test_score_normaliser_statistics_agree_across_two_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    port = str(29700 + os.getpid() % 200)
+    script = str(REPO / "tests" / "dist_moments.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        script,
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks) == 2 and ranks[0]["mean"] == ranks[1]["mean"] and ranks[0]["std"] == ranks[1]["std"]
+    everything = np.concatenate([np.arange(4.0) * (r + 1) + s * 10 - r for s in range(3) for r in range(2)])
+    assert ranks[0]["mean"] == pytest.approx(everything.mean(), rel=1e-5)
+    assert ranks[0]["std"] == pytest.approx(everything.std(), rel=1e-4)
+
+
+def test_ptx_loss_hand_computed():
+    logprobs = torch.tensor([[-1.0, -3.0, -9.0], [-2.0, -4.0, -6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    assert ptx_loss(logprobs, mask).item() == pytest.approx((1 + 3 + 2 + 4 + 6) / 5)
+
+
+def test_critic_from_the_reward_model_reads_its_score_at_the_last_token():
+    """Before any update, the critic's value at the last response token is the RM's score of the text,
+    here on the policy's left-padded token ids (as in a rollout)."""
+    rm_path = str(REPO / "toy" / "reward_model")
+    tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
+    critic = load_value_model(rm_path, torch.float32, "--critic-model")
+    score = load_scorer(rm_path, torch.device("cpu"), torch.float32, 8, "--reward-model")
+    prompts = ["\n\nHuman: what matters most in chess?\n\nAssistant:", "\n\nHuman: hi about sleep?\n\nAssistant:"]
+    responses = [" sure! watch the bishop early. good luck!", " whatever."]
+    ids, mask = left_pad(
+        [tokenizer(p + r)["input_ids"] for p, r in zip(prompts, responses)], tokenizer.pad_token_id, "cpu"
+    )
+    with torch.no_grad():
+        values = critic(ids, mask)
+    assert torch.allclose(values[:, -1], score(prompts, responses), atol=1e-4)
+
+
+def test_critic_warmup_leaves_the_policy_unchanged(tmp_path):
+    out = tmp_path / "run"
+    run_script("ppo_max.py", *FAST, "--critic-warmup-steps", "2", "--output-dir", str(out))
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32).state_dict()
+    assert all(torch.equal(trained[k].float(), initial[k]) for k in initial)
+    critic = torch.load(out / "checkpoint.pt", weights_only=True)["value_model"]
+    rm = load_value_model(str(REPO / "toy" / "reward_model"), torch.float32, "rm").state_dict()
+    assert any(not torch.equal(critic[k], rm[k]) for k in critic)  # the critic did train
+    assert read_metrics(out)[-1]["eval/kl"] == 0.0
+
+
+def test_ptx_and_released_recipe_end_to_end(tmp_path):
+    run_script(
+        "ppo_max.py", *FAST, "--ptx-coef", "0.5", "--critic-warmup-steps", "0", "--output-dir", str(tmp_path / "a")
+    )
+    for row in read_metrics(tmp_path / "a")[1:]:
+        assert row["loss/ptx"] > 0
+        assert row["loss/policy"] == pytest.approx(row["loss/clipped_surrogate"] + 0.5 * row["loss/ptx"], abs=1e-5)
+    run_script("ppo_max.py", *FAST, "--recipe", "released", "--output-dir", str(tmp_path / "b"))
+    rows = read_metrics(tmp_path / "b")
+    assert rows[-1]["train/kl_coef"] == 0.01
