@@ -315,11 +315,15 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    return ids, mask
+def pad_pairs(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+    """Given (prompt, response) token ids, the rollout layout: left-padded prompts then right-padded
+    responses. Returns input_ids, attention_mask, context_length, responses (B, R), response_mask (B, R)."""
+    queries, query_mask = left_pad(prompts, pad_id, device)
+    width = max(len(r) for r in responses)
+    padded = torch.tensor([r + [pad_id] * (width - len(r)) for r in responses], device=device)
+    response_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses], device=device)
+    input_ids, attention_mask = torch.cat([queries, padded], 1), torch.cat([query_mask, response_mask], 1)
+    return input_ids, attention_mask, queries.shape[1], padded, response_mask.bool()
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -53,10 +53,10 @@ from common import (
     masked_whiten,
     max_replica_difference,
     now,
+    pad_pairs,
     prompt_indices,
     resolve_dtype,
     response_logits,
-    right_pad,
     save_checkpoint,
     save_final_policy,
     setup_distributed,
@@ -395,21 +395,15 @@ def main():
                 pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
                 vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
                 if args.ptx_coef > 0:
-                    batch = [
-                        (train_prompts[k], sft_responses[k])
-                        for k in torch.randint(len(train_prompts), (len(mb),)).tolist()
-                    ]
-                    ptx_queries, ptx_query_mask = left_pad([p for p, _ in batch], tokenizer.pad_token_id, device)
-                    ptx_responses, ptx_mask = right_pad([r for _, r in batch], tokenizer.pad_token_id, device)
+                    k = torch.randint(len(train_prompts), (len(mb),)).tolist()
+                    ptx_ids, ptx_attention, ptx_context, ptx_tokens, ptx_mask = pad_pairs(
+                        [train_prompts[i] for i in k], [sft_responses[i] for i in k], tokenizer.pad_token_id, device
+                    )
                     with autocast(device, dtype), torch.set_grad_enabled(train_policy):
                         ptx_logits = response_logits(
-                            policy,
-                            torch.cat([ptx_queries, ptx_responses], 1),
-                            torch.cat([ptx_query_mask, ptx_mask], 1),
-                            ptx_queries.shape[1],
-                            1.0,
-                        )
-                    pg_stats["loss/ptx"] = ptx_loss(gather_logprobs(ptx_logits, ptx_responses), ptx_mask.bool())
+                            policy, ptx_ids, ptx_attention, ptx_context, 1.0
+                        )  # T = 1: the SFT NLL
+                    pg_stats["loss/ptx"] = ptx_loss(gather_logprobs(ptx_logits, ptx_tokens), ptx_mask)
                     pg_stats["loss/clipped_surrogate"] = pg_loss
                     pg_loss = pg_loss + args.ptx_coef * pg_stats["loss/ptx"]
                 policy_optimizer.zero_grad(set_to_none=True)

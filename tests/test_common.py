@@ -153,3 +153,15 @@ def test_prompts_are_left_truncated():
             return {"input_ids": [list(range(len(t))) for t in texts]}
 
     assert tokenize_prompts(Tok(), ["abcdef", "ab"], 3) == [[3, 4, 5], [0, 1]]
+
+
+def test_pad_pairs_builds_the_rollout_layout():
+    from common import pad_pairs
+
+    input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
+        [[5, 6], [7]], [[8], [9, 1]], 0, "cpu"
+    )
+    assert context_length == 2
+    assert input_ids.tolist() == [[5, 6, 8, 0], [0, 7, 9, 1]]
+    assert attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    assert responses.tolist() == [[8, 0], [9, 1]] and response_mask.tolist() == [[True, False], [True, True]]
