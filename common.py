@@ -253,8 +253,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------- data
-def load_rows(name: str, split: str) -> tuple[list[str], list[str] | None]:
-    """(prompts, chosen responses or None) from a hub dataset, a local data dir, a jsonl/json/parquet
+def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[list[str], list[str] | None]:
+    """(prompts, responses of `response_column` or None) from a hub dataset, a local data dir, a jsonl/json/parquet
     file or a `save_to_disk` dir, in Dahoas/rm-static (`prompt`, `chosen`), Anthropic/hh-rlhf (full
     `chosen` dialogues) or plain-`prompt` format."""
     import datasets
@@ -278,18 +278,18 @@ def load_rows(name: str, split: str) -> tuple[list[str], list[str] | None]:
         fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
     if "prompt" in ds.column_names:
         prompts = list(ds["prompt"])
-        chosen = list(ds["chosen"]) if "chosen" in ds.column_names else None
-    elif "chosen" in ds.column_names:  # hh-rlhf: the prompt is the dialogue up to the last assistant turn
+        responses = list(ds[response_column]) if response_column in ds.column_names else None
+    elif response_column in ds.column_names:  # hh-rlhf: the prompt is the dialogue up to the last assistant turn
         marker = "\n\nAssistant:"
-        dialogues = list(ds["chosen"])
+        dialogues = list(ds[response_column])
         prompts = [d[: d.rfind(marker) + len(marker)] for d in dialogues]
-        chosen = [d[len(p) :] for d, p in zip(dialogues, prompts)]
+        responses = [d[len(p) :] for d, p in zip(dialogues, prompts)]
     else:
         fail(
             f"--dataset '{name}' has columns {ds.column_names}; expected 'prompt' (Dahoas/rm-static or plain "
             "prompts) or 'chosen' dialogues (Anthropic/hh-rlhf)"
         )
-    return prompts, chosen
+    return prompts, responses
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:

@@ -82,3 +82,13 @@ def read_metrics(output_dir) -> list[dict]:
     import json
 
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def small_toy_data(tmp_path_factory):
+    """The first 256 train and 80 test rows of the toy dataset: fast offline (A-LoL) runs."""
+    out = tmp_path_factory.mktemp("small_toy_data")
+    for split, rows in (("train", 256), ("test", 80)):
+        lines = open(REPO / "toy" / "data" / f"{split}.jsonl").readlines()[:rows]
+        (out / f"{split}.jsonl").write_text("".join(lines))
+    return str(out)

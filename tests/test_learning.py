@@ -18,3 +18,18 @@ def test_short_default_run_raises_gold_reward(script, tmp_path):
     assert final["eval/gold_reward"] > sft["eval/gold_reward"] + 1.0  # SFT ~0.3 on this split; the best is 4.0
     assert final["eval/reward"] > sft["eval/reward"] + 1.0
     assert 0.0 < final["eval/kl"] < KL_BOUND[script]
+
+
+@pytest.mark.parametrize("variant,gain", [("a-lol", 1.0), ("nll", 0.3)])
+def test_short_alol_run_raises_gold_reward(variant, gain, tmp_path):
+    """Offline: A-LoL on the chosen responses, and plain SFT on them (chosen responses are better than the
+    SFT policy's samples on average, so nll improves too, by less)."""
+    out = tmp_path / "run"
+    run_script("alol.py", "--variant", variant, "--total-steps", "160", "--eval-every", "160", "--value-samples", "4",
+               "--output-dir", str(out))  # fmt: skip
+    rows = read_metrics(out)
+    sft, final = rows[0], rows[-1]
+    gold, kl = (sft["eval/gold_reward"], final["eval/gold_reward"]), final["eval/kl"]
+    print(f"alol {variant}: gold {gold[0]:.2f} -> {gold[1]:.2f}, kl {kl:.2f}")
+    assert final["eval/gold_reward"] > sft["eval/gold_reward"] + gain
+    assert 0.0 < final["eval/kl"] < 10.0

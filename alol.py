@@ -1,0 +1,458 @@
+"""A-LoL: Advantage-Leftover Lunch RL (Baheti et al. 2023, arXiv 2305.14718), offline policy gradient.
+
+Trains on a fixed dataset's existing (prompt, response) pairs: no generation during training except
+for evaluation and for fitting the reference value estimate. Once, before training:
+    r(x, y)   the reward model's score of every training pair
+    V_ref(x)  a small head on the FROZEN reference's last-layer hidden states of the prompt (masked mean
+              pooling + MLP), fit by MSE to the rewards of pi_ref's own samples on held-out prompts
+    A(x, y) = r(x, y) - V_ref(x); rows with A <= 0 are dropped (A+ = max(A, 0))
+Per example, with S = sum_t -log pi(a_t|s_t) and rho = clip(exp(sum_t log pi - sum_t log pi_ref), 1-eps, 1+eps)
+detached (sequence sums, not length-normalised):
+    a-lol: A+ rho S    a-lol-ref-free: A+ S    a-lol-seq: A+ sum_t w_t (-log pi(a_t)), w_t per-token rho
+    a-lol-kl: A+ S + beta_kl (log pi(y|x) - log pi_ref(y|x))    r-lol: r rho S    wbc: r S    nll: S
+Training examples are drawn with replacement in proportion to A+ (to r for r-lol and wbc): priority sampling.
+
+The evaluation, loading, LoRA, logging and checkpoint code reads like ppo.py's.
+"""
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import tyro
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import GenerationConfig
+
+from common import (
+    Logger,
+    add_lora,
+    all_gather_list,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    broadcast_object,
+    check_output_dir,
+    distinct_n,
+    fail,
+    gather_logprobs,
+    generate,
+    global_means,
+    left_pad,
+    load_causal_lm,
+    load_checkpoint,
+    load_rows,
+    load_scorer,
+    load_tokenizer,
+    load_trainable_state,
+    max_replica_difference,
+    now,
+    pad_pairs,
+    position_ids,
+    resolve_dtype,
+    response_logits,
+    save_checkpoint,
+    save_final_policy,
+    setup_distributed,
+    tokenize_prompts,
+    trainable_state,
+)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (prefix of the default output directory)"""
+    seed: int = 1
+    """seed of sampling, the value head and initialisation"""
+    model: str = "toy/policy"
+    """policy to train (hub name or local path); also the frozen reference"""
+    reward_model: str = "toy/reward_model"
+    """reward model (sequence classification, num_labels=1; hub name or path) or a scoring function module:function"""
+    eval_reward: str = "toy.gold:score"
+    """second scorer reported as eval/gold_reward (model or module:function); '' for none"""
+    dataset: str = "toy/data"
+    """training pairs and prompts: hub name, local dir, jsonl/json/parquet file or save_to_disk dir"""
+    train_split: str = "train"
+    """dataset split of the training pairs"""
+    eval_split: str = "test"
+    """split of the held-out prompts: the first --eval-size evaluate, the rest fit V_ref"""
+    response_column: str = "chosen"
+    """column holding the responses to train on"""
+    output_dir: str = ""
+    """where metrics, TensorBoard events, checkpoints and the final policy go (default runs/<exp>__<seed>__<time>)"""
+    resume: bool = False
+    """continue the run in --output-dir from its last checkpoint"""
+    trust_remote_code: bool = False
+    """allow models and tokenizers that ship their own Python code"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    total_steps: int = 400
+    """gradient steps (the authors: 9000 x the fraction of rows with positive advantage)"""
+    batch_size: int = 16
+    """examples per gradient step, summed over all ranks"""
+    rollout_forward_batch_size: int = 64
+    """chunk size of the no-grad scoring, value-fitting and evaluation passes"""
+    max_new_tokens: int = 48
+    """training responses are truncated to this many tokens; evaluation generates at most this many"""
+    max_prompt_length: int = 128
+    """prompts are left-truncated to this many tokens (the end of the dialogue is kept)"""
+    temperature: float = 1.0
+    """sampling temperature of evaluation and of pi_ref's samples for V_ref"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a sampled response that never emits EOS (0 = off)"""
+    lr: float = 1e-4
+    """policy learning rate (toy default; the authors: 2e-4 with QLoRA on LLaMA-7B)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    # ALGO LOGIC: A-LoL's hyper-parameters
+    variant: Literal["a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll"] = "a-lol"
+    """loss: the A-LoL variants, reward-weighted r-lol and wbc, or plain nll (SFT) as a baseline"""
+    clip_eps: float = 0.9
+    """importance weights are clipped to [1 - clip_eps, 1 + clip_eps]"""
+    kl_beta: float = 0.1
+    """weight of the sequence log-ratio term of a-lol-kl"""
+    sampling: Literal["auto", "priority", "uniform"] = "auto"
+    """priority: with replacement, proportional to A+ (r for r-lol/wbc); auto = priority except for nll"""
+    value_samples: int = 8
+    """pi_ref samples per held-out prompt to fit V_ref on"""
+    value_epochs: int = 30
+    """epochs of V_ref fitting (the epoch with the best held-out loss is kept)"""
+    value_lr: float = 3e-3
+    """V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)"""
+    use_lora: bool = False
+    """train a LoRA adapter on the frozen base; the reference is the policy with its adapter off"""
+    lora_r: int = 16
+    """LoRA rank"""
+    log_every: int = 10
+    """log training metrics every N steps"""
+    eval_every: int = 100
+    """evaluate every N steps (and before the first and after the last)"""
+    eval_size: int = 128
+    """number of held-out prompts to evaluate on"""
+    save_every: int = 100
+    """checkpoint every N steps (and at the end)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlhf-reference"
+    """wandb project name"""
+
+
+# ALGO LOGIC: the pieces of A-LoL, as plain functions the tests import
+def policy_loss(logprobs, ref_logprobs, mask, weights, variant: str, clip_eps: float, kl_beta: float):
+    """Per-example A-LoL losses (weights: A+ or r; unused by nll), averaged over the batch; returns (loss, stats)."""
+    nll = torch.where(mask, -logprobs, 0.0).sum(1)  # S, a sequence sum
+    seq_log_ratio = torch.where(mask, logprobs - ref_logprobs, 0.0).sum(1)
+    rho = seq_log_ratio.detach().exp().clamp(1 - clip_eps, 1 + clip_eps)  # exp overflow -> inf -> clipped, no NaN
+    if variant in ("a-lol", "r-lol"):
+        losses = weights * rho * nll
+    elif variant in ("a-lol-ref-free", "wbc"):
+        losses = weights * nll
+    elif variant == "a-lol-seq":
+        token_rho = (logprobs - ref_logprobs).detach().exp().clamp(1 - clip_eps, 1 + clip_eps)
+        losses = weights * torch.where(mask, -token_rho * logprobs, 0.0).sum(1)
+    elif variant == "a-lol-kl":
+        losses = weights * nll + kl_beta * seq_log_ratio
+    else:  # nll
+        losses = nll
+    clipped = (seq_log_ratio.detach().exp() - rho).abs() > 0
+    return losses.mean(), {"policy/rho_mean": rho.mean(), "policy/rho_clipfrac": clipped.float().mean()}
+
+
+def sample_rows(weights: torch.Tensor, n: int, priority: bool, generator: torch.Generator) -> torch.Tensor:
+    """Indices of n training rows among those with weight > 0, with replacement: proportional to the
+    weight (priority sampling) or uniform."""
+    probs = weights.clamp(min=0) if priority else (weights > 0).float()
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
+
+
+class ValueHead(nn.Module):
+    """V_ref(x): an MLP on the masked mean of the frozen reference's last hidden states over the prompt."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features).squeeze(-1)
+
+
+def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: int):
+    """Fit V_ref by MSE on pi_ref's sample rewards; 20% of the prompts are held out and the epoch with
+    the best held-out loss is kept. Returns (head, stats)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.unique(prompt_ids)
+    held_out = torch.isin(
+        prompt_ids, prompts[torch.randperm(len(prompts), generator=generator)[: max(1, len(prompts) // 5)]]
+    )
+    torch.manual_seed(seed)
+    head = ValueHead(features.shape[1]).to(features.device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    train_x, train_y, val_x, val_y = features[~held_out], targets[~held_out], features[held_out], targets[held_out]
+    best = (float("inf"), None)
+    for _ in range(epochs):
+        head.train()
+        for batch in torch.randperm(len(train_x), generator=generator).split(64):
+            loss = nn.functional.mse_loss(head(train_x[batch]), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            val_loss = nn.functional.mse_loss(head(val_x), val_y).item()
+        if val_loss < best[0]:
+            best = (val_loss, {k: v.clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[1])
+    baseline = ((val_y - train_y.mean()) ** 2).mean().item()  # predicting the mean reward
+    return head.eval(), {"value/heldout_mse": best[0], "value/heldout_mse_of_mean": baseline}
+
+
+def main():
+    args = tyro.cli(Args)
+    rank, world_size, device = setup_distributed()
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
+    output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    check_output_dir(output_dir, args.resume)
+    torch.manual_seed(args.seed)
+    dtype = resolve_dtype(args.dtype, device)
+    local_batch = args.batch_size // world_size
+
+    # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    policy = load_causal_lm(args.model, dtype if args.use_lora else torch.float32, args.trust_remote_code)
+    ref_policy = None
+    if args.use_lora:
+        policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
+    else:
+        ref_policy = load_causal_lm(args.model, dtype, args.trust_remote_code).requires_grad_(False).to(device)
+    policy = policy.to(device)
+    unwrapped_policy = policy
+    score_fn = load_scorer(
+        args.reward_model, device, dtype, args.rollout_forward_batch_size, "--reward-model", args.trust_remote_code
+    )
+    eval_score_fn = args.eval_reward and load_scorer(
+        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward"
+    )
+    train_texts, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
+    if response_texts is None:
+        fail(f"--dataset '{args.dataset}' has no '{args.response_column}' column; pass --response-column")
+    train_prompts = tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
+    train_responses = [
+        ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id] for ids in tokenizer(response_texts)["input_ids"]
+    ]
+    held_out_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.eval_split)[0], args.max_prompt_length)
+    eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
+    if not value_prompts:
+        fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
+    generation_config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
+    )
+
+    def reference():
+        """The frozen pi_ref: a separate copy, or the policy with its LoRA adapter disabled."""
+        if ref_policy is not None:
+            return ref_policy, contextlib.nullcontext()
+        return unwrapped_policy, unwrapped_policy.disable_adapter()
+
+    @torch.no_grad()
+    def logprobs_of(model, input_ids, attention_mask, responses, context_length, temperature):
+        out = []
+        for i in range(0, len(input_ids), args.rollout_forward_batch_size):
+            chunk = slice(i, i + args.rollout_forward_batch_size)
+            with autocast(device, dtype):
+                logits = response_logits(model, input_ids[chunk], attention_mask[chunk], context_length, temperature)
+            out.append(gather_logprobs(logits, responses[chunk]))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
+        torch.manual_seed(args.seed + rank)  # the same samples for the same policy
+        queries, query_mask = left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
+        with autocast(device, dtype):
+            responses, response_mask = generate(
+                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
+            )
+        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        logprobs = logprobs_of(
+            unwrapped_policy, input_ids, attention_mask, responses, queries.shape[1], args.temperature
+        )
+        ref_model, ref_context = reference()
+        with ref_context:
+            ref_logprobs = logprobs_of(
+                ref_model, input_ids, attention_mask, responses, queries.shape[1], args.temperature
+            )
+        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
+        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        per_sequence = {
+            "eval/reward": score_fn(prompt_texts, response_texts),
+            "eval/kl": kl.sum(1),
+            "eval/response_length": response_mask.sum(1),
+            "eval/eos_rate": (responses == tokenizer.eos_token_id).any(1),
+        }
+        if eval_score_fn:
+            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts)
+        texts = all_gather_list(response_texts)
+        distinct = {f"eval/distinct_{n}": distinct_n(texts, n) for n in (1, 2, 3)}
+        return {**global_means(per_sequence), **distinct}
+
+    @torch.no_grad()
+    def prompt_features(prompts: list[list[int]]) -> torch.Tensor:
+        """Masked mean of the frozen reference's last hidden states over each prompt (no grad, chunked)."""
+        ref_model, ref_context = reference()
+        features = []
+        with ref_context:
+            for i in range(0, len(prompts), args.rollout_forward_batch_size):
+                ids, mask = left_pad(prompts[i : i + args.rollout_forward_batch_size], tokenizer.pad_token_id, device)
+                with autocast(device, dtype):
+                    hidden = ref_model(
+                        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True
+                    ).hidden_states[-1]
+                features.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+        return torch.cat(features)
+
+    def shard(n: int) -> slice:  # a contiguous block per rank, so gathered results keep the row order
+        return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+    start_step, setup_metrics = 0, {}
+    if args.resume:
+        checkpoint = load_checkpoint(output_dir)
+        load_trainable_state(policy, checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step, rewards, ref_values = checkpoint["step"], checkpoint["rewards"], checkpoint["ref_values"]
+    else:
+        # ---- score every training pair once (this rank's block, then gathered)
+        t0 = now(device)
+        block = shard(len(train_prompts))
+        rewards = score_fn(
+            tokenizer.batch_decode(train_prompts[block], skip_special_tokens=True),
+            tokenizer.batch_decode(train_responses[block], skip_special_tokens=True),
+        )
+        rewards = torch.tensor(all_gather_list(rewards.tolist()))
+        if not torch.isfinite(rewards).all():
+            fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
+        # ---- fit V_ref on the rewards of pi_ref's own samples for the held-out prompts
+        t1 = now(device)
+        block = shard(len(value_prompts))
+        queries, query_mask = left_pad(value_prompts[block], tokenizer.pad_token_id, device)
+        queries, query_mask = queries.repeat(args.value_samples, 1), query_mask.repeat(args.value_samples, 1)
+        ref_model, ref_context = reference()
+        with ref_context, autocast(device, dtype):
+            responses, _ = generate(ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size)
+        sample_scores = (
+            score_fn(
+                tokenizer.batch_decode(queries, skip_special_tokens=True),
+                tokenizer.batch_decode(responses, skip_special_tokens=True),
+            )
+            - args.missing_eos_penalty * (~(responses == tokenizer.eos_token_id).any(1)).float()
+        )
+        sample_scores = torch.tensor(all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
+        features = prompt_features(value_prompts)
+        prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)
+        head, setup_metrics = fit_value_head(
+            features.repeat_interleave(args.value_samples, 0).cpu(), sample_scores.reshape(-1), prompt_ids,
+            args.value_epochs, args.value_lr, args.seed,
+        )  # fmt: skip
+        block = shard(len(train_prompts))
+        ref_values = torch.tensor(all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
+        setup_metrics["time/score_dataset"], setup_metrics["time/fit_value"] = t1 - t0, now(device) - t1
+    # ALGO LOGIC: advantages and the sampling weights of each variant
+    advantages = rewards - ref_values
+    weights = {"r-lol": rewards, "wbc": rewards, "nll": torch.ones_like(rewards)}.get(args.variant, advantages)
+    priority = args.sampling == "priority" or (args.sampling == "auto" and args.variant != "nll")
+    kept = weights > 0
+    if not kept.any():
+        fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
+    setup_metrics.update(
+        {"train/kept_fraction": kept.float().mean().item(), "train/advantage_mean": advantages.mean().item()}
+    )
+    weights = weights.clamp(min=0).to(device)
+
+    barrier()  # every rank has checked the output directory before rank 0 creates it
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+    if world_size > 1:
+        policy = DDP(policy)
+    logger = Logger(output_dir, args, rank, args.total_steps, start_step)
+    eval_metrics = {"eval/iteration": start_step, **evaluate()}
+    if start_step == 0:  # the row of step 0 holds the evaluation of the initial (SFT) policy and the setup
+        logger.log({"iteration": 0, "episodes": 0, **setup_metrics, **eval_metrics})
+
+    stats, t_start = [], now(device)
+    for step in range(start_step + 1, args.total_steps + 1):
+        generator = torch.Generator().manual_seed(args.seed + 10_000 * step + rank)
+        rows = sample_rows(weights.cpu(), local_batch, priority, generator).tolist()
+        input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
+            [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
+        )
+        ref_model, ref_context = reference()
+        with ref_context:  # DDP's module is unused here: the reference pass needs no gradient
+            ref_logprobs = logprobs_of(ref_model, input_ids, attention_mask, responses, context_length, 1.0)
+        with autocast(device, dtype):
+            logits = response_logits(policy, input_ids, attention_mask, context_length, 1.0)  # offline data: T = 1
+        logprobs = gather_logprobs(logits, responses)
+        # ALGO LOGIC: the variant's loss
+        loss, loss_stats = policy_loss(
+            logprobs, ref_logprobs, response_mask, weights[rows], args.variant, args.clip_eps, args.kl_beta
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        with torch.no_grad():
+            step_stats = {
+                "loss/policy": loss,
+                **loss_stats,
+                "train/reward": rewards[rows].mean().to(device),
+                "train/advantage": advantages[rows].mean().to(device),
+                "train/kl": torch.where(response_mask, logprobs - ref_logprobs, 0.0).sum(1).mean(),
+                "train/response_length": response_mask.sum(1).float().mean(),
+            }
+            stats.append(torch.stack([v.detach().float() for v in step_stats.values()]))
+
+        if step % args.log_every == 0 or step == args.total_steps or step % args.eval_every == 0:
+            means = all_reduce_sum(torch.stack(stats).mean(0)) / world_size
+            if not torch.isfinite(means).all():
+                fail(f"NaN/inf loss at step {step}; stopped before checkpointing it; lower --lr")
+            elapsed = now(device) - t_start
+            row = {"iteration": step, "episodes": step * args.batch_size, **dict(zip(step_stats, means.tolist()))}
+            row.update(
+                {"time/update": elapsed / len(stats), "time/samples_per_s": len(stats) * args.batch_size / elapsed}
+            )
+            if step % args.eval_every == 0 or step == args.total_steps:
+                eval_metrics = {"eval/iteration": step, **evaluate()}
+            if step == args.total_steps and world_size > 1:
+                row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
+            logger.log({**row, **eval_metrics})
+            stats, t_start = [], now(device)
+        if rank == 0 and (step % args.save_every == 0 or step == args.total_steps):
+            save_checkpoint(output_dir, {
+                "step": step, "args": asdict(args), "rewards": rewards, "ref_values": ref_values,
+                "policy": trainable_state(unwrapped_policy), "optimizer": optimizer.state_dict(),
+            })  # fmt: skip
+
+    if rank == 0:
+        save_final_policy(unwrapped_policy, tokenizer, output_dir, args.use_lora)
+        print(f"saved the final policy to {output_dir}/policy")
+    logger.close()
+    barrier()
+
+
+if __name__ == "__main__":
+    main()

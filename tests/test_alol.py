@@ -1,0 +1,171 @@
+import math
+
+import pytest
+import torch
+from conftest import REPO, read_metrics, run_script
+
+from alol import fit_value_head, policy_loss, sample_rows
+
+
+def small_run(data: str) -> list[str]:
+    return ["--dataset", data, "--total-steps", "4", "--log-every", "2", "--save-every", "2", "--eval-size", "16",
+            "--value-samples", "2", "--value-epochs", "2"]  # fmt: skip
+
+
+VARIANTS = ["a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll"]
+# logprobs of two responses (the second one token shorter) under pi and pi_ref
+LOGPROBS = [[-1.0, -2.0, -0.5], [-0.2, -1.0, -9.0]]
+REF_LOGPROBS = [[-1.5, -1.0, -0.5], [-3.0, -1.0, -9.0]]
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+WEIGHTS = torch.tensor([2.0, 0.5])  # A+ (or r)
+
+
+def hand_computed(variant):
+    """The SPEC section 6 losses, by hand: S = [3.5, 1.2]; sum log-ratios = [-0.5, 2.8] ->
+    exp = [0.6065, 16.44] -> rho clipped to [0.1, 1.9] = [0.6065, 1.9]."""
+    s, rho = [3.5, 1.2], [math.exp(-0.5), 1.9]
+    w = [2.0, 0.5]
+    token_rho = [
+        [min(max(math.exp(lp - rp), 0.1), 1.9) for lp, rp in zip(a, b)] for a, b in zip(LOGPROBS, REF_LOGPROBS)
+    ]
+    seq = [
+        sum(-t * lp for t, lp in zip(token_rho[0], LOGPROBS[0])),
+        sum(-t * lp for t, lp in zip(token_rho[1][:2], LOGPROBS[1][:2])),
+    ]
+    per_example = {
+        "a-lol": [w[i] * rho[i] * s[i] for i in range(2)],
+        "r-lol": [w[i] * rho[i] * s[i] for i in range(2)],
+        "a-lol-ref-free": [w[i] * s[i] for i in range(2)],
+        "wbc": [w[i] * s[i] for i in range(2)],
+        "a-lol-seq": [w[i] * seq[i] for i in range(2)],
+        "a-lol-kl": [w[0] * s[0] + 0.1 * -0.5, w[1] * s[1] + 0.1 * 2.8],
+        "nll": s,
+    }[variant]
+    return sum(per_example) / 2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_losses_hand_computed_and_weights_carry_no_gradient(variant):
+    logprobs = torch.tensor(LOGPROBS, requires_grad=True)
+    weights = WEIGHTS.clone().requires_grad_(True)
+    loss, stats = policy_loss(logprobs, torch.tensor(REF_LOGPROBS), MASK, weights, variant, clip_eps=0.9, kl_beta=0.1)
+    assert loss.item() == pytest.approx(hand_computed(variant), rel=1e-5)
+    assert stats["policy/rho_clipfrac"].item() == pytest.approx(0.5)  # the second example's ratio 16.4 is clipped
+    loss.backward()
+    assert logprobs.grad[1, 2] == 0  # padding gets no gradient
+    if variant == "a-lol":  # d loss / d log pi = -A+ rho / B on real tokens: rho is a constant (detached)
+        assert torch.allclose(logprobs.grad[0], torch.full((3,), -2.0 * math.exp(-0.5) / 2))
+        assert torch.allclose(logprobs.grad[1, :2], torch.full((2,), -0.5 * 1.9 / 2))
+    if variant == "a-lol-seq":  # per-token clipped ratios are constants too
+        assert logprobs.grad[0, 0].item() == pytest.approx(-2.0 * min(max(math.exp(0.5), 0.1), 1.9) / 2)
+
+
+def test_priority_sampling_follows_positive_advantages():
+    advantages = torch.tensor([3.0, -1.0, 1.0, 0.0, 6.0])
+    draws = sample_rows(advantages, 200_000, priority=True, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert counts[1] == 0 and counts[3] == 0  # rows with A <= 0 are never drawn
+    assert torch.allclose(counts, torch.tensor([0.3, 0.0, 0.1, 0.0, 0.6]), atol=0.005)
+    uniform = sample_rows(advantages, 200_000, priority=False, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(uniform, minlength=5).float() / len(uniform)
+    assert torch.allclose(counts, torch.tensor([1 / 3, 0.0, 1 / 3, 0.0, 1 / 3]), atol=0.005)
+
+
+def test_value_head_beats_the_mean_on_unseen_prompts():
+    """V_ref fit on pi_ref's sample rewards for 240 toy prompts predicts them on 260 others better than their mean."""
+    from transformers import GenerationConfig
+
+    from common import (
+        generate,
+        left_pad,
+        load_causal_lm,
+        load_rows,
+        load_scorer,
+        load_tokenizer,
+        position_ids,
+        tokenize_prompts,
+    )
+
+    tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
+    policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)
+    score = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 512, "rm")
+    prompts = tokenize_prompts(tokenizer, load_rows(str(REPO / "toy" / "data"), "test")[0], 128)
+    samples = 8
+    torch.manual_seed(0)
+    queries, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = GenerationConfig(max_new_tokens=48, do_sample=True, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
+    responses, _ = generate(policy, queries.repeat(samples, 1), mask.repeat(samples, 1), config, 1024)
+    texts = tokenizer.batch_decode(queries.repeat(samples, 1), skip_special_tokens=True)
+    rewards = score(texts, tokenizer.batch_decode(responses, skip_special_tokens=True)).view(samples, -1).T  # (P, S)
+    with torch.no_grad():
+        hidden = policy(
+            input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True
+        )
+        features = (hidden.hidden_states[-1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    fit, test = slice(0, 240), slice(240, None)
+    prompt_ids = torch.arange(240)[:, None].expand(-1, samples).reshape(-1)
+    head, stats = fit_value_head(
+        features[fit].repeat_interleave(samples, 0), rewards[fit].reshape(-1), prompt_ids, 30, 3e-3, 1
+    )
+    with torch.no_grad():
+        predictions = head(features[test])[:, None]
+    head_mse = ((rewards[test] - predictions) ** 2).mean().item()
+    mean_mse = ((rewards[test] - rewards[fit].mean()) ** 2).mean().item()
+    print(f"V_ref unseen-prompt MSE {head_mse:.3f} vs mean {mean_mse:.3f}; selection split {stats}")
+    assert head_mse < mean_mse * 0.99
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_runs(variant, small_toy_data, tmp_path):
+    out = tmp_path / "run"
+    run_script("alol.py", *small_run(small_toy_data), "--variant", variant, "--output-dir", str(out))
+    rows = read_metrics(out)
+    assert [r["iteration"] for r in rows] == [0, 2, 4]
+    assert 0 < rows[0]["train/kept_fraction"] <= 1 and (rows[0]["train/kept_fraction"] == 1) == (variant == "nll")
+    assert all(v == v for r in rows for v in r.values())
+    assert (out / "policy" / "config.json").exists()
+
+
+def test_lora_and_two_ranks(small_toy_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_script(
+        "alol.py", *small_run(small_toy_data), "--use-lora", "--lr", "1e-3", "--output-dir", str(tmp_path / "lora")
+    )
+    base = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, tmp_path / "lora" / "adapter").merge_and_unload().state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "policy").state_dict()
+    assert all(torch.allclose(merged[k], saved[k].float(), atol=1e-3) for k in saved)
+    run_script("alol.py", *small_run(small_toy_data), "--output-dir", str(tmp_path / "ddp"), nproc=2)
+    assert read_metrics(tmp_path / "ddp")[-1]["dist/max_param_difference"] == 0.0
+
+
+def test_kill_and_resume_continues_exactly(small_toy_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*small_run(small_toy_data), "--total-steps", "8", "--save-every", "1"]
+    run_script("alol.py", *args, "--output-dir", str(tmp_path / "straight"))
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "alol.py"), *args, "--output-dir", str(out)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 8, "the run finished before it was killed"
+    run_script("alol.py", *args, "--output-dir", str(out), "--resume")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
+    assert [r["iteration"] for r in resumed] == [0, 2, 4, 6, 8]
+    # (a row right after the resume point may average fewer steps; the parameters and evaluations must agree)
+    assert straight[-1]["eval/reward"] == pytest.approx(resumed[-1]["eval/reward"], abs=1e-5)
+    final_a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["policy"]
+    final_b = torch.load(out / "checkpoint.pt", weights_only=True)["policy"]
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)
