@@ -295,9 +295,8 @@ def main():
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
         logger.log({"iteration": 0, "episodes": 0, **eval_metrics})
     for iteration in range(start_iteration + 1, num_iterations + 1):
-        torch.manual_seed(
-            args.seed + 10_000 * iteration + rank
-        )  # resumable: the randomness is a function of the iteration
+        # resumable: all randomness of an iteration is a function of (seed, iteration, rank)
+        torch.manual_seed(args.seed + 10_000 * iteration + rank)
         t_start = now(device)
         # ---- rollout: sample responses to this rank's share of the prompts
         indices = prompt_indices(

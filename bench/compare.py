@@ -1,0 +1,196 @@
+"""Side-by-side comparison of the algorithms: same task, same sample budget, several seeds.
+
+    python bench/compare.py --mode quick      # toy task, 3 seeds, under 10 minutes on 2 CPU cores
+    python bench/compare.py --mode full       # toy task, 3 seeds, each script's default budget
+    python bench/compare.py --mode smoke      # CI: 1 seed, 2 iterations each
+    python bench/compare.py --extra "--model EleutherAI/pythia-1b --reward-model ... --dataset ..." --nproc 8
+
+Calls each script as a user would, then reads the runs' metrics.jsonl and writes under --output-dir:
+results.md (mean +- std over seeds of the final evaluation, throughput and wall time) and PNG plots
+(reward and gold reward against episodes with a min-max band over seeds, the gold-reward / KL
+frontier, KL and response length against episodes). The budget is counted in samples trained on:
+episodes for the online scripts, steps x batch size for the offline A-LoL runs.
+"""
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+REPO = Path(__file__).resolve().parent.parent
+# name -> (script, extra flags)
+ALGORITHMS = {
+    "ppo": ("ppo.py", []),
+    "ppo_max": ("ppo_max.py", []),
+    "apa": ("apa.py", []),
+    "awr": ("awr.py", []),
+    "a-lol": ("alol.py", ["--variant", "a-lol"]),
+    "nll": ("alol.py", ["--variant", "nll"]),
+}
+# mode -> samples per run, evaluations per run, flags of the online scripts, flags of alol.py
+MODES = {
+    "full": (4096, 8, [], []),
+    "quick": (640, 4, ["--eval-size", "64"], ["--eval-size", "64", "--value-samples", "4"]),
+    "smoke": (
+        32, 2,
+        ["--rollout-batch-size", "16", "--mini-batch-size", "8", "--max-new-tokens", "16", "--eval-size", "8"],
+        ["--max-new-tokens", "16", "--eval-size", "8", "--value-samples", "1", "--value-epochs", "1"],
+    ),
+}  # fmt: skip
+ONLINE_BATCH = {"smoke": 16}  # --rollout-batch-size where it is not the default 64
+OFFLINE_BATCH = 16  # alol.py's default --batch-size
+TABLE = [  # (column, metric key in the final row)
+    ("RM reward", "eval/reward"),
+    ("gold reward", "eval/gold_reward"),
+    ("KL to ref", "eval/kl"),
+    ("length", "eval/response_length"),
+    ("distinct-2", "eval/distinct_2"),
+    ("samples/s", "time/samples_per_s"),
+    ("wall time (s)", "wall_time"),
+]
+
+
+@dataclass
+class Args:
+    mode: Literal["full", "quick", "smoke"] = "quick"
+    """budget: full = each script's default, quick = 640 samples, smoke = a few for CI"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds per algorithm"""
+    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
+    """which of ppo, ppo_max, apa, awr, a-lol, nll to run"""
+    output_dir: str = "bench/results"
+    """where the runs, results.md and the plots go"""
+    extra: str = ""
+    """flags passed to every script, e.g. "--model X --reward-model Y --dataset Z" for real runs"""
+    nproc: int = 1
+    """processes per run (torchrun --nproc_per_node)"""
+    reuse: bool = False
+    """skip runs whose output directory already holds a final policy (re-plot without re-running)"""
+
+
+def script_flags(name: str, mode: str) -> list[str]:
+    """Flags giving every algorithm the same sample budget and evaluation points."""
+    samples, evaluations, online, offline = MODES[mode]
+    script, flags = ALGORITHMS[name]
+    if script == "alol.py":
+        steps = samples // OFFLINE_BATCH
+        every = str(max(1, steps // evaluations))
+        return [*flags, "--total-steps", str(steps), "--eval-every", every, "--log-every", every, *offline]
+    iterations = samples // ONLINE_BATCH.get(mode, 64)
+    return [*flags, "--total-episodes", str(samples), "--eval-every", str(max(1, iterations // evaluations)), *online]
+
+
+def run(name: str, seed: int, args: Args, run_dir: Path) -> None:
+    script, _ = ALGORITHMS[name]
+    if args.reuse and (run_dir / "policy").exists():
+        return
+    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                         "--nproc_per_node", str(args.nproc)]  # fmt: skip
+    cmd = [*launcher, str(REPO / script), "--seed", str(seed), "--output-dir", str(run_dir),
+           *script_flags(name, args.mode), *shlex.split(args.extra)]  # fmt: skip
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    print(f"{name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {name} seed {seed} failed:\n{result.stderr[-3000:]}")
+    (run_dir / "wall_time.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))
+
+
+def read_run(run_dir: Path) -> list[dict]:
+    """The run's metrics rows; the last one gets the run's mean training throughput and its wall time."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    throughput = [r["time/samples_per_s"] for r in rows if "time/samples_per_s" in r]
+    rows[-1] = {**rows[-1], "time/samples_per_s": statistics.mean(throughput) if throughput else float("nan")}
+    if (run_dir / "wall_time.json").exists():
+        rows[-1].update(json.loads((run_dir / "wall_time.json").read_text()))
+    return rows
+
+
+def eval_curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(episodes, value) at each evaluation (rows where the evaluation is fresh)."""
+    return [(r["episodes"], r[key]) for r in rows if r.get("eval/iteration") == r["iteration"] and key in r]
+
+
+def summarize(runs: dict[str, list[list[dict]]]) -> str:
+    """Markdown table: per algorithm, mean +- std over seeds of each TABLE metric of the final row."""
+    lines = ["| algorithm | seeds | " + " | ".join(c for c, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
+    for name, seeds in runs.items():
+        cells = []
+        for _, key in TABLE:
+            values = [rows[-1][key] for rows in seeds if key in rows[-1]]
+            if not values:
+                cells.append("n/a")
+                continue
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            digits = 0 if key == "wall_time" else 1 if key in ("time/samples_per_s", "eval/response_length") else 2
+            cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, list[list[dict]]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    curves = {"reward": "RM reward", "gold_reward": "gold reward", "kl": "KL to reference", "response_length": "length"}
+    for key, title in ((f"eval/{k}", v) for k, v in curves.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, seeds in runs.items():
+            curves = [eval_curve(rows, key) for rows in seeds]
+            points = sorted({e for c in curves for e, _ in c})
+            by_x = [[v for c in curves for e, v in c if e == x] for x in points]
+            ax.plot(points, [statistics.mean(v) for v in by_x], label=name)
+            ax.fill_between(points, [min(v) for v in by_x], [max(v) for v in by_x], alpha=0.2)
+        ax.set(xlabel="episodes (samples trained on)", ylabel=title, title=f"held-out {title} (min-max over seeds)")
+        ax.legend()
+        written.append(out / f"{key.split('/')[1]}.png")
+        fig.savefig(written[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, seeds in runs.items():
+        points = [(kl, gold) for rows in seeds for (_, kl), (_, gold) in
+                  zip(eval_curve(rows, "eval/kl"), eval_curve(rows, "eval/gold_reward"))]  # fmt: skip
+        ax.scatter([p[0] for p in points], [p[1] for p in points], label=name, s=14)
+    ax.set(xlabel="KL to reference (nats per response)", ylabel="gold reward", title="gold reward / KL frontier")
+    ax.legend()
+    written.append(out / "gold_vs_kl.png")
+    fig.savefig(written[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return written
+
+
+def main():
+    args = tyro.cli(Args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = set(args.algorithms) - set(ALGORITHMS)
+    if unknown:
+        raise SystemExit(f"error: unknown --algorithms {sorted(unknown)}; choose from {list(ALGORITHMS)}")
+    runs = {}
+    for name in args.algorithms:
+        for seed in args.seeds:
+            run(name, seed, args, out / "runs" / f"{name}__{seed}")
+        runs[name] = [read_run(out / "runs" / f"{name}__{seed}") for seed in args.seeds]
+    table = summarize(runs)
+    samples = MODES[args.mode][0]
+    header = f"# Comparison: mode {args.mode}, {samples} samples per run, seeds {list(args.seeds)}\n\n"
+    (out / "results.md").write_text(header + table)
+    for path in plot(runs, out):
+        print(f"wrote {path}")
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main()
