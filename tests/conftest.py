@@ -78,6 +78,22 @@ def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, time
     return result
 
 
+def kill_at_first_checkpoint(script: str, args: list[str], output_dir) -> dict:
+    """Start a run, SIGKILL it as soon as its first checkpoint exists, and return that checkpoint."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *args, "--output-dir", str(output_dir)], env=env,
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint, deadline = Path(output_dir) / "checkpoint.pt", time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return torch.load(checkpoint, weights_only=True)
+
+
 def read_metrics(output_dir) -> list[dict]:
     import json
 

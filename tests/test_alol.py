@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_script
+from conftest import REPO, kill_at_first_checkpoint, read_metrics, run_script
 
 from alol import fit_value_head, policy_loss, sample_rows
 
@@ -143,24 +143,10 @@ def test_lora_and_two_ranks(small_toy_data, tmp_path):
 
 
 def test_kill_and_resume_continues_exactly(small_toy_data, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     args = [*small_run(small_toy_data), "--total-steps", "8", "--save-every", "1"]
     run_script("alol.py", *args, "--output-dir", str(tmp_path / "straight"))
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "alol.py"), *args, "--output-dir", str(out)], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 8, "the run finished before it was killed"
+    assert kill_at_first_checkpoint("alol.py", args, out)["step"] < 8, "the run finished before it was killed"
     run_script("alol.py", *args, "--output-dir", str(out), "--resume")
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
     assert [r["iteration"] for r in resumed] == [0, 2, 4, 6, 8]

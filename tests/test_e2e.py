@@ -2,14 +2,10 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script
+from conftest import FAST, REPO, kill_at_first_checkpoint, read_metrics, run_script
 
 ONLINE = ["ppo.py", "apa.py", "awr.py", "ppo_max.py"]
 CONTRACT = ["iteration", "episodes", "train/reward", "train/kl", "eval/reward", "eval/gold_reward", "eval/kl"]
@@ -78,15 +74,7 @@ def test_kill_and_resume_continues_exactly(script, tmp_path):
     args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "64"]  # 4 iterations, a checkpoint after each
     run_script(script, *args, "--output-dir", str(tmp_path / "straight"))
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, str(REPO / script), *args, "--output-dir", str(out)], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
+    saved = kill_at_first_checkpoint(script, args, out)["iteration"]
     assert saved < 4, "the run finished before it could be killed"
     run_script(script, *args, "--output-dir", str(out), "--resume")
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
