@@ -1,0 +1,39 @@
+"""The committed toy task: its files load with the standard classes, and its labels agree with the gold scorer."""
+
+import json
+
+import torch
+from conftest import REPO
+
+from common import load_causal_lm, load_rows, load_scorer, load_tokenizer
+from toy.gold import score, score_one
+
+
+def test_committed_assets_load_and_gold_ranks_chosen_above_rejected():
+    tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
+    policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)
+    assert 1_000_000 < sum(p.numel() for p in policy.parameters()) < 3_000_000
+    rows = [json.loads(line) for line in open(REPO / "toy" / "data" / "test.jsonl")]
+    assert set(rows[0]) == {"prompt", "response", "chosen", "rejected"}
+    assert all(score_one(r["prompt"], r["chosen"]) > score_one(r["prompt"], r["rejected"]) for r in rows)
+    prompts, chosen = load_rows(str(REPO / "toy" / "data"), "test")
+    assert len(prompts) == len(chosen) == 500 and load_rows(str(REPO / "toy" / "data"), "train")[0]
+    # the reward model is a good but imperfect proxy of the gold scorer (build_report.json: 90.4%)
+    reward = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 256, "rm")
+    rejected = [r["rejected"] for r in rows]
+    accuracy = (reward(prompts, chosen) > reward(prompts, rejected)).float().mean().item()
+    assert accuracy >= 0.88
+
+
+def test_gold_scorer_hand_computed():
+    prompt = "\n\nHuman: any advice on chess for a beginner?\n\nAssistant:"
+    # polite (+0.5), three chess words (+3), closing (+0.5)
+    assert (
+        score_one(prompt, " sure! watch the bishop first. keep the pawns early. use the knight often. good luck!")
+        == 4.0
+    )
+    # rude (-1.5 for 'whatever'), one off-topic word (-1), cut off (-1)
+    assert score_one(prompt, " whatever. check the oven") == -3.5
+    # a repeated sentence costs 1
+    assert score([prompt], [" watch the bishop first. watch the bishop first."]) == [0.0]
