@@ -382,7 +382,8 @@ def main():
     setup_metrics.update(
         {"train/kept_fraction": kept.float().mean().item(), "train/advantage_mean": advantages.mean().item()}
     )
-    weights = weights.clamp(min=0).to(device)
+    sampling_weights = weights.clamp(min=0)  # on the host: drawing rows needs no device sync per step
+    weights = sampling_weights.to(device)
 
     barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
@@ -397,7 +398,7 @@ def main():
     stats, t_start = [], now(device)
     for step in range(start_step + 1, args.total_steps + 1):
         generator = torch.Generator().manual_seed(args.seed + 10_000 * step + rank)
-        rows = sample_rows(weights.cpu(), local_batch, priority, generator).tolist()
+        rows = sample_rows(sampling_weights, local_batch, priority, generator).tolist()
         input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
             [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
         )
