@@ -51,6 +51,7 @@ from common import (
     max_replica_difference,
     now,
     pad_pairs,
+    peak_memory_gb,
     position_ids,
     resolve_dtype,
     response_logits,
@@ -136,7 +137,7 @@ class Args:
     eval_size: int = 128
     """number of held-out prompts to evaluate on"""
     save_every: int = 100
-    """checkpoint every N steps (and at the end)"""
+    """checkpoint every N steps (and at the end); 0 = never (the run cannot be resumed)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlhf-reference"
@@ -434,7 +435,11 @@ def main():
             elapsed = now(device) - t_start
             row = {"iteration": step, "episodes": step * args.batch_size, **dict(zip(step_stats, means.tolist()))}
             row.update(
-                {"time/update": elapsed / len(stats), "time/samples_per_s": len(stats) * args.batch_size / elapsed}
+                {
+                    "time/update": elapsed / len(stats),
+                    "time/samples_per_s": len(stats) * args.batch_size / elapsed,
+                    "time/peak_memory_gb": peak_memory_gb(device),
+                }
             )
             if step % args.eval_every == 0 or step == args.total_steps:
                 eval_metrics = {"eval/iteration": step, **evaluate()}
@@ -442,7 +447,7 @@ def main():
                 row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
             stats, t_start = [], now(device)
-        if rank == 0 and (step % args.save_every == 0 or step == args.total_steps):
+        if rank == 0 and args.save_every and (step % args.save_every == 0 or step == args.total_steps):
             save_checkpoint(output_dir, {
                 "step": step, "args": asdict(args), "rewards": rewards, "ref_values": ref_values,
                 "policy": trainable_state(unwrapped_policy), "optimizer": optimizer.state_dict(),

@@ -135,6 +135,15 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 # ---------------------------------------------------------------- loading
 def _load(loader, path: str, what: str, **kwargs):
     try:

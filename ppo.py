@@ -50,6 +50,7 @@ from common import (
     masked_whiten,
     max_replica_difference,
     now,
+    peak_memory_gb,
     prompt_indices,
     resolve_dtype,
     response_logits,
@@ -141,7 +142,7 @@ class Args:
     eval_size: int = 128
     """number of held-out prompts to evaluate on"""
     save_every: int = 16
-    """checkpoint every N iterations (and at the end)"""
+    """checkpoint every N iterations (and at the end); 0 = never (the run cannot be resumed)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlhf-reference"
@@ -419,13 +420,15 @@ def main():
             "time/update": t_end - t_score,
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
+            "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
+            "time/peak_memory_gb": peak_memory_gb(device),
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and world_size > 1:
             row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
-        if rank == 0 and (iteration % args.save_every == 0 or iteration == num_iterations):
+        if rank == 0 and args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
             save_checkpoint(
                 output_dir,
                 {

@@ -2,6 +2,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -62,3 +63,70 @@ def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path):
     with pytest.raises(SystemExit, match="unknown --algorithms"):
         sys.argv = ["compare.py", "--algorithms", "trpo", "--output-dir", str(tmp_path)]
         compare.main()
+
+
+# ---------------------------------------------------------------- bench/throughput.py
+import throughput  # noqa: E402
+
+
+def test_pythia_config_has_the_named_shape():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = throughput.pythia_config("1b", AutoConfig.from_pretrained(REPO / "toy" / "policy"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (2048, 16, 8)
+    assert config.vocab_size == 635 and config.eos_token_id == 0 and config.pad_token_id == 1
+    # Pythia-1b's 16 layers of 12 h^2 + 13 h (805.7M) plus in/out embeddings of the 635-token vocabulary (2.6M)
+    assert sum(p.numel() for p in model.parameters()) == 16 * (12 * 2048**2 + 13 * 2048) + 2 * 635 * 2048 + 2 * 2048
+
+
+def test_throughput_summary_excludes_the_warm_up_and_divides_by_the_floor():
+    split = ("time/generate", "time/score", "time/update", "time/iteration")
+    rows = [
+        {"iteration": 1, **dict(zip(split, (9.0, 9.0, 9.0, 27.0))), "train/response_length": 1.0,
+         "time/decode_steps": 48, "time/peak_memory_gb": 2.0},
+        {"iteration": 2, **dict(zip(split, (1.0, 0.5, 2.0, 3.6))), "train/response_length": 10.0,
+         "time/decode_steps": 12, "time/peak_memory_gb": 1.5},
+    ]  # fmt: skip
+    floors = [{"generate": 0.8, "policy": 0.1, "reference": 0.1, "value": 0.1, "reward": 0.1, "update": 1.6}]
+    r = throughput.summarize(rows, floors, batch_size=8)
+    assert r["iteration"] == 3.6 and r["decode_steps"] == 12  # iteration 1 is the warm-up
+    assert r["floor"] == pytest.approx(2.8) and r["overhead"] == pytest.approx(3.6 / 2.8)
+    assert r["overhead/generate"] == pytest.approx(1.25) and r["overhead/score"] == pytest.approx(1.25)
+    assert r["overhead/update"] == pytest.approx(1.25)
+    assert r["samples_per_s"] == pytest.approx(8 / 3.6) and r["tokens_per_s"] == pytest.approx(80 / 3.6)
+    assert r["peak_memory_gb"] == 2.0  # the peak over the whole run
+    table = throughput.tables({"ppo": r})
+    assert "| ppo | 1.000 (1.25x) | 0.500 (1.25x) | 2.000 (1.25x) | 3.600 | 2.2 | 22 | 2.00 | 2.800 | 1.29x |" in table
+    assert "| ppo | 12 | 0.800 | 0.100 | 0.100 | 0.100 | 0.100 | 1.600 |" in table
+
+
+def test_floor_times_every_pass_and_generates_exactly_the_decode_steps():
+    args = throughput.Args(rollout_batch_size=4, mini_batch_size=2, forward_batch_size=2, repeats=1)
+    policy, reward_model = throughput.make_models("toy", REPO, torch.device("cpu"))
+    floor = throughput.Floor(args, policy, reward_model, torch.device("cpu"))
+    times = floor.measure(iteration=3, decode_steps=5, update_epochs=1)
+    assert list(times) == throughput.PASSES and all(t > 0 for t in times.values())
+    queries, query_mask, input_ids, attention_mask, responses = floor.batch(3, 5)
+    assert responses.shape == (4, 5) and input_ids.shape == attention_mask.shape
+    generated = floor.policy.generate(queries, attention_mask=query_mask, generation_config=floor.generation_config)
+    assert generated.shape[1] == queries.shape[1] + 5  # EOS suppressed: the script's number of decode steps
+
+
+def test_throughput_smoke_runs_a_script_and_writes_its_table(tmp_path):
+    sys.argv = ["throughput.py", "--size", "14m", "--algorithms", "ppo", "--iterations", "2", "--repeats", "1",
+                "--rollout-batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "8",
+                "--output-dir", str(tmp_path)]  # fmt: skip
+    throughput.main()
+    assert (tmp_path / "runs" / "models_14m" / "reward_model" / "config.json").exists()
+    assert not (tmp_path / "runs" / "throughput_ppo" / "checkpoint.pt").exists()  # --save-every 0
+    result = json.loads((tmp_path / "throughput_14m_cpu.json").read_text())["results"]["ppo"]
+    assert 1 <= result["decode_steps"] <= 8 and result["peak_memory_gb"] > 0.1
+    assert all(result[f"floor/{p}"] > 0 for p in throughput.PASSES)
+    assert result["overhead"] == pytest.approx(result["iteration"] / result["floor"])
+    assert result["samples_per_s"] == pytest.approx(8 / result["iteration"])
+    assert "| ppo | " in (tmp_path / "throughput_14m_cpu.md").read_text()
+    with pytest.raises(SystemExit, match="unknown --algorithms"):
+        sys.argv = ["throughput.py", "--algorithms", "alol", "--output-dir", str(tmp_path)]
+        throughput.main()

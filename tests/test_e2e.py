@@ -10,6 +10,7 @@ from conftest import FAST, REPO, kill_at_first_checkpoint, read_metrics, run_scr
 ONLINE = ["ppo.py", "apa.py", "awr.py", "ppo_max.py"]
 CONTRACT = ["iteration", "episodes", "train/reward", "train/kl", "eval/reward", "eval/gold_reward", "eval/kl"]
 CONTRACT += ["eval/response_length", "time/samples_per_s", "time/generate", "time/score", "time/update"]
+CONTRACT += ["time/iteration", "time/decode_steps", "time/peak_memory_gb"]
 # PPO-max trains only its critic for the first 4 rollout batches by default: more than these short runs have
 EXTRA = {"ppo_max.py": ["--critic-warmup-steps", "0"]}
 
@@ -30,6 +31,7 @@ def test_default_run_writes_the_contract(script, tmp_path):
     for row in rows:
         assert set(CONTRACT) <= set(row), set(CONTRACT) - set(row)
         assert all(v == v for v in row.values())  # no NaN anywhere
+        assert 1 <= row["time/decode_steps"] <= 24 and row["time/peak_memory_gb"] > 0.1
     # SPEC 1.1: the first minibatch of the first epoch re-scores the rollout exactly (ratio 1)
     assert rows[0]["policy/abs_log_ratio_first_mb"] < 1e-5
     assert rows[0]["policy/ratio_first_mb"] == pytest.approx(1.0, abs=1e-5)
