@@ -70,7 +70,7 @@ class Args:
     """toy = the committed toy models; otherwise random Pythia-shaped policy and reward model"""
     algorithms: tuple[str, ...] = tuple(ONLINE)
     """which of ppo, ppo_max, apa, awr to measure"""
-    iterations: int = 3
+    iterations: int = 5
     """iterations per script; the first is a warm-up, the rest are averaged"""
     rollout_batch_size: int = 64
     """prompts per iteration"""
