@@ -110,16 +110,20 @@ def make_models(size: str, out: Path, device: torch.device) -> tuple[str, str]:
     policy_dir, rm_dir = out / f"models_{size}" / "policy", out / f"models_{size}" / "reward_model"
     tokenizer = load_tokenizer(resolve("toy/policy"))
     config = pythia_config(size, AutoConfig.from_pretrained(resolve("toy/policy")))
-    for path, auto, extra in ((policy_dir, AutoModelForCausalLM, {}), (rm_dir, AutoModelForSequenceClassification,
-                                                                        {"num_labels": 1})):  # fmt: skip
-        if (path / "config.json").exists():
+    for path, auto, extra in (
+        (policy_dir, AutoModelForCausalLM, {}),
+        (rm_dir, AutoModelForSequenceClassification, {"num_labels": 1}),
+    ):
+        if path.exists():  # built by an earlier run (written to a temporary name, then renamed)
             continue
         torch.manual_seed(0)
         config.update(extra)
         with torch.device(device):
             model = auto.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        tmp = path.with_name(path.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(path)
         del model
     return str(policy_dir), str(rm_dir)
 
