@@ -3,7 +3,7 @@
     python bench/compare.py --mode quick      # toy task, 3 seeds, under 10 minutes on 2 CPU cores
     python bench/compare.py --mode full       # toy task, 3 seeds, each script's default budget
     python bench/compare.py --mode smoke      # CI: 1 seed, 2 iterations each
-    python bench/compare.py --extra "--model EleutherAI/pythia-1b --reward-model ... --dataset ..." --nproc 8
+    python bench/compare.py --extra="--model EleutherAI/pythia-1b --reward-model ... --dataset ..." --nproc 8
 
 Calls each script as a user would, then reads the runs' metrics.jsonl and writes under --output-dir:
 results.md (mean +- std over seeds of the final evaluation, throughput and wall time) and PNG plots
@@ -68,7 +68,7 @@ class Args:
     output_dir: str = "bench/results"
     """where the runs, results.md and the plots go"""
     extra: str = ""
-    """flags passed to every script, e.g. "--model X --reward-model Y --dataset Z" for real runs"""
+    """flags passed to every script, e.g. --extra="--model X --reward-model Y --dataset Z" (with the =) for real runs"""
     nproc: int = 1
     """processes per run (torchrun --nproc_per_node)"""
     reuse: bool = False

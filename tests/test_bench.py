@@ -52,6 +52,13 @@ def test_script_flags_give_every_algorithm_the_same_budget():
     assert compare.script_flags("nll", "smoke")[:2] == ["--variant", "nll"]
 
 
+def test_extra_flags_for_the_scripts_parse_as_one_value():
+    import tyro
+
+    args = tyro.cli(compare.Args, args=["--extra=--lam 1.0 --model x", "--algorithms", "apa"])  # as README writes it
+    assert args.extra == "--lam 1.0 --model x" and args.algorithms == ("apa",)
+
+
 def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path):
     sys.argv = ["compare.py", "--mode", "smoke", "--seeds", "1", "--output-dir", str(tmp_path)]
     compare.main()
