@@ -19,6 +19,7 @@ import importlib
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,8 +131,7 @@ def make_models(size: str, out: Path, device: torch.device) -> tuple[str, str]:
 
 def run_script(name: str, args: Args, policy: str, reward_model: str, run_dir: Path) -> list[dict]:
     """Runs `name`.py for args.iterations iterations; returns its training rows (iteration >= 1)."""
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, str(REPO / f"{name}.py"), "--model", policy, "--reward-model", reward_model,
            "--eval-reward", "", "--seed", str(args.seed), "--dtype", args.dtype, "--output-dir", str(run_dir),
            "--total-episodes", str(args.iterations * args.rollout_batch_size),
@@ -144,7 +144,7 @@ def run_script(name: str, args: Args, policy: str, reward_model: str, run_dir: P
     if result.returncode != 0:
         raise SystemExit(f"error: {name}.py failed:\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    subprocess.run(["rm", "-rf", str(run_dir / "policy")], check=True)  # a final policy per script adds up at 1b+
+    shutil.rmtree(run_dir / "policy")  # a final policy per script adds up at 1b and above
     return [r for r in rows if r["iteration"] >= 1]
 
 
@@ -240,12 +240,17 @@ class Floor:
         return {name: timed(fn, device, args.repeats) for name, fn in passes.items()}
 
 
+def measured(rows: list[dict]) -> list[dict]:
+    """The reported iterations: all but the first (the warm-up), unless there is only one."""
+    return rows[1:] or rows
+
+
 def summarize(rows: list[dict], floors: list[dict[str, float]], batch_size: int) -> dict[str, float]:
     """Mean over the measured iterations (all but the first) of the script's split and of the floor."""
-    measured = rows[1:] or rows
-    mean = {k: statistics.mean(r[f"time/{k}"] for r in measured) for k in ("generate", "score", "update", "iteration")}
+    rows, peak = measured(rows), max(r["time/peak_memory_gb"] for r in rows)
+    mean = {k: statistics.mean(r[f"time/{k}"] for r in rows) for k in ("generate", "score", "update", "iteration")}
     floor = {k: statistics.mean(f[k] for f in floors) for k in PASSES}
-    tokens = statistics.mean(r["train/response_length"] for r in measured) * batch_size
+    tokens = statistics.mean(r["train/response_length"] for r in rows) * batch_size
     return {
         **mean,
         **{f"floor/{k}": v for k, v in floor.items()},
@@ -256,8 +261,8 @@ def summarize(rows: list[dict], floors: list[dict[str, float]], batch_size: int)
         "overhead/update": mean["update"] / floor["update"],
         "samples_per_s": batch_size / mean["iteration"],
         "tokens_per_s": tokens / mean["iteration"],
-        "decode_steps": statistics.mean(r["time/decode_steps"] for r in measured),
-        "peak_memory_gb": max(r["time/peak_memory_gb"] for r in rows),
+        "decode_steps": statistics.mean(r["time/decode_steps"] for r in rows),
+        "peak_memory_gb": peak,  # over the whole run, warm-up included
     }
 
 
@@ -308,7 +313,7 @@ def main():
     results = {}
     for name, rows in runs.items():
         update_epochs = importlib.import_module(name).Args.update_epochs
-        floors = [floor.measure(r["iteration"], r["time/decode_steps"], update_epochs) for r in rows[1:] or rows]
+        floors = [floor.measure(r["iteration"], r["time/decode_steps"], update_epochs) for r in measured(rows)]
         results[name] = summarize(rows, floors, args.rollout_batch_size)
     parameters = sum(p.numel() for p in floor.policy.parameters())
     dtype = resolve_dtype(args.dtype, device)
