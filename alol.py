@@ -24,7 +24,6 @@ from typing import Literal
 import torch
 import tyro
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import GenerationConfig
 
 from common import (
@@ -36,23 +35,30 @@ from common import (
     barrier,
     broadcast_object,
     check_output_dir,
+    check_scale_flags,
     distinct_n,
     fail,
     gather_logprobs,
+    gathered,
     generate,
     global_means,
+    gradient_sync,
     left_pad,
     load_causal_lm,
     load_checkpoint,
+    load_optimizer_state,
     load_rows,
     load_scorer,
     load_tokenizer,
     load_trainable_state,
     max_replica_difference,
+    micro_batches,
     now,
+    optimizer_state,
     pad_pairs,
     peak_memory_gb,
     position_ids,
+    prepare_model,
     resolve_dtype,
     response_logits,
     save_checkpoint,
@@ -60,6 +66,7 @@ from common import (
     setup_distributed,
     tokenize_prompts,
     trainable_state,
+    unwrap,
 )
 
 
@@ -130,6 +137,14 @@ class Args:
     """train a LoRA adapter on the frozen base; the reference is the policy with its adapter off"""
     lora_r: int = 16
     """LoRA rank"""
+    micro_batch_size: int = 0
+    """rows per forward/backward pass on each rank; gradients of a step accumulate over them (0 = all at once)"""
+    fsdp: bool = False
+    """shard every model over the ranks with FSDP2 (torchrun); weights are gathered once per generation/no-grad pass"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward instead of storing them (the policy)"""
+    num_layers_unfrozen: int = -1
+    """train only the top N decoder layers, the final norm and the LM head; -1 = all"""
     log_every: int = 10
     """log training metrics every N steps"""
     eval_every: int = 100
@@ -216,13 +231,13 @@ def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: 
 def main():
     args = tyro.cli(Args)
     rank, world_size, device = setup_distributed()
-    if args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
+    if args.batch_size <= 0 or args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} is not a positive multiple of the {world_size} ranks; make it a multiple")
+    check_scale_flags(args, args.batch_size // world_size, world_size)
     output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
     dtype = resolve_dtype(args.dtype, device)
-    local_batch = args.batch_size // world_size
 
     # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
@@ -230,15 +245,22 @@ def main():
     ref_policy = None
     if args.use_lora:
         policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
-    else:
-        ref_policy = load_causal_lm(args.model, dtype, args.trust_remote_code).requires_grad_(False).to(device)
-    policy = policy.to(device)
-    unwrapped_policy = policy
+    else:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL is 0 at step 0
+        ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
+        ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
+    policy = prepare_model(policy, args, dtype, device, world_size, train=True)  # --fsdp / DDP, frozen layers, ...
+    unwrapped_policy = unwrap(policy)
     score_fn = load_scorer(
-        args.reward_model, device, dtype, args.rollout_forward_batch_size, "--reward-model", args.trust_remote_code
+        args.reward_model,
+        device,
+        dtype,
+        args.rollout_forward_batch_size,
+        "--reward-model",
+        args.trust_remote_code,
+        args.fsdp,
     )
     eval_score_fn = args.eval_reward and load_scorer(
-        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward"
+        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward", fsdp=args.fsdp
     )
     train_texts, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
     if response_texts is None:
@@ -273,11 +295,14 @@ def main():
     @torch.no_grad()
     def logprobs_of(model, input_ids, attention_mask, responses, context_length, temperature):
         out = []
-        for i in range(0, len(input_ids), args.rollout_forward_batch_size):
-            chunk = slice(i, i + args.rollout_forward_batch_size)
-            with autocast(device, dtype):
-                logits = response_logits(model, input_ids[chunk], attention_mask[chunk], context_length, temperature)
-            out.append(gather_logprobs(logits, responses[chunk]))
+        with gathered(model):  # under --fsdp: one all-gather per pass, not per chunk
+            for i in range(0, len(input_ids), args.rollout_forward_batch_size):
+                chunk = slice(i, i + args.rollout_forward_batch_size)
+                with autocast(device, dtype):
+                    logits = response_logits(
+                        model, input_ids[chunk], attention_mask[chunk], context_length, temperature
+                    )
+                out.append(gather_logprobs(logits, responses[chunk]))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -318,7 +343,7 @@ def main():
         """Masked mean of the frozen reference's last hidden states over each prompt (no grad, chunked)."""
         ref_model, ref_context = reference()
         features = []
-        with ref_context:
+        with ref_context, gathered(ref_model):
             for i in range(0, len(prompts), args.rollout_forward_batch_size):
                 ids, mask = left_pad(prompts[i : i + args.rollout_forward_batch_size], tokenizer.pad_token_id, device)
                 with autocast(device, dtype):
@@ -335,7 +360,7 @@ def main():
     if args.resume:
         checkpoint = load_checkpoint(output_dir)
         load_trainable_state(policy, checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(policy, optimizer, checkpoint["optimizer"])
         start_step, rewards, ref_values = checkpoint["step"], checkpoint["rewards"], checkpoint["ref_values"]
     else:
         # ---- score every training pair once (this rank's block, then gathered)
@@ -389,8 +414,6 @@ def main():
     barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    if world_size > 1:
-        policy = DDP(policy)
     logger = Logger(output_dir, args, rank, args.total_steps, start_step)
     eval_metrics = {"eval/iteration": start_step, **evaluate()}
     if start_step == 0:  # the row of step 0 holds the evaluation of the initial (SFT) policy and the setup
@@ -398,35 +421,42 @@ def main():
 
     stats, t_start = [], now(device)
     for step in range(start_step + 1, args.total_steps + 1):
-        generator = torch.Generator().manual_seed(args.seed + 10_000 * step + rank)
-        rows = sample_rows(sampling_weights, local_batch, priority, generator).tolist()
-        input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
-            [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
-        )
-        ref_model, ref_context = reference()
-        with ref_context:  # DDP's module is unused here: the reference pass needs no gradient
-            ref_logprobs = logprobs_of(ref_model, input_ids, attention_mask, responses, context_length, 1.0)
-        with autocast(device, dtype):
-            logits = response_logits(policy, input_ids, attention_mask, context_length, 1.0)  # offline data: T = 1
-        logprobs = gather_logprobs(logits, responses)
-        # ALGO LOGIC: the variant's loss
-        loss, loss_stats = policy_loss(
-            logprobs, ref_logprobs, response_mask, weights[rows], args.variant, args.clip_eps, args.kl_beta
-        )
+        # the global batch is drawn the same way for any number of ranks; this rank trains on its share
+        generator = torch.Generator().manual_seed(args.seed + 10_000 * step)
+        batch_rows = sample_rows(sampling_weights, args.batch_size, priority, generator)[rank::world_size]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_stats_sum = 0.0
+        for micro_rows, sync in micro_batches(batch_rows, args.micro_batch_size):
+            rows = micro_rows.tolist()
+            input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
+                [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
+            )
+            ref_model, ref_context = reference()
+            with ref_context:  # DDP's module is unused here: the reference pass needs no gradient
+                ref_logprobs = logprobs_of(ref_model, input_ids, attention_mask, responses, context_length, 1.0)
+            example_share = len(rows) * world_size / args.batch_size  # a mean over the global batch's examples
+            with gradient_sync([policy], sync):
+                with autocast(device, dtype):
+                    logits = response_logits(policy, input_ids, attention_mask, context_length, 1.0)  # offline: T = 1
+                logprobs = gather_logprobs(logits, responses)
+                # ALGO LOGIC: the variant's loss
+                loss, loss_stats = policy_loss(
+                    logprobs, ref_logprobs, response_mask, weights[rows], args.variant, args.clip_eps, args.kl_beta
+                )
+                (loss * example_share).backward()
+            with torch.no_grad():
+                step_stats = {
+                    "loss/policy": loss,
+                    **loss_stats,
+                    "train/reward": rewards[rows].mean().to(device),
+                    "train/advantage": advantages[rows].mean().to(device),
+                    "train/kl": torch.where(response_mask, logprobs - ref_logprobs, 0.0).sum(1).mean(),
+                    "train/response_length": response_mask.sum(1).float().mean(),
+                }
+                step_stats_sum += example_share * torch.stack([v.detach().float() for v in step_stats.values()])
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
-        with torch.no_grad():
-            step_stats = {
-                "loss/policy": loss,
-                **loss_stats,
-                "train/reward": rewards[rows].mean().to(device),
-                "train/advantage": advantages[rows].mean().to(device),
-                "train/kl": torch.where(response_mask, logprobs - ref_logprobs, 0.0).sum(1).mean(),
-                "train/response_length": response_mask.sum(1).float().mean(),
-            }
-            stats.append(torch.stack([v.detach().float() for v in step_stats.values()]))
+        stats.append(step_stats_sum)
 
         if step % args.log_every == 0 or step == args.total_steps or step % args.eval_every == 0:
             means = all_reduce_sum(torch.stack(stats).mean(0)) / world_size
@@ -447,15 +477,13 @@ def main():
                 row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
             stats, t_start = [], now(device)
-        if rank == 0 and args.save_every and (step % args.save_every == 0 or step == args.total_steps):
+        if args.save_every and (step % args.save_every == 0 or step == args.total_steps):
             save_checkpoint(output_dir, {
                 "step": step, "args": asdict(args), "rewards": rewards, "ref_values": ref_values,
-                "policy": trainable_state(unwrapped_policy), "optimizer": optimizer.state_dict(),
+                "policy": trainable_state(policy), "optimizer": optimizer_state(policy, optimizer),
             })  # fmt: skip
 
-    if rank == 0:
-        save_final_policy(unwrapped_policy, tokenizer, output_dir, args.use_lora)
-        print(f"saved the final policy to {output_dir}/policy")
+    save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     barrier()
 

@@ -18,7 +18,6 @@ from typing import Literal
 
 import torch
 import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import GenerationConfig
 
 from common import (
@@ -36,11 +35,14 @@ from common import (
     entropy_from_logits,
     fail,
     gather_logprobs,
+    gathered,
     generate,
     global_means,
+    gradient_sync,
     left_pad,
     load_causal_lm,
     load_checkpoint,
+    load_optimizer_state,
     load_rows,
     load_scorer,
     load_tokenizer,
@@ -49,8 +51,11 @@ from common import (
     masked_mean,
     masked_whiten,
     max_replica_difference,
+    micro_batches,
     now,
+    optimizer_state,
     peak_memory_gb,
+    prepare_model,
     prompt_indices,
     resolve_dtype,
     response_logits,
@@ -59,6 +64,7 @@ from common import (
     setup_distributed,
     tokenize_prompts,
     trainable_state,
+    unwrap,
 )
 
 
@@ -131,6 +137,14 @@ class Args:
     """train LoRA adapters (policy and value net) on frozen bases; the reference is the policy with its adapter off"""
     lora_r: int = 16
     """LoRA rank"""
+    micro_batch_size: int = 0
+    """rows per forward/backward pass on each rank; gradients of a minibatch accumulate over them (0 = all at once)"""
+    fsdp: bool = False
+    """shard every model over the ranks with FSDP2 (torchrun); weights are gathered once per generation/no-grad pass"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer's activations in backward instead of storing them (trained models)"""
+    num_layers_unfrozen: int = -1
+    """train only the top N decoder layers, the final norm and the heads (the APA paper's HH runs: 2); -1 = all"""
     eval_every: int = 16
     """evaluate every N iterations (and before the first and after the last)"""
     eval_size: int = 128
@@ -176,7 +190,7 @@ def value_loss(values, returns, mask):
 def main():
     args = tyro.cli(Args)
     rank, world_size, device = setup_distributed()
-    check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size)
+    check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size, args)
     output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
@@ -196,14 +210,23 @@ def main():
             add_lora(policy, args.lora_r, "CAUSAL_LM"),
             add_lora(value_model.model, args.lora_r, "SEQ_CLS"),
         )
-    else:
-        ref_policy = load_causal_lm(args.model, dtype, args.trust_remote_code).requires_grad_(False).to(device)
-    policy, value_model = policy.to(device), value_model.to(device)
+    else:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL is 0 at step 0
+        ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
+        ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
+    policy = prepare_model(policy, args, dtype, device, world_size, train=True)  # --fsdp / DDP, frozen layers, ...
+    value_model = prepare_model(value_model, args, dtype, device, world_size, train=True)
+    unwrapped_policy = unwrap(policy)
     score_fn = load_scorer(
-        args.reward_model, device, dtype, args.rollout_forward_batch_size, "--reward-model", args.trust_remote_code
+        args.reward_model,
+        device,
+        dtype,
+        args.rollout_forward_batch_size,
+        "--reward-model",
+        args.trust_remote_code,
+        args.fsdp,
     )
     eval_score_fn = args.eval_reward and load_scorer(
-        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward"
+        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward", fsdp=args.fsdp
     )
     train_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.train_split)[0], args.max_prompt_length)
     eval_prompts = tokenize_prompts(
@@ -231,16 +254,13 @@ def main():
         checkpoint = load_checkpoint(output_dir)
         load_trainable_state(policy, checkpoint["policy"])
         load_trainable_state(value_model, checkpoint["value_model"])
-        policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
-        value_optimizer.load_state_dict(checkpoint["value_optimizer"])
+        load_optimizer_state(policy, policy_optimizer, checkpoint["policy_optimizer"])
+        load_optimizer_state(value_model, value_optimizer, checkpoint["value_optimizer"])
         start_iteration = checkpoint["iteration"]
         score_stats.mean, score_stats.var, score_stats.count = checkpoint["score_stats"]
     barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    unwrapped_policy = policy
-    if world_size > 1:
-        policy, value_model = DDP(policy), DDP(value_model)
     logger = Logger(output_dir, args, rank, num_iterations, start_iteration)
 
     def ref_logits(input_ids, attention_mask, context_length):
@@ -251,18 +271,25 @@ def main():
 
     @torch.no_grad()
     def forward_passes(input_ids, attention_mask, responses, context_length, with_values=True):
-        """Rollout-time log-probs of the policy and the reference, and values, in no-grad chunks."""
-        logprobs, ref_logprobs, values = [], [], []
-        for i in range(0, len(input_ids), args.rollout_forward_batch_size):
-            chunk = slice(i, i + args.rollout_forward_batch_size)
-            with autocast(device, dtype):
-                ids, mask = input_ids[chunk], attention_mask[chunk]
-                logits = response_logits(unwrapped_policy, ids, mask, context_length, args.temperature)
-                logprobs.append(gather_logprobs(logits, responses[chunk]))
-                ref_logprobs.append(gather_logprobs(ref_logits(ids, mask, context_length), responses[chunk]))
-                if with_values:  # V(s_t) is read at the token before a_t
-                    values.append(value_model(ids, mask)[:, context_length - 1 : -1])
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values) if with_values else None
+        """Rollout-time log-probs of the policy and the reference, and values: no grad, in chunks, one model at a time
+        (under --fsdp each model is gathered once per pass)."""
+        size = args.rollout_forward_batch_size
+        chunks = [(input_ids[i : i + size], attention_mask[i : i + size], responses[i : i + size])
+                  for i in range(0, len(input_ids), size)]  # fmt: skip
+        with gathered(unwrapped_policy), autocast(device, dtype):
+            logprobs = [
+                gather_logprobs(response_logits(unwrapped_policy, ids, mask, context_length, args.temperature), tokens)
+                for ids, mask, tokens in chunks
+            ]
+        with gathered(unwrapped_policy if args.use_lora else ref_policy), autocast(device, dtype):
+            ref_logprobs = [
+                gather_logprobs(ref_logits(ids, mask, context_length), tokens) for ids, mask, tokens in chunks
+            ]
+        values = None
+        if with_values:  # V(s_t) is read at the token before a_t
+            with gathered(value_model), autocast(device, dtype):
+                values = torch.cat([value_model(ids, mask)[:, context_length - 1 : -1] for ids, mask, _ in chunks])
+        return torch.cat(logprobs), torch.cat(ref_logprobs), values
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -343,36 +370,45 @@ def main():
         for _ in range(args.update_epochs):
             permutation = torch.randperm(local_batch, device=device)
             for start in range(0, local_batch, local_mini_batch):
-                mb = permutation[start : start + local_mini_batch]
-                mb_mask = response_mask[mb]
-                with autocast(device, dtype):
-                    new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
-                with autocast(device, dtype):
-                    logits = response_logits(
-                        policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
-                    )
-                new_logprobs = gather_logprobs(logits, responses[mb])
-                # ALGO LOGIC: advantage-weighted regression, unclipped value loss
-                pg_loss, pg_stats = policy_loss(new_logprobs, advantages[mb], mb_mask, args.beta, args.max_weight)
-                vf_loss, vf_stats = value_loss(new_values, returns[mb], mb_mask)
+                minibatch = permutation[start : start + local_mini_batch]
+                num_tokens = all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
                 policy_optimizer.zero_grad(set_to_none=True)
-                pg_loss.backward()
+                value_optimizer.zero_grad(set_to_none=True)
+                minibatch_stats = 0.0
+                for mb, sync in micro_batches(minibatch, args.micro_batch_size):
+                    mb_mask = response_mask[mb]
+                    # losses are token means over the whole minibatch on all ranks: one update for any split
+                    token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
+                    with gradient_sync([policy, value_model], sync):
+                        with autocast(device, dtype):
+                            new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                        with autocast(device, dtype):
+                            logits = response_logits(
+                                policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
+                            )
+                        new_logprobs = gather_logprobs(logits, responses[mb])
+                        # ALGO LOGIC: advantage-weighted regression, unclipped value loss
+                        pg_loss, pg_stats = policy_loss(
+                            new_logprobs, advantages[mb], mb_mask, args.beta, args.max_weight
+                        )
+                        vf_loss, vf_stats = value_loss(new_values, returns[mb], mb_mask)
+                        (pg_loss * token_share).backward()
+                        (args.vf_coef * vf_loss * token_share).backward()
+                    with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch (SPEC 1.1)
+                        log_ratio = new_logprobs.detach() - logprobs[mb]
+                        mb_stats = {
+                            "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
+                            "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
+                            "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
+                            "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
+                            "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
+                        }  # fmt: skip
+                        minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 policy_optimizer.step()
-                value_optimizer.zero_grad(set_to_none=True)
-                (args.vf_coef * vf_loss).backward()
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
                 value_optimizer.step()
-                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch (SPEC 1.1)
-                    log_ratio = new_logprobs.detach() - logprobs[mb]
-                    mb_stats = {
-                        "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
-                        "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
-                        "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
-                        "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
-                        "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
-                    }  # fmt: skip
-                    stats.append(torch.stack([v.detach().float() for v in mb_stats.values()]))
+                stats.append(minibatch_stats)
         stats = all_reduce_sum(torch.stack(stats)) / world_size  # (update_epochs * minibatches, K): one sync below
         if not torch.isfinite(stats).all():
             fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
@@ -408,23 +444,21 @@ def main():
         if iteration == num_iterations and world_size > 1:
             row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
-        if rank == 0 and args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
+        if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
             save_checkpoint(
                 output_dir,
                 {
                     "iteration": iteration,
                     "args": asdict(args),
                     "score_stats": (score_stats.mean, score_stats.var, score_stats.count),
-                    "policy": trainable_state(unwrapped_policy),
-                    "value_model": trainable_state(value_model.module if world_size > 1 else value_model),
-                    "policy_optimizer": policy_optimizer.state_dict(),
-                    "value_optimizer": value_optimizer.state_dict(),
+                    "policy": trainable_state(policy),
+                    "value_model": trainable_state(value_model),
+                    "policy_optimizer": optimizer_state(policy, policy_optimizer),
+                    "value_optimizer": optimizer_state(value_model, value_optimizer),
                 },
             )
 
-    if rank == 0:
-        save_final_policy(unwrapped_policy, tokenizer, output_dir, args.use_lora)
-        print(f"saved the final policy to {output_dir}/policy")
+    save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     barrier()
 

@@ -2,6 +2,8 @@
 distributed reductions, logging and checkpoints. No algorithm logic lives here: what each
 algorithm optimises is written out in its own script."""
 
+import contextlib
+import functools
 import importlib
 import json
 import os
@@ -13,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 REPO = Path(__file__).resolve().parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,9 +95,9 @@ def broadcast_object(obj):
 
 def max_replica_difference(model: nn.Module) -> float:
     """Largest difference between ranks of any parameter's checksum (0.0 when replicas agree)."""
+    if not dist.is_initialized() or is_sharded(model):
+        return 0.0  # under --fsdp each parameter exists once, as shards: there are no replicas to disagree
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    if not dist.is_initialized():
-        return 0.0
     lo, hi = sums.clone(), sums.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -112,14 +116,29 @@ def barrier():
         dist.barrier()
 
 
-def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_size: int, world_size: int):
+def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_size: int, world_size: int, args):
+    """Batch sizes divide as the loops need them to, and the scale flags fit the launch (before anything loads)."""
     for flag, size in (("--rollout-batch-size", rollout_batch_size), ("--mini-batch-size", mini_batch_size)):
-        if size % world_size:
-            fail(f"{flag} {size} is not divisible by the {world_size} ranks; make it a multiple of the world size")
+        if size <= 0 or size % world_size:
+            fail(f"{flag} {size} is not a positive multiple of the {world_size} ranks; make it a multiple")
     if rollout_batch_size % mini_batch_size:
         fail(f"--rollout-batch-size {rollout_batch_size} is not divisible by --mini-batch-size {mini_batch_size}")
     if total_episodes < rollout_batch_size:
         fail(f"--total-episodes {total_episodes} is less than one --rollout-batch-size ({rollout_batch_size})")
+    check_scale_flags(args, mini_batch_size // world_size, world_size)
+
+
+def check_scale_flags(args, local_mini_batch: int, world_size: int):
+    """--micro-batch-size divides a rank's minibatch, --fsdp has ranks to shard over, --num-layers-unfrozen >= -1."""
+    if args.micro_batch_size < 0 or (args.micro_batch_size and local_mini_batch % args.micro_batch_size):
+        fail(
+            f"--micro-batch-size {args.micro_batch_size} does not divide the {local_mini_batch} rows each rank gets "
+            "per gradient step; pass a divisor of it (0 = no micro-batching)"
+        )
+    if args.fsdp and world_size == 1:
+        fail("--fsdp shards the models over ranks; launch with torchrun --nproc_per_node N (N > 1) or drop --fsdp")
+    if args.num_layers_unfrozen < -1:
+        fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} is out of range; pass -1 (train all) or N >= 0")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -193,10 +212,13 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,  # no KV cache outside generation (a cache would also break activation checkpointing)
         ).last_hidden_state
         head = self.model.score if hasattr(self.model, "score") else self.model.classifier
-        return head(hidden).squeeze(-1).float()  # (B, T)
+        return head(hidden).float().sum(-1)  # (B, T): a sum over the one output, so a new tensor (FSDP2 warns on views)
 
 
 def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code: bool = False) -> ValueModel:
@@ -223,7 +245,7 @@ def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: boo
         fail(f"{flag} '{path}' has another tokenizer than --model; pass a --critic-model with the policy's tokenizer")
 
 
-def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False):
+def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False, fsdp=False):
     """Sequence-level scorer (prompts, responses) -> (N,) float tensor on `device`: either a Python
     function `module:function`, or a reward model scoring decoded text re-tokenized with its own
     tokenizer, read at the last non-pad token (SPEC 1.6)."""
@@ -241,17 +263,20 @@ def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remo
         fail(f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)")
     tokenizer = load_tokenizer(spec, trust_remote_code)
     scorer = load_value_model(spec, dtype, flag, trust_remote_code).to(device).requires_grad_(False)
+    if fsdp:  # sharded at rest; gathered once per scoring call
+        shard_model(scorer, dtype)
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
         scores = []
-        for i in range(0, len(prompts), batch_size):
-            texts = [p + r for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-            enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt").to(device)
-            with autocast(device, dtype):
-                values = scorer(enc["input_ids"], enc["attention_mask"])
-            last = enc["attention_mask"].sum(-1) - 1
-            scores.append(values[torch.arange(len(texts), device=device), last])
+        with gathered(scorer):
+            for i in range(0, len(prompts), batch_size):
+                texts = [p + r for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+                enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt").to(device)
+                with autocast(device, dtype):
+                    values = scorer(enc["input_ids"], enc["attention_mask"])
+                last = enc["attention_mask"].sum(-1) - 1
+                scores.append(values[torch.arange(len(texts), device=device), last])
         return torch.cat(scores)
 
     return score
@@ -259,6 +284,128 @@ def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remo
 
 def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ---------------------------------------------------------------- scale: sharding, micro-batches, checkpointing
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a wrapper (DDP, peft, ValueModel)."""
+    from transformers import PreTrainedModel
+
+    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (GPT-NeoX `layers`, GPT-2 `h`, LLaMA `layers`, ...): the longest ModuleList of
+    the classes the model names as `_no_split_modules`, else the longest ModuleList."""
+    block_names = set(getattr(hf_model(model), "_no_split_modules", None) or [])
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    blocks = [m for m in lists if all(type(layer).__name__ in block_names for layer in m)] or lists
+    if not blocks:
+        fail(f"cannot find the decoder layers of {type(hf_model(model)).__name__}; drop the scale flags for it")
+    return list(max(blocks, key=len))
+
+
+def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int):
+    """trlX's `num_layers_unfrozen` (the APA paper's HH runs unfreeze the last two layers): only the top N decoder
+    blocks and what follows them (final norm, LM head or value head) train; the embeddings and the blocks below stay
+    frozen. -1 trains everything. A head tied to the input embeddings stays frozen with them."""
+    if num_layers_unfrozen < 0:
+        return
+    layers = decoder_layers(model)
+    for module in [*layers[: max(len(layers) - num_layers_unfrozen, 0)], hf_model(model).get_input_embeddings()]:
+        module.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):  # e.g. GPT-2's learned position embeddings
+            module.requires_grad_(False)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # no-grad passes keep no activations anyway
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_layers(model: nn.Module):
+    """Activation checkpointing on every decoder layer: only each layer's input is kept, the rest is recomputed in
+    backward. (HF's gradient_checkpointing_enable() does nothing while the model is in .eval(), which these
+    scripts use to turn dropout off, so the layers' forward is wrapped directly.)"""
+    for layer in decoder_layers(model):
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+
+
+def shard_model(model: nn.Module, dtype: torch.dtype):
+    """FSDP2: each decoder layer is one shard group, the rest (embeddings, norm, heads) the root's. Weights stay in
+    their own dtype at rest (float32 for trained ones); with a 16-bit --dtype they are all-gathered and computed in
+    it, and gradients are reduced in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    kwargs = {"mp_policy": policy} if policy else {}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    # the root is the module whose forward every call enters: a peft model's generate() enters the HF model
+    fully_shard(model if isinstance(model, ValueModel) else hf_model(model), **kwargs)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
+    """Move to the device, then for a trained model --num-layers-unfrozen and --activation-checkpointing; then
+    --fsdp shards it (frozen ones too) or, with several ranks, DDP wraps a trained one."""
+    model = model.to(device)
+    if train:
+        freeze_bottom_layers(model, args.num_layers_unfrozen)
+        if args.activation_checkpointing:
+            checkpoint_layers(model)
+    else:
+        model.requires_grad_(False)
+    if args.fsdp:
+        return shard_model(model, dtype)
+    if train and world_size > 1:
+        return DDP(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under --fsdp, all-gather every shard once and keep the full weights until the block ends (generation, no-grad
+    chunked passes): no collective per decode step or chunk, so ranks may run different numbers of them.
+    A no-op for unsharded models (and for None)."""
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, nn.Module) else []
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def micro_batches(minibatch: torch.Tensor, micro_batch_size: int):
+    """(rows, sync) per micro-batch of a minibatch's rows: gradients are synchronised on the last one only."""
+    size = micro_batch_size or len(minibatch)
+    for start in range(0, len(minibatch), size):
+        yield minibatch[start : start + size], start + size >= len(minibatch)
+
+
+@contextlib.contextmanager
+def gradient_sync(models: list[nn.Module], sync: bool):
+    """Accumulate gradients locally (no all-reduce) unless `sync`: DDP's no_sync, FSDP2's requires_gradient_sync."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, DDP) and not sync:
+                stack.enter_context(model.no_sync())
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_requires_gradient_sync(sync, recurse=False)
+        yield
 
 
 # ---------------------------------------------------------------- data
@@ -345,14 +492,15 @@ def generate(model, queries, query_mask, generation_config, chunk_size: int):
     """Sample responses with the KV cache in chunks of `chunk_size` prompts. Returns responses
     (B, R) and response_mask (B, R): 1 on real tokens up to and including the first EOS (SPEC 1.4)."""
     context_length = queries.shape[1]
-    chunks = [
-        model.generate(
-            input_ids=queries[i : i + chunk_size],
-            attention_mask=query_mask[i : i + chunk_size],
-            generation_config=generation_config,
-        )[:, context_length:]
-        for i in range(0, len(queries), chunk_size)
-    ]
+    with gathered(model):  # under --fsdp: one all-gather for the whole generation, none per decode step
+        chunks = [
+            model.generate(
+                input_ids=queries[i : i + chunk_size],
+                attention_mask=query_mask[i : i + chunk_size],
+                generation_config=generation_config,
+            )[:, context_length:]
+            for i in range(0, len(queries), chunk_size)
+        ]
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([F.pad(c, (0, width - c.shape[1]), value=generation_config.pad_token_id) for c in chunks])
     is_eos = responses == generation_config.eos_token_id
@@ -370,6 +518,7 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         logits_to_keep=response_length + 1,
+        use_cache=False,
     ).logits
     return logits[:, :-1].float() / temperature  # (B, R, V)
 
@@ -488,21 +637,66 @@ class Logger:
                 self.wandb.finish()
 
 
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def trainable_state(model: nn.Module) -> dict:
-    """The parameters that training changes (all of them, or the adapter and head with LoRA)."""
-    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The parameters that training changes (all of them, or the adapter and head with LoRA), as full tensors on
+    rank 0 ({} elsewhere). Under --fsdp every rank must call it: the shards are gathered."""
+    model = unwrap(model)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=_full_state_options())
+        return {name: t for name, t in state.items() if name in trained}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if name in trained}
 
 
 def load_trainable_state(model: nn.Module, state: dict):
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    model = unwrap(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        names = {name for name, _ in model.named_parameters()}
+        unexpected = [name for name in state if name not in names]
+        if not unexpected and state:  # each rank holds the full state: it keeps its own shard
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected or not state:
         fail(
             f"checkpoint does not match the model ({len(unexpected)} unknown tensors); use the run's --model/--use-lora"
         )
 
 
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's state (full tensors under --fsdp, gathered; every rank must call it), {} except on rank 0."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict):
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
 def save_checkpoint(output_dir: str, state: dict):
-    """Atomic: a killed save leaves the previous checkpoint intact."""
+    """Atomic: a killed save leaves the previous checkpoint intact. Rank 0 writes; every rank calls it."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     path = os.path.join(output_dir, "checkpoint.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -512,9 +706,23 @@ def load_checkpoint(output_dir: str) -> dict:
     return torch.load(os.path.join(output_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
-def save_final_policy(policy, tokenizer, output_dir: str, use_lora: bool):
-    """`save_pretrained` of the policy (+ tokenizer); with LoRA the adapter and the merged model."""
-    if use_lora:
+def save_final_policy(policy, tokenizer, output_dir: str, args):
+    """`save_pretrained` of the policy (+ tokenizer) by rank 0; with LoRA the adapter and the merged model. Under
+    --fsdp the full weights are gathered on rank 0 into a fresh CPU copy of --model first. Every rank calls it."""
+    policy = unwrap(policy)
+    if is_sharded(policy):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(policy, options=_full_state_options())
+        if dist.get_rank() != 0:
+            return
+        policy = load_causal_lm(args.model, torch.float32, args.trust_remote_code)
+        if args.use_lora:
+            policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
+        policy.load_state_dict(state)
+    elif dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if args.use_lora:
         policy.save_pretrained(os.path.join(output_dir, "adapter"))
         tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
         policy = policy.merge_and_unload()
@@ -522,3 +730,4 @@ def save_final_policy(policy, tokenizer, output_dir: str, use_lora: bool):
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, final)
+    print(f"saved the final policy to {final}")

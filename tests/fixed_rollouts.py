@@ -1,0 +1,36 @@
+"""Run an algorithm script with rollouts that depend only on the prompt, not on the rank or the batch that sampled
+it, so that runs with 1 rank, 2 ranks, DDP, FSDP and micro-batches train on the same data and must reach the same
+parameters. Usage: python tests/fixed_rollouts.py ppo [script flags...] (or under torchrun)."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def fixed_generate(model, queries, query_mask, generation_config, chunk_size):
+    """Random response tokens seeded by the prompt's ids: lengths 1..max_new_tokens, half of them ending in EOS."""
+    eos, pad, width = generation_config.eos_token_id, generation_config.pad_token_id, generation_config.max_new_tokens
+    rows = []
+    for ids, mask in zip(queries.tolist(), query_mask.tolist()):
+        prompt = [t for t, m in zip(ids, mask) if m]
+        seed = sum((i + 1) * t for i, t in enumerate(prompt)) % (2**31)
+        generator = torch.Generator().manual_seed(seed)
+        ends_with_eos = bool(torch.randint(2, (1,), generator=generator))
+        length = int(torch.randint(1, width + 1, (1,), generator=generator)) if ends_with_eos else width
+        tokens = torch.randint(2, 600, (length,), generator=generator).tolist()
+        rows.append(tokens[:-1] + [eos] if ends_with_eos else tokens)
+    longest = max(len(r) for r in rows)
+    responses = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=queries.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], device=queries.device)
+    return responses, mask.bool()
+
+
+if __name__ == "__main__":
+    script = importlib.import_module(sys.argv[1])
+    script.generate = fixed_generate
+    sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
+    script.main()
