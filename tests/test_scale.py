@@ -1,0 +1,180 @@
+"""Scale features: one update for any rank count / FSDP / micro-batch split, FSDP + LoRA checkpoints and resume,
+activation checkpointing, --num-layers-unfrozen, and the reference computing exactly what the policy computes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import FAST, REPO, read_metrics, run_script
+
+# one minibatch per update epoch (the whole rollout): its composition cannot depend on how the ranks shuffle
+EQUIVALENCE = [
+    "--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "16", "--max-new-tokens", "24",
+    "--eval-size", "16", "--eval-every", "2", "--save-every", "0", "--lr", "1e-4", "--value-lr", "1e-4",
+]  # fmt: skip
+
+
+def run_fixed(script: str, args: list[str], nproc: int = 1):
+    """The script with rollouts that depend only on the prompt (tests/fixed_rollouts.py)."""
+    return run_script("tests/fixed_rollouts.py", script, *args, nproc=nproc)
+
+
+def final_params(path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def assert_same_training(reference_dir, other_dir, keys: tuple[str, ...], lr: float):
+    ref_rows, rows = read_metrics(reference_dir)[1:], read_metrics(other_dir)[1:]
+    assert len(ref_rows) == len(rows) == 2
+    for a, b in zip(ref_rows, rows):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-5), (key, a[key], b[key])
+    a, b = final_params(reference_dir / "policy"), final_params(other_dir / "policy")
+    initial = final_params(REPO / "toy" / "policy")
+    assert max((a[k] - initial[k]).abs().max().item() for k in a) > lr  # it trained (Adam moves weights ~lr a step)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_ppo_one_update_for_one_rank_two_ranks_fsdp_and_micro_batches(tmp_path):
+    """Responses of different lengths on the two ranks: per-rank token means would differ by ~1e-3 here."""
+    run_fixed("ppo", [*EQUIVALENCE, "--output-dir", str(tmp_path / "one")])
+    configs = {
+        "micro": (1, ["--micro-batch-size", "4"]),
+        "ddp": (2, ["--micro-batch-size", "2"]),
+        "fsdp": (2, ["--fsdp"]),
+    }
+    for name, (nproc, flags) in configs.items():
+        run_fixed("ppo", [*EQUIVALENCE, *flags, "--output-dir", str(tmp_path / name)], nproc=nproc)
+        assert_same_training(tmp_path / "one", tmp_path / name, ("loss/policy", "loss/value", "train/kl"), lr=1e-4)
+
+
+def test_alol_one_update_for_one_rank_and_fsdp_micro_batches(small_toy_data, tmp_path):
+    flags = ["--dataset", small_toy_data, "--total-steps", "4", "--log-every", "2", "--eval-every", "4",
+             "--save-every", "0", "--value-epochs", "3", "--value-samples", "2", "--eval-size", "16",
+             "--lr", "2e-5"]  # fmt: skip
+    run_fixed("alol", [*flags, "--output-dir", str(tmp_path / "one")])
+    run_fixed("alol", [*flags, "--fsdp", "--micro-batch-size", "4", "--output-dir", str(tmp_path / "fsdp")], nproc=2)
+    assert_same_training(tmp_path / "one", tmp_path / "fsdp", ("loss/policy", "train/reward"), lr=2e-5)
+
+
+def torchrun_killed_at_first_checkpoint(script: str, args: list[str], output_dir) -> int:
+    """Start a 2-rank run, SIGKILL every process of it once its first checkpoint exists; returns its iteration."""
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(REPO / script), *args, "--output-dir", str(output_dir)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, deadline = output_dir / "checkpoint.pt", time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    for pid in os.listdir("/proc"):  # the launcher and its workers: every process naming this output directory
+        try:
+            if pid.isdigit() and str(output_dir).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+    return torch.load(checkpoint, weights_only=True)["iteration"]
+
+
+def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = [*FAST, "--total-episodes", "64", "--fsdp", "--use-lora", "--lora-r", "4", "--lr", "1e-3"]
+    run_script("ppo.py", *args, "--output-dir", str(tmp_path / "straight"), nproc=2)
+    out = tmp_path / "killed"
+    assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 4, "the run finished before it could be killed"
+    run_script("ppo.py", *args, "--output-dir", str(out), "--resume", nproc=2)
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert resumed[1]["policy/abs_log_ratio_first_mb"] < 1e-5
+    for a, b in zip(straight[1:], resumed[1:]):
+        assert a["train/reward"] == pytest.approx(b["train/reward"], abs=1e-6)
+        assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-5)
+    final_a, final_b = final_params(tmp_path / "straight" / "policy"), final_params(out / "policy")
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-5) for k in final_a)
+    # the merged policy is a plain from_pretrained directory and equals base + the saved adapter
+    base = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    for k, v in reloaded.merge_and_unload().state_dict().items():
+        assert torch.allclose(v.float(), final_b[k], atol=1e-5), k
+    initial = final_params(REPO / "toy" / "policy")
+    assert any(not torch.allclose(final_b[k], initial[k]) for k in final_b)
+
+
+def test_activation_checkpointing_same_gradients_less_memory():
+    """Gradients are bit-identical; the peak of tracked tensor memory (activations kept for backward) drops."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from common import ValueModel, checkpoint_layers, gather_logprobs, response_logits
+
+    config = GPTNeoXConfig(vocab_size=640, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=512, pad_token_id=1)  # fmt: skip
+    ids = torch.randint(2, 600, (4, 256), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def gradients_and_peak(checkpointed: bool):
+        from transformers import GPTNeoXForSequenceClassification
+
+        torch.manual_seed(0)
+        policy = GPTNeoXForCausalLM(config).eval()
+        value_model = ValueModel(GPTNeoXForSequenceClassification(config).eval())
+        if checkpointed:
+            checkpoint_layers(policy), checkpoint_layers(value_model)
+        tracker = MemTracker()
+        tracker.track_external(policy, value_model)
+        with tracker:
+            logprobs = gather_logprobs(response_logits(policy, ids, mask, 128, 1.0), ids[:, 128:])
+            loss = -logprobs.mean() + value_model(ids, mask).pow(2).mean()
+            loss.backward()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        return [p.grad for p in [*policy.parameters(), *value_model.parameters()]], peak
+
+    plain_grads, plain_peak = gradients_and_peak(False)
+    checkpointed_grads, checkpointed_peak = gradients_and_peak(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, checkpointed_grads))
+    assert checkpointed_peak < 0.6 * plain_peak, (checkpointed_peak / 2**20, plain_peak / 2**20)
+
+
+def test_freeze_bottom_layers_leaves_top_layers_norm_and_head():
+    from transformers import AutoModelForCausalLM
+
+    from common import freeze_bottom_layers
+
+    policy = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy")
+    n = policy.config.num_hidden_layers
+    freeze_bottom_layers(policy, 2)
+    trained = {name.split(".")[1] if name.startswith("gpt_neox.") else name.split(".")[0]
+               for name, p in policy.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trained == {"layers", "final_layer_norm", "lm_head"}
+    trained_layers = [name for name, p in policy.named_parameters() if p.requires_grad and ".layers." in name]
+    layers = {int(name.split(".")[2]) for name in trained_layers}
+    assert layers == {n - 2, n - 1}
+
+
+def test_num_layers_unfrozen_trains_only_those_parameters(tmp_path):
+    out = tmp_path / "run"
+    run_script("ppo.py", *FAST, "--num-layers-unfrozen", "2", "--output-dir", str(out))
+    trained, initial = final_params(out / "policy"), final_params(REPO / "toy" / "policy")
+    n = int(__import__("json").load(open(REPO / "toy" / "policy" / "config.json"))["num_hidden_layers"])
+    top = tuple(f"gpt_neox.layers.{i}." for i in (n - 2, n - 1)) + ("gpt_neox.final_layer_norm.", "lm_head.")
+    changed = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert changed and all(k.startswith(top) for k in changed), sorted(changed)
+    assert any(k.startswith("lm_head.") for k in changed) and any(".layers." in k for k in changed)
+
+
+def test_bf16_reference_computes_what_the_policy_computes(tmp_path):
+    """Under bf16 autocast the fp32 policy and its reference give KL exactly 0 before the first update."""
+    out = tmp_path / "run"
+    run_script("ppo.py", *FAST, "--total-episodes", "16", "--dtype", "bfloat16", "--output-dir", str(out))
+    sft, first = read_metrics(out)
+    assert sft["eval/kl"] == 0.0 and first["train/kl"] == 0.0
+    assert first["policy/abs_log_ratio_first_mb"] == 0.0
