@@ -239,17 +239,19 @@ def main():
     torch.manual_seed(args.seed)
     dtype = resolve_dtype(args.dtype, device)
 
-    # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers
+    # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers; each is prepared as
+    # soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    policy = load_causal_lm(args.model, dtype if args.use_lora else torch.float32, args.trust_remote_code)
-    ref_policy = None
+    weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
+    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code)
     if args.use_lora:
         policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
-    else:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL is 0 at step 0
+    policy = prepare_model(policy, args, dtype, device, world_size, train=True)
+    unwrapped_policy = unwrap(policy)
+    ref_policy = None
+    if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
         ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
         ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    policy = prepare_model(policy, args, dtype, device, world_size, train=True)  # --fsdp / DDP, frozen layers, ...
-    unwrapped_policy = unwrap(policy)
     score_fn = load_scorer(
         args.reward_model,
         device,

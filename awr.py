@@ -198,24 +198,23 @@ def main():
     local_batch, local_mini_batch = args.rollout_batch_size // world_size, args.mini_batch_size // world_size
     num_iterations = args.total_episodes // args.rollout_batch_size
 
-    # ---- models: policy, reference (the policy with its adapter off under LoRA), value net, scorers
+    # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
+    # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    policy = load_causal_lm(args.model, dtype if args.use_lora else torch.float32, args.trust_remote_code)
-    value_model = load_value_model(
-        args.model, dtype if args.use_lora else torch.float32, "--model", args.trust_remote_code
-    )
-    ref_policy = None
+    weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
+    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code)
     if args.use_lora:
-        policy, value_model.model = (
-            add_lora(policy, args.lora_r, "CAUSAL_LM"),
-            add_lora(value_model.model, args.lora_r, "SEQ_CLS"),
-        )
-    else:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL is 0 at step 0
+        policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
+    policy = prepare_model(policy, args, dtype, device, world_size, train=True)
+    unwrapped_policy = unwrap(policy)
+    value_model = load_value_model(args.model, weights_dtype, "--model", args.trust_remote_code)
+    if args.use_lora:
+        value_model.model = add_lora(value_model.model, args.lora_r, "SEQ_CLS")
+    value_model = prepare_model(value_model, args, dtype, device, world_size, train=True)
+    ref_policy = None
+    if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
         ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
         ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    policy = prepare_model(policy, args, dtype, device, world_size, train=True)  # --fsdp / DDP, frozen layers, ...
-    value_model = prepare_model(value_model, args, dtype, device, world_size, train=True)
-    unwrapped_policy = unwrap(policy)
     score_fn = load_scorer(
         args.reward_model,
         device,

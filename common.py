@@ -262,9 +262,8 @@ def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remo
     if getattr(config, "num_labels", 1) != 1:
         fail(f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)")
     tokenizer = load_tokenizer(spec, trust_remote_code)
-    scorer = load_value_model(spec, dtype, flag, trust_remote_code).to(device).requires_grad_(False)
-    if fsdp:  # sharded at rest; gathered once per scoring call
-        shard_model(scorer, dtype)
+    scorer = load_value_model(spec, dtype, flag, trust_remote_code).requires_grad_(False)
+    scorer = shard_model(scorer, dtype) if fsdp else scorer.to(device)  # --fsdp: sharded, gathered once per call
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -351,9 +350,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
-    """Move to the device, then for a trained model --num-layers-unfrozen and --activation-checkpointing; then
-    --fsdp shards it (frozen ones too) or, with several ranks, DDP wraps a trained one."""
-    model = model.to(device)
+    """For a trained model --num-layers-unfrozen and --activation-checkpointing; then --fsdp shards it (frozen ones
+    too), moving one layer at a time to the device, or it is moved whole and, with several ranks, DDP wraps a
+    trained one."""
     if train:
         freeze_bottom_layers(model, args.num_layers_unfrozen)
         if args.activation_checkpointing:
@@ -362,6 +361,7 @@ def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size
         model.requires_grad_(False)
     if args.fsdp:
         return shard_model(model, dtype)
+    model = model.to(device)
     if train and world_size > 1:
         return DDP(model)
     return model

@@ -160,8 +160,8 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 class Floor:
-    """The scripts' models, loaded the scripts' way (trained weights float32 under autocast, frozen ones in the
-    compute dtype), timing each model pass alone at a given shape."""
+    """The scripts' models, loaded the scripts' way (trained weights and the reference float32 under autocast, the
+    reward model in the compute dtype), timing each model pass alone at a given shape."""
 
     def __init__(self, args: Args, policy_path: str, reward_path: str, device: torch.device):
         from transformers import GenerationConfig
@@ -169,7 +169,7 @@ class Floor:
         self.args, self.device, self.dtype = args, device, resolve_dtype(args.dtype, device)
         self.tokenizer = load_tokenizer(policy_path)
         self.policy = load_causal_lm(policy_path, torch.float32).to(device)
-        self.reference = load_causal_lm(policy_path, self.dtype).requires_grad_(False).to(device)
+        self.reference = load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
         self.value = load_value_model(policy_path, torch.float32, "--model").to(device)
         self.reward = load_value_model(reward_path, self.dtype, "--reward-model").requires_grad_(False).to(device)
         self.optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-7) for m in (self.policy, self.value)]
