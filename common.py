@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 REPO = Path(__file__).resolve().parent
@@ -336,6 +336,8 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
     """FSDP2: each decoder layer is one shard group, the rest (embeddings, norm, heads) the root's. Weights stay in
     their own dtype at rest (float32 for trained ones); with a 16-bit --dtype they are all-gathered and computed in
     it, and gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
     kwargs = {"mp_policy": policy} if policy else {}
     for layer in decoder_layers(model):
@@ -345,8 +347,17 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
     return model
 
 
+def fsdp_modules(model) -> list[nn.Module]:
+    """The FSDP2 shard groups inside `model` (none when FSDP was never imported: it costs a second at startup)."""
+    if "torch.distributed.fsdp" not in sys.modules or not isinstance(model, nn.Module):
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return bool(fsdp_modules(model))
 
 
 def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
@@ -376,7 +387,7 @@ def gathered(model):
     """Under --fsdp, all-gather every shard once and keep the full weights until the block ends (generation, no-grad
     chunked passes): no collective per decode step or chunk, so ranks may run different numbers of them.
     A no-op for unsharded models (and for None)."""
-    groups = [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, nn.Module) else []
+    groups = fsdp_modules(model)
     for m in groups:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -402,9 +413,8 @@ def gradient_sync(models: list[nn.Module], sync: bool):
         for model in models:
             if isinstance(model, DDP) and not sync:
                 stack.enter_context(model.no_sync())
-            for module in model.modules():
-                if isinstance(module, FSDPModule):
-                    module.set_requires_gradient_sync(sync, recurse=False)
+            for module in fsdp_modules(model):
+                module.set_requires_gradient_sync(sync, recurse=False)
         yield
 
 

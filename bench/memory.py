@@ -1,0 +1,199 @@
+"""Peak memory per rank of ppo.py under DDP, DDP + LoRA and FSDP2, with and without activation checkpointing,
+micro-batches and --num-layers-unfrozen, for random Pythia-shaped models (no download); next to each measurement
+the per-rank memory model's prediction, and the model's table for the papers' sizes on 8 x 80 GB.
+
+    python bench/memory.py                          # 70m and 160m shapes, 2 ranks, about 10 minutes on 2 CPU cores
+    python bench/memory.py --sizes 70m 160m 410m    # 410m: FSDP and LoRA only (DDP needs ~30 GB for 2 ranks)
+
+Measured: what ppo.py logs as time/peak_memory_gb on rank 0 (peak resident memory on CPU, which includes the
+Python/torch runtime; torch.cuda.max_memory_allocated on CUDA). Predicted: `memory_model` below, whose bytes per
+parameter follow from what each mode keeps (weights, gradients, AdamW, DDP buckets, gathered FSDP weights) and
+whose two free constants (runtime memory, activation bytes per token, layer and hidden unit) are fitted to the
+measurements by least squares. Results go to <output_dir>/memory_<device>.md and .json.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import REPO, SIZES, make_models  # noqa: E402
+
+# flags of each measured mode (added to the common flags of `measure`)
+MODES = {
+    "ddp": [],
+    "ddp + AC": ["--activation-checkpointing"],
+    "ddp, micro 1": ["--micro-batch-size", "1"],
+    "ddp, unfrozen 2": ["--num-layers-unfrozen", "2"],
+    "ddp + LoRA": ["--use-lora"],
+    "fsdp": ["--fsdp"],
+    "fsdp + AC": ["--fsdp", "--activation-checkpointing"],
+    "fsdp, micro 1": ["--fsdp", "--micro-batch-size", "1"],
+    "fsdp, unfrozen 2": ["--fsdp", "--num-layers-unfrozen", "2"],
+}
+TOY_VOCAB = 635  # the toy tokenizer: the benchmark's models use it, so logits are small here (not at 50k)
+
+
+@dataclass
+class Args:
+    sizes: tuple[str, ...] = ("70m", "160m")
+    """random Pythia shapes to measure (14m 70m 160m 410m ...); 410m and above skip the DDP modes"""
+    modes: tuple[str, ...] = tuple(MODES)
+    """which modes to measure"""
+    nproc: int = 2
+    """ranks (torchrun --nproc_per_node)"""
+    rollout_batch_size: int = 8
+    """prompts per iteration (all ranks); also the minibatch, so each rank trains on rollout/nproc rows at once"""
+    max_new_tokens: int = 128
+    """response length (random models rarely emit EOS, so nearly every response has this length)"""
+    output_dir: str = "bench/results"
+    """where memory_<device>.md/.json go; runs and random models under <output_dir>/runs/"""
+    reuse: bool = False
+    """reuse measurements already in memory_<device>.json (re-fit and re-print only)"""
+    predict: list[str] = field(default_factory=lambda: ["1b", "6.9b"])
+    """Pythia sizes of the predicted 8 x 80 GB table"""
+
+
+def parameters(hidden: int, layers: int, vocab: int) -> int:
+    """GPT-NeoX parameters: input embedding + untied head (V h each), 12 h^2 + 13 h per layer, final norm."""
+    return 2 * vocab * hidden + layers * (12 * hidden**2 + 13 * hidden) + 2 * hidden
+
+
+def memory_model(
+    shape: tuple[int, int, int], rm_params: int, mode: str, world: int, nbytes: int, rows: int, seq: int,
+    gen_rows: int, response: int, k_act: float, runtime: float, unfrozen: int = -1,
+) -> dict[str, float]:  # fmt: skip
+    """Bytes per rank, by term. shape = (hidden, layers, vocab) of policy and value net; rm_params of the reward
+    model; nbytes the compute dtype's bytes; rows per forward/backward (micro-batch), seq = prompt + response
+    tokens; gen_rows generated at once. The peak is the static memory plus the largest transient phase."""
+    hidden, layers, vocab = shape
+    p = parameters(hidden, layers, vocab)
+    fsdp, lora, ac = mode.startswith("fsdp"), "LoRA" in mode, "AC" in mode
+    trained = 0.0 if lora else (1.0 if unfrozen < 0 else (unfrozen * 12 * hidden**2 + vocab * hidden) / p)
+    shard = world if fsdp else 1
+    per_net = (nbytes * p if lora else 4 * p + 12 * trained * p) / shard  # weights (+ grads + AdamW m, v) of a net
+    ddp_buckets = 0 if fsdp or world == 1 else 4 * trained * p  # DDP's gradient buckets, one more gradient copy
+    static = {
+        "policy + value": 2 * (per_net + ddp_buckets),
+        "reference": 0 if lora else (nbytes * p / world if fsdp else 4 * p),  # float32 under DDP: exact KL
+        "reward model": nbytes * rm_params / shard,
+    }
+    gathered = nbytes * max(p, rm_params) if fsdp else 0  # one full model during a no-grad pass / generation
+    kv_cache = 2 * layers * hidden * nbytes * gen_rows * seq
+    logits = 4 * rows * response * vocab * 3  # float32 logits / T, their log-softmax and its gradient
+    kept = layers * (1 + k_act / layers) if ac else layers * k_act  # AC: each layer's input + one layer recomputed
+    activations = 2 * rows * seq * hidden * nbytes * kept  # policy and value net both wait for backward
+    layer_gather = 2 * nbytes * 12 * hidden**2 if fsdp else 0  # a layer in use and the next one prefetched
+    transient = {
+        "generation": gathered + kv_cache,
+        "no-grad passes": gathered + 4 * gen_rows * response * vocab * 2,
+        "update": activations + logits + layer_gather,
+    }
+    phase = max(transient, key=transient.get)
+    return {**static, "runtime": runtime, "peak phase": phase, phase: transient[phase],
+            "total": sum(static.values()) + runtime + transient[phase]}  # fmt: skip
+
+
+def measure(size: str, mode: str, args: Args, models: tuple[str, str], run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
+           "29611", str(REPO / "ppo.py"), "--model", models[0], "--reward-model", models[1], "--eval-reward", "",
+           "--output-dir", str(run_dir), "--total-episodes", str(args.rollout_batch_size),
+           "--rollout-batch-size", str(args.rollout_batch_size), "--mini-batch-size", str(args.rollout_batch_size),
+           "--max-new-tokens", str(args.max_new_tokens), "--eval-size", str(args.nproc), "--save-every", "0",
+           "--update-epochs", "1", *MODES[mode]]  # fmt: skip
+    print(f"{size} {mode}: {' '.join(cmd[7:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: never more threads than cores
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {size} {mode} failed:\n{result.stderr[-3000:]}")
+    row = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][-1]
+    shutil.rmtree(run_dir)
+    return {"size": size, "mode": mode, "peak_gb": row["time/peak_memory_gb"], "decode_steps": row["time/decode_steps"]}
+
+
+def predict_cpu(m: dict, args: Args, k_act: float, runtime: float) -> dict:
+    hidden, layers, _ = SIZES[m["size"]]
+    shape = (hidden, layers, TOY_VOCAB)
+    rows = 1 if "micro 1" in m["mode"] else args.rollout_batch_size // args.nproc
+    unfrozen = 2 if "unfrozen 2" in m["mode"] else -1
+    seq = 17 + m["decode_steps"]  # toy prompts are 14-20 tokens
+    return memory_model(shape, parameters(*shape), m["mode"], args.nproc, 4, rows, seq,
+                        args.rollout_batch_size // args.nproc, m["decode_steps"], k_act, runtime, unfrozen)  # fmt: skip
+
+
+def fit(measurements: list[dict], args: Args) -> tuple[float, float]:
+    """(k_act, runtime bytes) minimising the squared error of the predicted peaks (runtime: the mean residual)."""
+    best = None
+    for k_act in [k / 2 for k in range(0, 161)]:
+        residuals = [m["peak_gb"] * 2**30 - predict_cpu(m, args, k_act, 0.0)["total"] for m in measurements]
+        runtime = sum(residuals) / len(residuals)
+        error = sum((r - runtime) ** 2 for r in residuals)
+        if best is None or error < best[0]:
+            best = (error, k_act, runtime)
+    return best[1], best[2]
+
+
+def main():
+    args = tyro.cli(Args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.output_dir)
+    path = out / f"memory_{device}.json"
+    measurements = json.loads(path.read_text())["measurements"] if args.reuse and path.exists() else []
+    done = {(m["size"], m["mode"]) for m in measurements}
+    for size in args.sizes:
+        models = make_models(size, out / "runs", torch.device("cpu"))
+        for mode in args.modes:
+            big = SIZES[size][0] >= 1024
+            if (size, mode) in done or (big and mode.startswith("ddp") and "LoRA" not in mode):
+                continue
+            measurements.append(measure(size, mode, args, models, out / "runs" / "memory_run"))
+            path.write_text(json.dumps({"args": vars(args), "measurements": measurements}, indent=1))
+    k_act, runtime = fit(measurements, args)
+    gb = 2**30
+    lines = [
+        f"# Peak memory per rank: ppo.py, {args.nproc} ranks, {device}, float32 (measured) vs the memory model\n",
+        f"Rollout {args.rollout_batch_size} prompts (= the minibatch), up to {args.max_new_tokens} new tokens, one "
+        f"iteration. Fitted: runtime {runtime / gb:.2f} GiB, activations {k_act:.1f} x hidden x dtype bytes per "
+        "token and layer.\n",
+        "| size | params | mode | measured GiB | predicted GiB | predicted peak phase |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in measurements:
+        p = predict_cpu(m, args, k_act, runtime)
+        n = parameters(SIZES[m["size"]][0], SIZES[m["size"]][1], TOY_VOCAB)
+        lines.append(f"| {m['size']} | {n / 1e6:.0f}M | {m['mode']} | {m['peak_gb']:.2f} | {p['total'] / gb:.2f} "
+                     f"| {p['peak phase']} |")  # fmt: skip
+    lines += ["", "## Predicted: 8 ranks x 80 GB, bfloat16, Pythia vocabulary (50304), 6B reward model (GPT-J shape)",
+              "", "Per rank: micro-batch 1 row of 1000 tokens (872 prompt + 128 response), 16 rollouts generated "
+              "at once; CUDA runtime (context, allocator slack) not included.", "",
+              "| policy | mode | policy + value | reference | reward model | peak phase | total GiB | fits 80 GB |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rm_params = 28 * (12 * 4096**2 + 13 * 4096) + 2 * 50400 * 4096
+    for size in args.predict:
+        hidden, layers, _ = SIZES[size]
+        for mode, unfrozen in [("ddp", -1), ("ddp + LoRA", -1), ("ddp", 2), ("fsdp", -1), ("fsdp + AC", -1),
+                               ("fsdp", 2)]:  # fmt: skip
+            p = memory_model((hidden, layers, 50304), rm_params, mode, 8, 2, 1, 1000, 16, 128, k_act, 0.0, unfrozen)
+            name = mode + (f", unfrozen {unfrozen}" if unfrozen >= 0 else "")
+            lines.append(
+                f"| {size} | {name} | {p['policy + value'] / gb:.1f} | {p['reference'] / gb:.1f} | "
+                f"{p['reward model'] / gb:.1f} | {p['peak phase']} {p[p['peak phase']] / gb:.1f} | "
+                f"{p['total'] / gb:.1f} | {'yes' if p['total'] < 76 * gb else 'no'} |"
+            )
+    text = "\n".join(lines) + "\n"
+    (out / f"memory_{device}.md").write_text(text)
+    path.write_text(json.dumps({"args": vars(args), "measurements": measurements, "k_act": k_act,
+                                "runtime_bytes": runtime}, indent=1))  # fmt: skip
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
