@@ -34,8 +34,8 @@ from common import (
     autocast,
     barrier,
     broadcast_object,
+    check_flags,
     check_output_dir,
-    check_scale_flags,
     distinct_n,
     fail,
     gather_logprobs,
@@ -110,6 +110,14 @@ class Args:
     """prompts are left-truncated to this many tokens (the end of the dialogue is kept)"""
     temperature: float = 1.0
     """sampling temperature of evaluation and of pi_ref's samples for V_ref"""
+    use_generation_config: bool = False
+    """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
+    distribution whose log-probs the losses use"""
+    reward_append_eos: bool = False
+    """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
+    reward models (off by default: the toy reward model was trained without it)"""
+    reward_truncate: bool = True
+    """left-truncate reward-model inputs longer than its maximum length (counted in train/reward_truncated)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a sampled response that never emits EOS (0 = off)"""
     lr: float = 1e-4
@@ -119,6 +127,8 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     # ALGO LOGIC: A-LoL's hyper-parameters
+    reward_transform: Literal["none", "sigmoid"] = "none"
+    """applied to every reward-model score before advantages and r-lol/wbc weights (the A-LoL authors: sigmoid)"""
     variant: Literal["a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll"] = "a-lol"
     """loss: the A-LoL variants, reward-weighted r-lol and wbc, or plain nll (SFT) as a baseline"""
     clip_eps: float = 0.9
@@ -231,19 +241,36 @@ def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: 
 def main():
     args = tyro.cli(Args)
     rank, world_size, device = setup_distributed()
-    if args.batch_size <= 0 or args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} is not a positive multiple of the {world_size} ranks; make it a multiple")
-    check_scale_flags(args, args.batch_size // world_size, world_size)
+    check_flags(args, args.batch_size // world_size, world_size)
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
     output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
     dtype = resolve_dtype(args.dtype, device)
 
+    # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    train_texts, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
+    if response_texts is None:
+        fail(f"--dataset '{args.dataset}' has no '{args.response_column}' column; pass --response-column")
+    train_prompts = tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
+    # a response continues its prompt: no special tokens of its own (a LLaMA tokenizer would insert a BOS). One that
+    # fits ends with EOS; a longer one is cut and, like a sample that never stopped, keeps no EOS and is penalised
+    response_ids = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
+    train_ended = torch.tensor([len(ids) < args.max_new_tokens for ids in response_ids])
+    train_responses = [
+        ids + [tokenizer.eos_token_id] if ended else ids[: args.max_new_tokens]
+        for ids, ended in zip(response_ids, train_ended.tolist())
+    ]
+    held_out_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.eval_split)[0], args.max_prompt_length)
+    eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
+    if not value_prompts:
+        fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
     # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers; each is prepared as
     # soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
-    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code)
+    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
         policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
     policy = prepare_model(policy, args, dtype, device, world_size, train=True)
@@ -252,29 +279,13 @@ def main():
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
         ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
         ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn = load_scorer(
-        args.reward_model,
-        device,
-        dtype,
-        args.rollout_forward_batch_size,
-        "--reward-model",
-        args.trust_remote_code,
-        args.fsdp,
-    )
-    eval_score_fn = args.eval_reward and load_scorer(
-        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward", fsdp=args.fsdp
-    )
-    train_texts, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
-    if response_texts is None:
-        fail(f"--dataset '{args.dataset}' has no '{args.response_column}' column; pass --response-column")
-    train_prompts = tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
-    train_responses = [
-        ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id] for ids in tokenizer(response_texts)["input_ids"]
-    ]
-    held_out_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.eval_split)[0], args.max_prompt_length)
-    eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
-    if not value_prompts:
-        fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
+    scorer_options = dict(trust_remote_code=args.trust_remote_code, fsdp=args.fsdp,
+                          append_eos=args.reward_append_eos, truncate=args.reward_truncate)  # fmt: skip
+    chunk = args.rollout_forward_batch_size
+    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
+    eval_score_fn = None
+    if args.eval_reward:
+        eval_score_fn = load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -328,14 +339,15 @@ def main():
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        ended = (responses == tokenizer.eos_token_id).any(1)
         per_sequence = {
-            "eval/reward": score_fn(prompt_texts, response_texts),
+            "eval/reward": score_fn(prompt_texts, response_texts, ended),
             "eval/kl": kl.sum(1),
             "eval/response_length": response_mask.sum(1),
-            "eval/eos_rate": (responses == tokenizer.eos_token_id).any(1),
+            "eval/eos_rate": ended,
         }
         if eval_score_fn:
-            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts)
+            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
         texts = all_gather_list(response_texts)
         distinct = {f"eval/distinct_{n}": distinct_n(texts, n) for n in (1, 2, 3)}
         return {**global_means(per_sequence), **distinct}
@@ -355,6 +367,18 @@ def main():
                 features.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return torch.cat(features)
 
+    def rewards_of(prompts, responses, ended) -> torch.Tensor:
+        """r(x, y): the reward model's score (ALGO LOGIC: through --reward-transform) less the missing-EOS penalty,
+        the same for the dataset's responses and for pi_ref's samples (the V_ref targets)."""
+        scores = score_fn(
+            tokenizer.batch_decode(prompts, skip_special_tokens=True),
+            tokenizer.batch_decode(responses, skip_special_tokens=True),
+            ended,
+        )
+        if args.reward_transform == "sigmoid":  # the A-LoL authors' choice (scores in (0, 1), hence all positive)
+            scores = torch.sigmoid(scores)
+        return scores - args.missing_eos_penalty * (~ended).float()
+
     def shard(n: int) -> slice:  # a contiguous block per rank, so gathered results keep the row order
         return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
@@ -368,10 +392,7 @@ def main():
         # ---- score every training pair once (this rank's block, then gathered)
         t0 = now(device)
         block = shard(len(train_prompts))
-        rewards = score_fn(
-            tokenizer.batch_decode(train_prompts[block], skip_special_tokens=True),
-            tokenizer.batch_decode(train_responses[block], skip_special_tokens=True),
-        )
+        rewards = rewards_of(train_prompts[block], train_responses[block], train_ended[block].to(device))
         rewards = torch.tensor(all_gather_list(rewards.tolist()))
         if not torch.isfinite(rewards).all():
             fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
@@ -383,13 +404,7 @@ def main():
         ref_model, ref_context = reference()
         with ref_context, autocast(device, dtype):
             responses, _ = generate(ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size)
-        sample_scores = (
-            score_fn(
-                tokenizer.batch_decode(queries, skip_special_tokens=True),
-                tokenizer.batch_decode(responses, skip_special_tokens=True),
-            )
-            - args.missing_eos_penalty * (~(responses == tokenizer.eos_token_id).any(1)).float()
-        )
+        sample_scores = rewards_of(queries, responses, (responses == tokenizer.eos_token_id).any(1))
         sample_scores = torch.tensor(all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)

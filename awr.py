@@ -110,6 +110,14 @@ class Args:
     """prompts are left-truncated to this many tokens (the end of the dialogue is kept)"""
     temperature: float = 1.0
     """sampling temperature; every log-prob is computed from logits / temperature"""
+    use_generation_config: bool = False
+    """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
+    distribution whose log-probs the losses use"""
+    reward_append_eos: bool = False
+    """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
+    reward models (off by default: the toy reward model was trained without it)"""
+    reward_truncate: bool = True
+    """left-truncate reward-model inputs longer than its maximum length (counted in train/reward_truncated)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never emits EOS (0 = off)"""
     lr: float = 3e-4
@@ -198,11 +206,16 @@ def main():
     local_batch, local_mini_batch = args.rollout_batch_size // world_size, args.mini_batch_size // world_size
     num_iterations = args.total_episodes // args.rollout_batch_size
 
+    # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    train_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.train_split)[0], args.max_prompt_length)
+    eval_prompts = tokenize_prompts(
+        tokenizer, load_rows(args.dataset, args.eval_split)[0][: args.eval_size], args.max_prompt_length
+    )
     # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
-    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code)
+    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
         policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
     policy = prepare_model(policy, args, dtype, device, world_size, train=True)
@@ -215,22 +228,13 @@ def main():
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
         ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
         ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn = load_scorer(
-        args.reward_model,
-        device,
-        dtype,
-        args.rollout_forward_batch_size,
-        "--reward-model",
-        args.trust_remote_code,
-        args.fsdp,
-    )
-    eval_score_fn = args.eval_reward and load_scorer(
-        args.eval_reward, device, dtype, args.rollout_forward_batch_size, "--eval-reward", fsdp=args.fsdp
-    )
-    train_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.train_split)[0], args.max_prompt_length)
-    eval_prompts = tokenize_prompts(
-        tokenizer, load_rows(args.dataset, args.eval_split)[0][: args.eval_size], args.max_prompt_length
-    )
+    scorer_options = dict(trust_remote_code=args.trust_remote_code, fsdp=args.fsdp,
+                          append_eos=args.reward_append_eos, truncate=args.reward_truncate)  # fmt: skip
+    chunk = args.rollout_forward_batch_size
+    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
+    eval_score_fn = None
+    if args.eval_reward:
+        eval_score_fn = load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -306,14 +310,15 @@ def main():
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        ended = (responses == tokenizer.eos_token_id).any(1)
         per_sequence = {
-            "eval/reward": score_fn(prompt_texts, response_texts),
+            "eval/reward": score_fn(prompt_texts, response_texts, ended),
             "eval/kl": kl.sum(1),
             "eval/response_length": response_mask.sum(1),
-            "eval/eos_rate": (responses == tokenizer.eos_token_id).any(1),
+            "eval/eos_rate": ended,
         }
         if eval_score_fn:
-            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts)
+            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
         texts = all_gather_list(response_texts)
         return {
             **global_means(per_sequence),
@@ -347,7 +352,9 @@ def main():
         last_index = response_mask.sum(1) - 1  # the last real token: the EOS when there is one (SPEC 1.5)
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score_fn(prompt_texts, response_texts) - args.missing_eos_penalty * (~contains_eos).float()
+        scores = (
+            score_fn(prompt_texts, response_texts, contains_eos) - args.missing_eos_penalty * (~contains_eos).float()
+        )
         if not torch.isfinite(all_reduce_sum(scores.sum())):
             fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 per token (SPEC 1.7)
@@ -424,6 +431,7 @@ def main():
             **rollout_stats,
             "train/reward_std": torch.tensor(all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
+            "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
             **dict(zip(mb_stats, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],

@@ -117,7 +117,8 @@ def barrier():
 
 
 def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_size: int, world_size: int, args):
-    """Batch sizes divide as the loops need them to, and the scale flags fit the launch (before anything loads)."""
+    """Every flag in range, batch sizes divide as the loops need them to (before anything loads or is written)."""
+    check_flags(args, mini_batch_size // world_size, world_size)
     for flag, size in (("--rollout-batch-size", rollout_batch_size), ("--mini-batch-size", mini_batch_size)):
         if size <= 0 or size % world_size:
             fail(f"{flag} {size} is not a positive multiple of the {world_size} ranks; make it a multiple")
@@ -125,12 +126,36 @@ def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_s
         fail(f"--rollout-batch-size {rollout_batch_size} is not divisible by --mini-batch-size {mini_batch_size}")
     if total_episodes < rollout_batch_size:
         fail(f"--total-episodes {total_episodes} is less than one --rollout-batch-size ({rollout_batch_size})")
-    check_scale_flags(args, mini_batch_size // world_size, world_size)
 
 
-def check_scale_flags(args, local_mini_batch: int, world_size: int):
-    """--micro-batch-size divides a rank's minibatch, --fsdp has ranks to shard over, --num-layers-unfrozen >= -1."""
-    if args.micro_batch_size < 0 or (args.micro_batch_size and local_mini_batch % args.micro_batch_size):
+# The ranges of the flags the scripts share by name (a script checks those of its Args that appear here).
+POSITIVE_COUNTS = ["total_episodes", "rollout_batch_size", "mini_batch_size", "update_epochs", "total_steps",
+                   "batch_size", "rollout_forward_batch_size", "max_new_tokens", "max_prompt_length", "eval_every",
+                   "eval_size", "lora_r", "kl_horizon", "value_samples", "value_epochs", "log_every"]  # fmt: skip
+NON_NEGATIVE = ["save_every", "micro_batch_size", "critic_warmup_steps", "missing_eos_penalty", "kl_coef", "kl_target",
+                "vf_coef", "max_weight", "kl_beta", "ptx_coef"]  # fmt: skip
+POSITIVE = ["temperature", "lr", "value_lr", "max_grad_norm", "reward_clip", "clip_eps", "value_clip", "lam", "beta"]
+UNIT_INTERVAL = ["gamma", "gae_lambda"]
+
+
+def check_flags(args, local_mini_batch: int, world_size: int):
+    """Every shared flag in its range; --dtype float16 refused; --micro-batch-size divides a rank's minibatch;
+    --fsdp has ranks to shard over; --num-layers-unfrozen >= -1."""
+    for names, ok, wanted in (
+        (POSITIVE_COUNTS, lambda v: v >= 1, "a positive integer"),
+        (NON_NEGATIVE, lambda v: v >= 0, "0 or more"),
+        (POSITIVE, lambda v: v > 0, "greater than 0"),
+        (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not (ok(value) and value == value):  # value == value: not NaN
+                fail(f"--{name.replace('_', '-')} {value} is out of range; it must be {wanted}")
+    if not all(0 <= beta < 1 for beta in getattr(args, "adam_betas", ())):
+        fail(f"--adam-betas {args.adam_betas} is out of range; both must be in [0, 1)")
+    if args.dtype == "float16":
+        fail("--dtype float16 needs a gradient scaler, which these scripts do not have; use --dtype bfloat16")
+    if args.micro_batch_size and local_mini_batch % args.micro_batch_size:
         fail(
             f"--micro-batch-size {args.micro_batch_size} does not divide the {local_mini_batch} rows each rank gets "
             "per gradient step; pass a divisor of it (0 = no micro-batching)"
@@ -181,11 +206,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False, keep_generation_config=False):
+    """The model in eval mode (dropout off everywhere). Its generation_config.json keeps only its token ids unless
+    `keep_generation_config`: generate() fills every setting our GenerationConfig leaves unset from it
+    (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens, bad_words_ids, ...), and then the
+    sampled distribution is no longer softmax(logits / T), the one whose log-probs the losses use."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = _load(AutoModelForCausalLM, path, "--model", dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval()  # dropout off everywhere (SPEC 1.11)
+    if not keep_generation_config:
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        model.checkpoint_generation_config = model.generation_config  # saved back with the final policy
+        model.generation_config = GenerationConfig(**{k: getattr(model.generation_config, k, None) for k in ids})
+    return model.eval()
 
 
 def add_lora(model, r: int, task_type: str):
@@ -202,8 +235,8 @@ def add_lora(model, r: int, task_type: str):
 
 class ValueModel(nn.Module):
     """Scalar head reading EVERY position's last hidden state of a `*ForSequenceClassification`
-    model (num_labels=1): values[:, t] is the value of the state before token t+1. Used for the
-    value network and, read at the last real token, for reward-model scores."""
+    model (num_labels=1): values[:, t] is the value of the state before token t+1. The value network
+    (and PPO-max's critic, which starts from the reward model's weights)."""
 
     def __init__(self, model):
         super().__init__()
@@ -245,40 +278,86 @@ def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: boo
         fail(f"{flag} '{path}' has another tokenizer than --model; pass a --critic-model with the policy's tokenizer")
 
 
-def load_scorer(spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False, fsdp=False):
-    """Sequence-level scorer (prompts, responses) -> (N,) float tensor on `device`: either a Python
-    function `module:function`, or a reward model scoring decoded text re-tokenized with its own
-    tokenizer, read at the last non-pad token (SPEC 1.6)."""
+def load_scorer(
+    spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False, fsdp: bool = False,
+    append_eos: bool = False, truncate: bool = True,
+):  # fmt: skip
+    """Sequence-level scorer (prompts, responses, ended_with_eos=None) -> (N,) float tensor on `device`: either a
+    Python function `module:function` (given prompts and responses), or a reward model scoring the decoded text
+    re-tokenized with its own tokenizer, through its own forward (`.logits[:, 0]`: decoder, BERT-style pooler or
+    RoBERTa head alike). The reward model sees what it was trained on: a response that ended with EOS gets the
+    reward tokenizer's EOS appended (as TRL's RewardTrainer tokenizes; `append_eos`), and an input longer than the
+    model's maximum length is truncated from the left, after any leading BOS/CLS (`truncate`, counted in
+    `score.num_truncated`)."""
     if is_scoring_function(spec):
         module, name = spec.split(":")
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
             fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
-        return lambda prompts, responses: torch.tensor(fn(prompts, responses), dtype=torch.float32, device=device)
-    from transformers import AutoConfig
+        return functools.partial(_call_scoring_function, fn, f"{flag} '{spec}'", device)
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = _load(AutoConfig, spec, flag, trust_remote_code=trust_remote_code)
     if getattr(config, "num_labels", 1) != 1:
         fail(f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)")
     tokenizer = load_tokenizer(spec, trust_remote_code)
-    scorer = load_value_model(spec, dtype, flag, trust_remote_code).requires_grad_(False)
-    scorer = shard_model(scorer, dtype) if fsdp else scorer.to(device)  # --fsdp: sharded, gathered once per call
+    model = _load(AutoModelForSequenceClassification, spec, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id  # a decoder reads the last token that is not this padding
+    model = model.eval().requires_grad_(False)
+    model = shard_model(model, dtype) if fsdp else model.to(device)  # --fsdp: sharded, gathered once per call
+    positions = getattr(config, "max_position_embeddings", None) or 2**31
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
+    eos, leading = tokenizer.eos_token_id, {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
+
+    def encode(text: str, ended: bool) -> list[int]:
+        ids = tokenizer(text)["input_ids"]
+        if append_eos and ended and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        if len(ids) > max_length:
+            if not truncate:
+                fail(f"a {flag} input has {len(ids)} tokens, more than its {max_length}; drop --no-reward-truncate")
+            head = 1 if ids[0] in leading else 0  # keep BOS/CLS, cut the start of the dialogue
+            ids = ids[:head] + ids[len(ids) - max_length + head :]
+            score.num_truncated += 1
+        return ids
 
     @torch.no_grad()
-    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor | None = None) -> torch.Tensor:
+        ended = ended_with_eos.tolist() if ended_with_eos is not None else [False] * len(prompts)
+        encoded = [encode(p + r, e) for p, r, e in zip(prompts, responses, ended)]
         scores = []
-        with gathered(scorer):
-            for i in range(0, len(prompts), batch_size):
-                texts = [p + r for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-                enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt").to(device)
+        with gathered(model):
+            for i in range(0, len(encoded), batch_size):
+                chunk = encoded[i : i + batch_size]
+                width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
+                input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in chunk])
+                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
                 with autocast(device, dtype):
-                    values = scorer(enc["input_ids"], enc["attention_mask"])
-                last = enc["attention_mask"].sum(-1) - 1
-                scores.append(values[torch.arange(len(texts), device=device), last])
+                    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+                scores.append(logits[:, 0].float())
         return torch.cat(scores)
 
+    score.num_truncated = 0
     return score
+
+
+def _call_scoring_function(fn, name: str, device, prompts: list[str], responses: list[str], ended_with_eos=None):
+    """A `module:function` scorer's floats as a tensor; anything else it does becomes one line naming it."""
+    try:
+        scores = fn(prompts, responses)
+    except Exception as e:  # noqa: BLE001 -- the user's function: whatever it raises becomes one line
+        fail(f"scoring function {name} raised {type(e).__name__}: {e}; fix the function")
+    try:
+        tensor = torch.as_tensor(scores, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or tensor.shape != (len(prompts),):
+        got = f"a {type(scores).__name__}" if tensor is None else f"shape {tuple(tensor.shape)}"
+        fail(
+            f"scoring function {name} returned {got}; it must return a list of {len(prompts)} floats, one per response"
+        )
+    return tensor.to(device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -338,8 +417,10 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
     it, and gradients are reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
-    kwargs = {"mp_policy": policy} if policy else {}
+    # every group, the root too, frees its gathered weights after forward (gathered() restores this setting)
+    kwargs = {"reshard_after_forward": True}
+    if dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     # the root is the module whose forward every call enters: a peft model's generate() enters the HF model
@@ -447,7 +528,7 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
         responses = list(ds[response_column]) if response_column in ds.column_names else None
     elif response_column in ds.column_names:  # hh-rlhf: the prompt is the dialogue up to the last assistant turn
         marker = "\n\nAssistant:"
-        dialogues = list(ds[response_column])
+        dialogues = [d if isinstance(d, str) else "" for d in ds[response_column]]  # non-strings: the check below
         prompts = [d[: d.rfind(marker) + len(marker)] for d in dialogues]
         responses = [d[len(p) :] for d, p in zip(dialogues, prompts)]
     else:
@@ -455,6 +536,10 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
             f"--dataset '{name}' has columns {ds.column_names}; expected 'prompt' (Dahoas/rm-static or plain "
             "prompts) or 'chosen' dialogues (Anthropic/hh-rlhf)"
         )
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            what = "an empty string" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not a string"
+            fail(f"row {i} of split '{split}' of --dataset '{name}' has a prompt that is {what}; fix or drop that row")
     return prompts, responses
 
 
@@ -530,7 +615,8 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
         logits_to_keep=response_length + 1,
         use_cache=False,
     ).logits
-    return logits[:, :-1].float() / temperature  # (B, R, V)
+    # from the end: right whether or not the model honoured logits_to_keep (a model may return every position)
+    return logits[:, -(response_length + 1) : -1].float() / temperature  # (B, R, V)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -568,10 +654,12 @@ class RunningMoments:
         self.mean, self.var, self.count = 0.0, 1.0, 0.0  # the first batch sets mean and var exactly
 
     def update(self, x: torch.Tensor):
-        stats = all_reduce_sum(torch.stack([x.sum(), (x**2).sum(), torch.tensor(x.numel(), device=x.device)]).double())
+        # float64 sums of x shifted by the running mean: scores around 1e6 keep their variance (float32 sums do not)
+        shifted = x.double() - self.mean
+        stats = all_reduce_sum(torch.stack([shifted.sum(), (shifted**2).sum(), shifted.new_tensor(x.numel())]))
         n = stats[2].item()
-        batch_mean = stats[0].item() / n
-        batch_var = max(stats[1].item() / n - batch_mean**2, 0.0)
+        batch_mean = self.mean + stats[0].item() / n
+        batch_var = max(stats[1].item() / n - (stats[0].item() / n) ** 2, 0.0)
         delta, total = batch_mean - self.mean, self.count + n
         self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.mean, self.count = self.mean + delta * n / total, total
@@ -732,6 +820,8 @@ def save_final_policy(policy, tokenizer, output_dir: str, args):
         policy.load_state_dict(state)
     elif dist.is_initialized() and dist.get_rank() != 0:
         return
+    model = hf_model(policy)
+    model.generation_config = getattr(model, "checkpoint_generation_config", model.generation_config)
     if args.use_lora:
         policy.save_pretrained(os.path.join(output_dir, "adapter"))
         tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))

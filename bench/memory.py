@@ -6,7 +6,8 @@ the per-rank memory model's prediction, and the model's table for the papers' si
     python bench/memory.py --sizes 70m 160m 410m    # 410m: FSDP and LoRA only (DDP needs ~30 GB for 2 ranks)
 
 Measured: what ppo.py logs as time/peak_memory_gb on rank 0 (peak resident memory on CPU, which includes the
-Python/torch runtime; torch.cuda.max_memory_allocated on CUDA). Predicted: `memory_model` below, whose bytes per
+Python/torch runtime, with glibc returning freed blocks of 64 KiB and more at once; torch.cuda.max_memory_allocated
+on CUDA). Predicted: `memory_model` below, whose bytes per
 parameter follow from what each mode keeps (weights, gradients, AdamW, DDP buckets, gathered FSDP weights) and
 whose two free constants (runtime memory, activation bytes per token, layer and hidden unit) are fitted to the
 measurements by least squares. Results go to <output_dir>/memory_<device>.md and .json.
@@ -110,7 +111,9 @@ def measure(size: str, mode: str, args: Args, models: tuple[str, str], run_dir: 
            "--max-new-tokens", str(args.max_new_tokens), "--eval-size", str(args.nproc), "--save-every", "0",
            "--update-epochs", "1", *MODES[mode]]  # fmt: skip
     print(f"{size} {mode}: {' '.join(cmd[7:])}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: never more threads than cores
+    # one thread per rank (never more threads than cores); on CPU, glibc serves every block of 64 KiB or more with its
+    # own mmap and returns it when freed, so the peak resident size follows the live tensors (not heap fragments)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"error: {size} {mode} failed:\n{result.stderr[-3000:]}")
@@ -129,16 +132,47 @@ def predict_cpu(m: dict, args: Args, k_act: float, runtime: float) -> dict:
                         args.rollout_batch_size // args.nproc, m["decode_steps"], k_act, runtime, unfrozen)  # fmt: skip
 
 
-def fit(measurements: list[dict], args: Args) -> tuple[float, float]:
-    """(k_act, runtime bytes) minimising the squared error of the predicted peaks (runtime: the mean residual)."""
-    best = None
-    for k_act in [k / 2 for k in range(0, 161)]:
-        residuals = [m["peak_gb"] * 2**30 - predict_cpu(m, args, k_act, 0.0)["total"] for m in measurements]
-        runtime = sum(residuals) / len(residuals)
-        error = sum((r - runtime) ** 2 for r in residuals)
-        if best is None or error < best[0]:
-            best = (error, k_act, runtime)
-    return best[1], best[2]
+def update_memory(size: str, policy_path: str, rows: int, seq: int, checkpointed: bool) -> dict:
+    """Tensor memory of one update step alone (the policy's and the value net's forward and backward on `rows` rows
+    of `seq` tokens, the second half of them the response), tracked tensor by tensor by torch's MemTracker: the
+    peak of everything allocated during the step, minus the weights and gradients, is the activation memory."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from common import checkpoint_layers, gather_logprobs, load_causal_lm, load_value_model, response_logits
+
+    policy = load_causal_lm(policy_path, torch.float32)
+    value_model = load_value_model(policy_path, torch.float32, "--model")
+    if checkpointed:
+        checkpoint_layers(policy), checkpoint_layers(value_model)
+    ids = torch.randint(2, TOY_VOCAB - 1, (rows, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    tracker = MemTracker()
+    tracker.track_external(policy, value_model)
+    with tracker:
+        logits = response_logits(policy, ids, mask, seq // 2, 1.0)
+        values = value_model(ids, mask)[:, seq // 2 - 1 : -1]
+        (-gather_logprobs(logits, ids[:, seq // 2 :]).mean() + values.pow(2).mean()).backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    activations = sum(v for k, v in peak.items() if getattr(k, "value", k) in ("Activation", "Temp"))
+    return {"size": size, "rows": rows, "seq": seq, "checkpointed": checkpointed, "activation_bytes": activations}
+
+
+def activation_term(m: dict) -> float:
+    """The bytes per unit of k_act of an update_memory() measurement, and the k_act-free part (AC's kept inputs)."""
+    hidden, layers, _ = SIZES[m["size"]]
+    per_layer = 2 * m["rows"] * m["seq"] * hidden * 4  # two nets, float32
+    return per_layer * (1 if m["checkpointed"] else layers), per_layer * layers if m["checkpointed"] else 0.0
+
+
+def fit(measurements: list[dict], updates: list[dict], args: Args) -> tuple[float, float]:
+    """k_act: least squares through the update-step activation measurements (activation bytes = k_act x term +
+    AC's kept inputs); runtime: the mean residual of the whole-run peaks given k_act."""
+    terms = [activation_term(u) for u in updates]
+    k_act = sum(t * (u["activation_bytes"] - fixed) for u, (t, fixed) in zip(updates, terms)) / sum(
+        t * t for t, _ in terms
+    )
+    residuals = [m["peak_gb"] * 2**30 - predict_cpu(m, args, k_act, 0.0)["total"] for m in measurements]
+    return k_act, sum(residuals) / len(residuals)
 
 
 def main():
@@ -156,13 +190,20 @@ def main():
                 continue
             measurements.append(measure(size, mode, args, models, out / "runs" / "memory_run"))
             path.write_text(json.dumps({"args": vars(args), "measurements": measurements}, indent=1))
-    k_act, runtime = fit(measurements, args)
+    updates = []
+    for size in args.sizes:
+        if SIZES[size][0] < 1024:  # in-process, one rank: 410m and above would take long for the same slope
+            policy_path = make_models(size, out / "runs", torch.device("cpu"))[0]
+            for rows, checkpointed in [(2, False), (4, False), (4, True)]:  # (1 row: MemTracker misses most)
+                updates.append(update_memory(size, policy_path, rows, 256, checkpointed))
+                print(updates[-1], flush=True)
+    k_act, runtime = fit(measurements, updates, args)
     gb = 2**30
     lines = [
         f"# Peak memory per rank: ppo.py, {args.nproc} ranks, {device}, float32 (measured) vs the memory model\n",
         f"Rollout {args.rollout_batch_size} prompts (= the minibatch), up to {args.max_new_tokens} new tokens, one "
         f"iteration. Fitted: runtime {runtime / gb:.2f} GiB, activations {k_act:.1f} x hidden x dtype bytes per "
-        "token and layer.\n",
+        "token and layer and network (from the update steps below).\n",
         "| size | params | mode | measured GiB | predicted GiB | predicted peak phase |",
         "|---|---|---|---|---|---|",
     ]
@@ -171,26 +212,33 @@ def main():
         n = parameters(SIZES[m["size"]][0], SIZES[m["size"]][1], TOY_VOCAB)
         lines.append(f"| {m['size']} | {n / 1e6:.0f}M | {m['mode']} | {m['peak_gb']:.2f} | {p['total'] / gb:.2f} "
                      f"| {p['peak phase']} |")  # fmt: skip
+    lines += ["", "## One update step alone: activation memory (MemTracker: peak tensors less weights and gradients)",
+              "", "| size | rows x tokens | activation checkpointing | measured MiB | predicted MiB |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for u in updates:
+        term, fixed = activation_term(u)
+        lines.append(f"| {u['size']} | {u['rows']} x {u['seq']} | {'yes' if u['checkpointed'] else 'no'} "
+                     f"| {u['activation_bytes'] / 2**20:.0f} | {(k_act * term + fixed) / 2**20:.0f} |")  # fmt: skip
     lines += ["", "## Predicted: 8 ranks x 80 GB, bfloat16, Pythia vocabulary (50304), 6B reward model (GPT-J shape)",
-              "", "Per rank: micro-batch 1 row of 1000 tokens (872 prompt + 128 response), 16 rollouts generated "
-              "at once; CUDA runtime (context, allocator slack) not included.", "",
-              "| policy | mode | policy + value | reference | reward model | peak phase | total GiB | fits 80 GB |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "", "Per rank: micro-batches of 1000-token rows (872 prompt + 128 response), 16 rollouts generated at "
+              "once; CUDA runtime (context, allocator slack) not included.", "",
+              "| policy | mode | rows per micro-batch | policy + value | reference | reward model | peak phase "
+              "| total GiB | fits (< 76 GiB) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     rm_params = 28 * (12 * 4096**2 + 13 * 4096) + 2 * 50400 * 4096
     for size in args.predict:
         hidden, layers, _ = SIZES[size]
-        for mode, unfrozen in [("ddp", -1), ("ddp + LoRA", -1), ("ddp", 2), ("fsdp", -1), ("fsdp + AC", -1),
-                               ("fsdp", 2)]:  # fmt: skip
-            p = memory_model((hidden, layers, 50304), rm_params, mode, 8, 2, 1, 1000, 16, 128, k_act, 0.0, unfrozen)
+        for mode, unfrozen, rows in [("ddp", -1, 1), ("ddp + LoRA", -1, 1), ("ddp", 2, 1), ("fsdp", -1, 1),
+                                     ("fsdp", -1, 8), ("fsdp + AC", -1, 8), ("fsdp", 2, 1)]:  # fmt: skip
+            p = memory_model((hidden, layers, 50304), rm_params, mode, 8, 2, rows, 1000, 16, 128, k_act, 0.0, unfrozen)
             name = mode + (f", unfrozen {unfrozen}" if unfrozen >= 0 else "")
             lines.append(
-                f"| {size} | {name} | {p['policy + value'] / gb:.1f} | {p['reference'] / gb:.1f} | "
+                f"| {size} | {name} | {rows} | {p['policy + value'] / gb:.1f} | {p['reference'] / gb:.1f} | "
                 f"{p['reward model'] / gb:.1f} | {p['peak phase']} {p[p['peak phase']] / gb:.1f} | "
                 f"{p['total'] / gb:.1f} | {'yes' if p['total'] < 76 * gb else 'no'} |"
             )
     text = "\n".join(lines) + "\n"
     (out / f"memory_{device}.md").write_text(text)
-    path.write_text(json.dumps({"args": vars(args), "measurements": measurements, "k_act": k_act,
+    path.write_text(json.dumps({"args": vars(args), "measurements": measurements, "updates": updates, "k_act": k_act,
                                 "runtime_bytes": runtime}, indent=1))  # fmt: skip
     print(text)
 

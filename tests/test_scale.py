@@ -14,7 +14,7 @@ from conftest import FAST, REPO, read_metrics, run_script
 # one minibatch per update epoch (the whole rollout): its composition cannot depend on how the ranks shuffle
 EQUIVALENCE = [
     "--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "16", "--max-new-tokens", "24",
-    "--eval-size", "16", "--eval-every", "2", "--save-every", "0", "--lr", "1e-4", "--value-lr", "1e-4",
+    "--eval-size", "16", "--eval-every", "2", "--save-every", "0", "--lr", "5e-5", "--value-lr", "5e-5",
 ]  # fmt: skip
 
 
@@ -41,17 +41,16 @@ def assert_same_training(reference_dir, other_dir, keys: tuple[str, ...], lr: fl
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_ppo_one_update_for_one_rank_two_ranks_fsdp_and_micro_batches(tmp_path):
+def test_ppo_one_update_for_one_rank_two_ranks_with_micro_batches_and_fsdp(tmp_path):
     """Responses of different lengths on the two ranks: per-rank token means would differ by ~1e-3 here."""
     run_fixed("ppo", [*EQUIVALENCE, "--output-dir", str(tmp_path / "one")])
     configs = {
-        "micro": (1, ["--micro-batch-size", "4"]),
         "ddp": (2, ["--micro-batch-size", "2"]),
         "fsdp": (2, ["--fsdp"]),
     }
     for name, (nproc, flags) in configs.items():
         run_fixed("ppo", [*EQUIVALENCE, *flags, "--output-dir", str(tmp_path / name)], nproc=nproc)
-        assert_same_training(tmp_path / "one", tmp_path / name, ("loss/policy", "loss/value", "train/kl"), lr=1e-4)
+        assert_same_training(tmp_path / "one", tmp_path / name, ("loss/policy", "loss/value", "train/kl"), lr=5e-5)
 
 
 def test_alol_one_update_for_one_rank_and_fsdp_micro_batches(small_toy_data, tmp_path):
@@ -87,13 +86,13 @@ def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = [*FAST, "--total-episodes", "64", "--fsdp", "--use-lora", "--lora-r", "4", "--lr", "1e-3"]
+    args = [*FAST, "--total-episodes", "48", "--fsdp", "--use-lora", "--lora-r", "4", "--lr", "1e-3"]
     run_script("ppo.py", *args, "--output-dir", str(tmp_path / "straight"), nproc=2)
     out = tmp_path / "killed"
-    assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 4, "the run finished before it could be killed"
+    assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 3, "the run finished before it could be killed"
     run_script("ppo.py", *args, "--output-dir", str(out), "--resume", nproc=2)
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
-    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]
     assert resumed[1]["policy/abs_log_ratio_first_mb"] < 1e-5
     for a, b in zip(straight[1:], resumed[1:]):
         assert a["train/reward"] == pytest.approx(b["train/reward"], abs=1e-6)

@@ -1,0 +1,220 @@
+"""Checkpoints that differ from the toy: encoder reward models, long inputs, EOS conventions, large scores, models
+that ignore logits_to_keep, and the one-line errors for bad flags, data and scoring functions."""
+
+import json
+
+import pytest
+import torch
+from conftest import FAST, REPO, run_script
+
+from common import RunningMoments, load_scorer, response_logits
+
+TEXTS = [
+    ("\n\nHuman: what matters most in chess?\n\nAssistant:", " watch the bishop early, and castle before move ten."),
+    ("\n\nHuman: hi about sleep?\n\nAssistant:", " whatever."),
+    ("\n\nHuman: how do I cook rice?\n\nAssistant:", " rinse it, then one part rice to two parts water, simmer."),
+]
+
+
+def save_classifier(kind: str, path, padding_side: str):
+    """A small randomly initialised DeBERTa-v2 / BERT / RoBERTa / GPT-NeoX classifier (num_labels=1) with the toy
+    tokenizer (a tokenizer only maps text to ids; the model type does not care which one made them)."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer")
+    tokenizer.padding_side = padding_side
+    common = dict(vocab_size=640, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  num_labels=1, pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, max_position_embeddings=128)  # fmt: skip
+    config = {
+        "deberta-v2": lambda: tf.DebertaV2Config(**common, position_biased_input=False, relative_attention=True),
+        "bert": lambda: tf.BertConfig(**common),
+        "roberta": lambda: tf.RobertaConfig(**{**common, "max_position_embeddings": 130}),
+        "gpt-neox": lambda: tf.GPTNeoXConfig(**common),
+    }[kind]()
+    torch.manual_seed(0)
+    tf.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["deberta-v2", "bert", "roberta", "gpt-neox"])
+def test_reward_model_scored_through_its_own_forward(kind, padding_side, tmp_path):
+    """Our batched score equals the model's own logits[:, 0] on each text alone (no padding), whatever the
+    tokenizer's padding side: encoders are read through their pooler/head, not at the last token."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = save_classifier(kind, tmp_path / kind, padding_side)
+    score = load_scorer(str(tmp_path / kind), torch.device("cpu"), torch.float32, 8, "--reward-model")
+    prompts, responses = zip(*TEXTS)
+    ours = score(list(prompts), list(responses))
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / kind).eval()
+    with torch.no_grad():
+        alone = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0] for p, r in TEXTS]
+    assert torch.allclose(ours, torch.stack(alone), atol=1e-5), (ours, alone)
+    assert ours.std() > 0  # the texts get different scores
+
+
+def test_reward_model_input_gets_eos_and_is_left_truncated(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = save_classifier("gpt-neox", tmp_path / "rm", "right")
+    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", append_eos=True)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    (prompt, response), eos = TEXTS[0], tokenizer.eos_token_id
+    ids = tokenizer(prompt + response)["input_ids"]
+    with torch.no_grad():
+        with_eos = model(torch.tensor([ids + [eos]])).logits[0, 0]
+        without = model(torch.tensor([ids])).logits[0, 0]
+    ended = score([prompt, prompt], [response, response], torch.tensor([True, False]))
+    assert torch.allclose(ended, torch.stack([with_eos, without]), atol=1e-5) and with_eos != without
+    # longer than the model's 128 positions: the start of the dialogue is cut, the end (and the response) kept
+    long_prompt = "\n\nHuman: tell me more." * 40 + prompt
+    long_ids = tokenizer(long_prompt + response)["input_ids"]
+    assert len(long_ids) > 128
+    with torch.no_grad():
+        kept = model(torch.tensor([long_ids[-128:]])).logits[0, 0]
+    assert torch.allclose(score([long_prompt], [response]), kept.unsqueeze(0), atol=1e-5)
+    assert score.num_truncated == 1
+    no_truncation = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", truncate=False)
+    with pytest.raises(SystemExit, match="more than its 128"):
+        no_truncation([long_prompt], [response])
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_running_moments_keep_the_variance_of_large_scores(offset):
+    generator = torch.Generator().manual_seed(0)
+    batches = [offset + torch.randn(64, generator=generator) for _ in range(5)]
+    moments = RunningMoments()
+    for batch in batches:
+        moments.update(batch)
+    everything = torch.cat(batches).double()
+    assert moments.mean == pytest.approx(everything.mean().item(), rel=1e-12)
+    assert moments.std == pytest.approx(everything.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_response_logits_right_when_the_model_returns_every_position(tiny_lm):
+    """A model that ignores logits_to_keep returns (B, T, V); the response positions are still the ones used."""
+
+    class FullLength(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, logits_to_keep=None, **kwargs):
+            return self.model(**kwargs)  # every position, whatever logits_to_keep says
+
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        honoured = response_logits(tiny_lm, ids, mask, 7, 1.0)
+        ignored = response_logits(FullLength(tiny_lm), ids, mask, 7, 1.0)
+    assert honoured.shape == ignored.shape == (2, 5, 64)
+    assert torch.allclose(honoured, ignored, atol=1e-6)
+
+
+def ppo_args(**overrides):
+    """ppo.py's defaults with some flags changed, as tyro would build them."""
+    import dataclasses
+
+    import ppo
+
+    return dataclasses.replace(ppo.Args(), **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"dtype": "float16"}, "use --dtype bfloat16"),
+        ({"lr": 0.0}, "--lr 0.0 is out of range; it must be greater than 0"),
+        ({"temperature": -1.0}, "--temperature -1.0 is out of range"),
+        ({"gamma": 1.5}, "--gamma 1.5 is out of range; it must be in [0, 1]"),
+        ({"update_epochs": 0}, "--update-epochs 0 is out of range; it must be a positive integer"),
+        ({"missing_eos_penalty": -1.0}, "it must be 0 or more"),
+        ({"kl_coef": float("nan")}, "--kl-coef nan is out of range"),
+        ({"adam_betas": (0.9, 1.0)}, "--adam-betas"),
+        ({"micro_batch_size": 3}, "--micro-batch-size 3 does not divide the 16 rows"),
+        ({"fsdp": True}, "launch with torchrun"),
+        ({"num_layers_unfrozen": -2}, "--num-layers-unfrozen -2 is out of range"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_errors(overrides, expected):
+    from common import check_flags
+
+    with pytest.raises(SystemExit, match=r"^error: ") as info:
+        check_flags(ppo_args(**overrides), 16, 1)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("prompt, expected", [("  ", "is an empty string"), (3, "is a int, not a string")])
+def test_empty_or_non_string_prompts_are_one_line_errors(prompt, expected, tmp_path):
+    from common import load_rows
+
+    rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"prompt": prompt}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="row 1 of split 'train'") as info:
+        load_rows(str(tmp_path / "data.jsonl"), "train")
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("raises", "raised ZeroDivisionError: division by zero"), ("one_too_few", "returned shape (1,)"),
+     ("words", "returned a list")],
+)  # fmt: skip
+def test_misbehaving_scoring_functions_are_named_in_one_line(name, expected):
+    score = load_scorer(f"tests.bad_scorers:{name}", torch.device("cpu"), torch.float32, 8, "--reward-model")
+    with pytest.raises(SystemExit, match=f"scoring function --reward-model 'tests.bad_scorers:{name}'") as info:
+        score(["a", "b"], ["c", "d"])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_dataset_stops_the_script_before_loading_models(tmp_path):
+    """End to end: one line on stderr, no traceback, nothing written."""
+    (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")
+    out = tmp_path / "out"
+    result = run_script("ppo.py", *FAST, "--dataset", str(tmp_path / "data.jsonl"), "--output-dir", str(out),
+                        check=False)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "is an empty string" in result.stderr.strip().splitlines()[-1] and not out.exists()
+
+
+def test_apa_lambda_zero_is_refused():
+    """apa.py --lam 0 used to end in 'NaN loss, lower --lr'."""
+    import dataclasses
+
+    import apa
+    from common import check_flags
+
+    with pytest.raises(SystemExit, match="--lam 0.0 is out of range; it must be greater than 0"):
+        check_flags(dataclasses.replace(apa.Args(), lam=0.0), 16, 1)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_sampling_ignores_the_checkpoints_generation_config(tiny_lm, tmp_path, keep):
+    """A policy whose generation_config.json sets repetition_penalty / no_repeat_ngram_size: generate()'s own scores
+    (the distribution it sampled from) equal softmax(logits / T), the log-probs the losses use; the flag that keeps
+    the checkpoint's settings makes them differ (which is why it is off by default)."""
+    from transformers import GenerationConfig
+
+    from common import gather_logprobs, load_causal_lm
+
+    tiny_lm.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=12, do_sample=True)
+    tiny_lm.save_pretrained(tmp_path / "policy")
+    policy = load_causal_lm(str(tmp_path / "policy"), torch.float32, keep_generation_config=keep)
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                              eos_token_id=1, pad_token_id=0)  # fmt: skip
+    queries = torch.randint(2, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = policy.generate(queries, attention_mask=torch.ones_like(queries), generation_config=config,
+                              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        responses = out.sequences[:, queries.shape[1] :]
+        sampled = gather_logprobs(torch.stack(out.scores, 1).float(), responses)
+        ours = gather_logprobs(
+            response_logits(policy, out.sequences, torch.ones_like(out.sequences), 6, 0.7), responses
+        )
+    alive = responses != 0  # after EOS generate pads (score -inf in the processed distribution)
+    gap = (sampled - ours)[alive].abs().max().item()
+    assert (gap > 1e-3) if keep else (gap < 1e-5), gap
