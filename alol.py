@@ -117,7 +117,7 @@ class Args:
     """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
     reward models (off by default: the toy reward model was trained without it)"""
     reward_truncate: bool = True
-    """left-truncate reward-model inputs longer than its maximum length (counted in train/reward_truncated)"""
+    """left-truncate reward-model inputs longer than its maximum length; off: stop with an error instead"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a sampled response that never emits EOS (0 = off)"""
     lr: float = 1e-4

@@ -120,8 +120,8 @@ def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_s
     """Every flag in range, batch sizes divide as the loops need them to (before anything loads or is written)."""
     check_flags(args, mini_batch_size // world_size, world_size)
     for flag, size in (("--rollout-batch-size", rollout_batch_size), ("--mini-batch-size", mini_batch_size)):
-        if size <= 0 or size % world_size:
-            fail(f"{flag} {size} is not a positive multiple of the {world_size} ranks; make it a multiple")
+        if size % world_size:  # (positive: check_flags)
+            fail(f"{flag} {size} is not divisible by the {world_size} ranks; make it a multiple of the world size")
     if rollout_batch_size % mini_batch_size:
         fail(f"--rollout-batch-size {rollout_batch_size} is not divisible by --mini-batch-size {mini_batch_size}")
     if total_episodes < rollout_batch_size:
@@ -528,9 +528,9 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
         responses = list(ds[response_column]) if response_column in ds.column_names else None
     elif response_column in ds.column_names:  # hh-rlhf: the prompt is the dialogue up to the last assistant turn
         marker = "\n\nAssistant:"
-        dialogues = [d if isinstance(d, str) else "" for d in ds[response_column]]  # non-strings: the check below
-        prompts = [d[: d.rfind(marker) + len(marker)] for d in dialogues]
-        responses = [d[len(p) :] for d, p in zip(dialogues, prompts)]
+        dialogues = list(ds[response_column])  # a dialogue that is not a string is reported by the check below
+        prompts = [d[: d.rfind(marker) + len(marker)] if isinstance(d, str) else d for d in dialogues]
+        responses = [d[len(p) :] if isinstance(d, str) else None for d, p in zip(dialogues, prompts)]
     else:
         fail(
             f"--dataset '{name}' has columns {ds.column_names}; expected 'prompt' (Dahoas/rm-static or plain "

@@ -218,3 +218,12 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_lm, tmp_path, k
     alive = responses != 0  # after EOS generate pads (score -inf in the processed distribution)
     gap = (sampled - ours)[alive].abs().max().item()
     assert (gap > 1e-3) if keep else (gap < 1e-5), gap
+
+
+def test_hh_dialogue_that_is_not_a_string_is_named(tmp_path):
+    from common import load_rows
+
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello"}, {"chosen": [{"role": "user", "content": "hi"}]}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="row 1 of split 'train' .* is a list, not a string"):
+        load_rows(str(tmp_path / "data.jsonl"), "train")
