@@ -131,7 +131,8 @@ def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_s
 # The ranges of the flags the scripts share by name (a script checks those of its Args that appear here).
 POSITIVE_COUNTS = ["total_episodes", "rollout_batch_size", "mini_batch_size", "update_epochs", "total_steps",
                    "batch_size", "rollout_forward_batch_size", "max_new_tokens", "max_prompt_length", "eval_every",
-                   "eval_size", "lora_r", "kl_horizon", "value_samples", "value_epochs", "log_every"]  # fmt: skip
+                   "eval_size", "lora_r", "kl_horizon", "value_samples", "value_epochs", "log_every",
+                   "lr_warmup_steps"]  # fmt: skip
 NON_NEGATIVE = ["save_every", "micro_batch_size", "critic_warmup_steps", "missing_eos_penalty", "kl_coef", "kl_target",
                 "vf_coef", "max_weight", "kl_beta", "ptx_coef"]  # fmt: skip
 POSITIVE = ["temperature", "lr", "value_lr", "max_grad_norm", "reward_clip", "clip_eps", "value_clip", "lam", "beta"]

@@ -4,7 +4,9 @@ Shared by every online script (SPEC section 1): rollouts with the KV cache, rewa
 at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
 whitened over the whole batch, then update epochs over shuffled minibatches.
 PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe;
-`--recipe released` switches to the MOSS-RLHF scripts' score / running_std and KL coef 0.01):
+`--recipe released` switches to the MOSS-RLHF release (github.com/OpenLMLab/MOSS-RLHF, train_ppo_en.sh): score /
+running_std, KL coef 0.01, no critic warm-up, LR warm-up then inverse-sqrt decay, AdamW eps 1e-6, no weight decay;
+README "PPO-max: paper vs released recipe" lists what still differs and why):
     r_t = -eta k1_t + [t = last] clip((score - running_mean) / running_std, -delta, delta),  eta FIXED
     no advantage whitening (`--norm-adv` on), one gradient-norm clip over policy and critic together,
     critic initialised from the reward model, `--critic-warmup-steps`, one update epoch, PPO-ptx.
@@ -131,7 +133,7 @@ class Args:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
     max_grad_norm: float = 1.0
-    """gradient clipping by global norm, per network"""
+    """gradient clipping by global norm, one norm over policy and critic together"""
     gamma: float = 1.0
     """discount"""
     gae_lambda: float = 0.95
@@ -153,8 +155,10 @@ class Args:
     """whiten advantages over the batch (off in PPO-max)"""
     critic_model: str = ""
     """critic initialisation, backbone and head (default: the reward model; must share the policy's tokenizer)"""
-    critic_warmup_steps: int = 4
-    """rollout batches at the start that train only the critic"""
+    critic_warmup_steps: int | None = None
+    """rollout batches at the start that train only the critic (default: 4 paper, 0 released)"""
+    lr_warmup_steps: int = 100
+    """--recipe released: optimizer steps of linear LR warm-up (floor 0.1 x lr), then lr x sqrt(warmup / step)"""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the token-mean NLL of the dataset's chosen responses in the policy loss"""
     use_lora: bool = False
@@ -201,6 +205,14 @@ def normalize_scores(scores, score_stats, recipe: str, reward_clip: float):
     if recipe == "released":  # the MOSS-RLHF scripts: no mean, no clip
         return scores / score_stats.std
     return ((scores - score_stats.mean) / score_stats.std).clamp(-reward_clip, reward_clip)
+
+
+def lr_factor(step: int, recipe: str, warmup: int) -> float:
+    """The LR multiplier at optimizer step `step` (from 0): constant in the paper; the MOSS-RLHF release warms up
+    linearly from 0.1 over `warmup` steps, then decays as 1 / sqrt(step)."""
+    if recipe == "paper":
+        return 1.0
+    return max(step / warmup, 0.1) if step < warmup else (warmup / step) ** 0.5
 
 
 def ptx_loss(logprobs, mask):
@@ -283,14 +295,18 @@ def main():
         pad_token_id=tokenizer.pad_token_id,
     )
 
+    released = args.recipe == "released"  # ALGO LOGIC: the release's AdamW: eps 1e-6 (critic 1e-8), no weight decay
     policy_optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
-    )
+        [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas,
+        eps=1e-6 if released else 1e-8, weight_decay=0.0 if released else 0.01,
+    )  # fmt: skip
     value_optimizer = torch.optim.AdamW(
-        [p for p in value_model.parameters() if p.requires_grad], lr=args.value_lr, betas=args.adam_betas
-    )
+        [p for p in value_model.parameters() if p.requires_grad], lr=args.value_lr, betas=args.adam_betas,
+        weight_decay=0.0 if released else 0.01,
+    )  # fmt: skip
     score_stats = RunningMoments()
     kl_coef = args.kl_coef if args.kl_coef is not None else {"paper": 0.05, "released": 0.01}[args.recipe]  # ALGO LOGIC
+    critic_warmup_steps = args.critic_warmup_steps if args.critic_warmup_steps is not None else (0 if released else 4)
     start_iteration = 0
     if args.resume:
         checkpoint = load_checkpoint(output_dir)
@@ -408,7 +424,7 @@ def main():
             "train/reward": scores, "train/kl": kl.sum(1), "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
             "train/response_length": response_mask.sum(1), "train/missing_eos_rate": ~contains_eos,
         })  # fmt: skip
-        train_policy = iteration > args.critic_warmup_steps  # ALGO LOGIC: critic warm-up first
+        train_policy = iteration > critic_warmup_steps  # ALGO LOGIC: critic warm-up first
         t_score = now(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
@@ -463,6 +479,9 @@ def main():
                         }  # fmt: skip
                         minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
                 torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], args.max_grad_norm)
+                step = (iteration - 1) * args.update_epochs * (local_batch // local_mini_batch) + len(stats)
+                for optimizer, lr in [(policy_optimizer, args.lr), (value_optimizer, args.value_lr)]:  # ALGO LOGIC
+                    optimizer.param_groups[0]["lr"] = lr * lr_factor(step, args.recipe, args.lr_warmup_steps)
                 if train_policy:
                     policy_optimizer.step()
                 value_optimizer.step()
@@ -484,6 +503,7 @@ def main():
             "train/reward_std": torch.tensor(all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
+            "train/lr": policy_optimizer.param_groups[0]["lr"],
             "train/kl_coef": kl_coef,  # ALGO LOGIC: PPO-max monitoring: collapse = length up, perplexity down, KL up
             "train/perplexity": masked_mean(-logprobs, response_mask, True).exp().item(),
             "train/ref_perplexity": masked_mean(-ref_logprobs, response_mask, True).exp().item(),

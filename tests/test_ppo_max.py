@@ -9,7 +9,7 @@ import torch
 from conftest import FAST, REPO, read_metrics, run_script
 
 from common import RunningMoments, left_pad, load_scorer, load_tokenizer, load_value_model
-from ppo_max import normalize_scores, ptx_loss
+from ppo_max import lr_factor, normalize_scores, ptx_loss
 
 
 def test_score_normaliser_matches_numpy_over_a_stream_and_clips():
@@ -56,6 +56,11 @@ def test_score_normaliser_statistics_agree_across_two_ranks(tmp_path):
     assert ranks[0]["std"] == pytest.approx(everything.std(), rel=1e-4)
 
 
+def test_released_lr_schedule_warms_up_from_a_tenth_then_decays_as_inverse_sqrt():
+    assert [lr_factor(step, "released", 100) for step in (0, 5, 50, 100, 400)] == pytest.approx([0.1, 0.1, 0.5, 1, 0.5])
+    assert lr_factor(400, "paper", 100) == 1.0
+
+
 def test_ptx_loss_hand_computed():
     logprobs = torch.tensor([[-1.0, -3.0, -9.0], [-2.0, -4.0, -6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
@@ -100,6 +105,12 @@ def test_ptx_and_released_recipe_end_to_end(tmp_path):
     for row in read_metrics(tmp_path / "a")[1:]:
         assert row["loss/ptx"] > 0
         assert row["loss/policy"] == pytest.approx(row["loss/clipped_surrogate"] + 0.5 * row["loss/ptx"], abs=1e-5)
-    run_script("ppo_max.py", *FAST, "--recipe", "released", "--output-dir", str(tmp_path / "b"))
-    rows = read_metrics(tmp_path / "b")
+    # the MOSS-RLHF release: no critic warm-up (the policy moves at iteration 1), LR warm-up then 1/sqrt decay
+    run_script(
+        "ppo_max.py", *FAST, "--recipe", "released", "--lr-warmup-steps", "2", "--output-dir", str(tmp_path / "b")
+    )
+    rows = [row for row in read_metrics(tmp_path / "b") if "train/lr" in row]
     assert rows[-1]["train/kl_coef"] == 0.01
+    # two minibatches per iteration: optimizer steps 0, 1 then 2, 3; the logged LR is the last step's
+    assert [row["train/lr"] for row in rows] == pytest.approx([3e-4 * 0.5, 3e-4 * (2 / 3) ** 0.5])
+    assert rows[0]["eval/kl"] != 0.0  # the policy moved (with a critic warm-up it is exactly 0)
