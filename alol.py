@@ -63,8 +63,11 @@ from common import (
     response_logits,
     save_checkpoint,
     save_final_policy,
+    scoring_prompts,
     setup_distributed,
+    stop_token_ids,
     tokenize_prompts,
+    tokenize_responses,
     trainable_state,
     unwrap,
 )
@@ -113,9 +116,9 @@ class Args:
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
     distribution whose log-probs the losses use"""
-    reward_append_eos: bool = False
+    reward_append_eos: bool = True
     """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
-    reward models (off by default: the toy reward model was trained without it)"""
+    reward models (the toy's too); --no-reward-append-eos for a reward model trained on text without it"""
     reward_truncate: bool = True
     """left-truncate reward-model inputs longer than its maximum length; off: stop with an error instead"""
     missing_eos_penalty: float = 1.0
@@ -251,20 +254,22 @@ def main():
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    train_texts, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
-    if response_texts is None:
-        fail(f"--dataset '{args.dataset}' has no '{args.response_column}' column; pass --response-column")
-    train_prompts = tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
-    # a response continues its prompt: no special tokens of its own (a LLaMA tokenizer would insert a BOS). One that
-    # fits ends with EOS; a longer one is cut and, like a sample that never stopped, keeps no EOS and is penalised
-    response_ids = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
-    train_ended = torch.tensor([len(ids) < args.max_new_tokens for ids in response_ids])
-    train_responses = [
-        ids + [tokenizer.eos_token_id] if ended else ids[: args.max_new_tokens]
-        for ids, ended in zip(response_ids, train_ended.tolist())
-    ]
-    held_out_prompts = tokenize_prompts(tokenizer, load_rows(args.dataset, args.eval_split)[0], args.max_prompt_length)
+    train_rows, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
+    if response_texts is None or None in response_texts:
+        fail(f"--dataset '{args.dataset}' has no '{args.response_column}' column or assistant turn in a row; "
+             "pass --response-column or complete the conversations")  # fmt: skip
+    train_prompts = tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
+    stop_ids = torch.tensor(stop_token_ids(args.model, tokenizer), device=device)  # EOS and any end-of-turn token
+    # a response continues its prompt as the policy would write it (tokens + EOS, or the chat template's assistant
+    # turn). One that fits ends with its stop token; a longer one is cut and, like a sample that never stopped, keeps
+    # none and is penalised
+    response_ids = tokenize_responses(tokenizer, train_rows, response_texts, stop_ids.tolist())
+    train_ended = torch.tensor([len(ids) <= args.max_new_tokens for ids in response_ids])
+    train_responses = [ids[: args.max_new_tokens] for ids in response_ids]
+    held_out_rows = load_rows(args.dataset, args.eval_split)[0]
+    held_out_prompts = tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
     eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
+    eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size :]
     if not value_prompts:
         fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
     # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers; each is prepared as
@@ -292,7 +297,7 @@ def main():
         temperature=args.temperature,
         top_k=0,
         top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids.tolist(),
         pad_token_id=tokenizer.pad_token_id,
     )
     optimizer = torch.optim.AdamW(
@@ -337,9 +342,9 @@ def main():
                 ref_model, input_ids, attention_mask, responses, queries.shape[1], args.temperature
             )
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        prompt_texts = scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        ended = (responses == tokenizer.eos_token_id).any(1)
+        ended = torch.isin(responses, stop_ids).any(1)
         per_sequence = {
             "eval/reward": score_fn(prompt_texts, response_texts, ended),
             "eval/kl": kl.sum(1),
@@ -367,11 +372,11 @@ def main():
                 features.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return torch.cat(features)
 
-    def rewards_of(prompts, responses, ended) -> torch.Tensor:
+    def rewards_of(prompts, rows, responses, ended) -> torch.Tensor:
         """r(x, y): the reward model's score (ALGO LOGIC: through --reward-transform) less the missing-EOS penalty,
         the same for the dataset's responses and for pi_ref's samples (the V_ref targets)."""
         scores = score_fn(
-            tokenizer.batch_decode(prompts, skip_special_tokens=True),
+            scoring_prompts(tokenizer, prompts, rows),
             tokenizer.batch_decode(responses, skip_special_tokens=True),
             ended,
         )
@@ -392,7 +397,9 @@ def main():
         # ---- score every training pair once (this rank's block, then gathered)
         t0 = now(device)
         block = shard(len(train_prompts))
-        rewards = rewards_of(train_prompts[block], train_responses[block], train_ended[block].to(device))
+        rewards = rewards_of(
+            train_prompts[block], train_rows[block], train_responses[block], train_ended[block].to(device)
+        )
         rewards = torch.tensor(all_gather_list(rewards.tolist()))
         if not torch.isfinite(rewards).all():
             fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
@@ -404,7 +411,9 @@ def main():
         ref_model, ref_context = reference()
         with ref_context, autocast(device, dtype):
             responses, _ = generate(ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size)
-        sample_scores = rewards_of(queries, responses, (responses == tokenizer.eos_token_id).any(1))
+        sample_scores = rewards_of(
+            queries, value_rows[block] * args.value_samples, responses, torch.isin(responses, stop_ids).any(1)
+        )
         sample_scores = torch.tensor(all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)

@@ -281,7 +281,7 @@ def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: boo
 
 def load_scorer(
     spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False, fsdp: bool = False,
-    append_eos: bool = False, truncate: bool = True,
+    append_eos: bool = True, truncate: bool = True,
 ):  # fmt: skip
     """Sequence-level scorer (prompts, responses, ended_with_eos=None) -> (N,) float tensor on `device`: either a
     Python function `module:function` (given prompts and responses), or a reward model scoring the decoded text
@@ -311,8 +311,15 @@ def load_scorer(
     max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
     eos, leading = tokenizer.eos_token_id, {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
 
-    def encode(text: str, ended: bool) -> list[int]:
-        ids = tokenizer(text)["input_ids"]
+    def encode(prompt, response: str, ended: bool) -> list[int]:
+        if not is_conversation(prompt):
+            ids = tokenizer(prompt + response)["input_ids"]
+        elif tokenizer.chat_template:  # the conversation as the reward model was trained on it, special tokens once
+            turns = prompt + [{"role": "assistant", "content": response}]
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(render_plain(prompt) + response)["input_ids"]
         if append_eos and ended and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         if len(ids) > max_length:
@@ -326,7 +333,7 @@ def load_scorer(
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor | None = None) -> torch.Tensor:
         ended = ended_with_eos.tolist() if ended_with_eos is not None else [False] * len(prompts)
-        encoded = [encode(p + r, e) for p, r, e in zip(prompts, responses, ended)]
+        encoded = [encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
         scores = []
         with gathered(model):
             for i in range(0, len(encoded), batch_size):
@@ -501,10 +508,13 @@ def gradient_sync(models: list[nn.Module], sync: bool):
 
 
 # ---------------------------------------------------------------- data
-def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[list[str], list[str] | None]:
+def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[list, list[str] | None]:
     """(prompts, responses of `response_column` or None) from a hub dataset, a local data dir, a jsonl/json/parquet
-    file or a `save_to_disk` dir, in Dahoas/rm-static (`prompt`, `chosen`), Anthropic/hh-rlhf (full
-    `chosen` dialogues) or plain-`prompt` format."""
+    file or a `save_to_disk` dir. Plain text: Dahoas/rm-static (`prompt`, `chosen`), Anthropic/hh-rlhf (full
+    `chosen` dialogues) or plain `prompt`. Conversational (TRL's formats): a prompt is a list of
+    {"role", "content"} messages: `prompt` as messages, `messages` (the prompt is everything before the last
+    assistant turn, whose content is the response) or `chosen` given as messages (explicit `prompt` column, or the
+    whole conversation like `messages`); a response is then the assistant turn's content."""
     import datasets
 
     path = resolve(name)
@@ -524,29 +534,135 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
         fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
     if len(ds) == 0:
         fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
-    if "prompt" in ds.column_names:
+    where = f"split '{split}' of --dataset '{name}'"
+    columns = ds.column_names
+    if "prompt" not in columns and ("messages" in columns or response_column in columns):
+        column = "messages" if "messages" in columns else response_column
+        prompts, responses = zip(*(_split_dialogue(d, f"row {i} of {where}") for i, d in enumerate(ds[column])))
+        prompts, responses = list(prompts), None if all(r is None for r in responses) else list(responses)
+    elif "prompt" in columns:
         prompts = list(ds["prompt"])
-        responses = list(ds[response_column]) if response_column in ds.column_names else None
-    elif response_column in ds.column_names:  # hh-rlhf: the prompt is the dialogue up to the last assistant turn
-        marker = "\n\nAssistant:"
-        dialogues = list(ds[response_column])  # a dialogue that is not a string is reported by the check below
-        prompts = [d[: d.rfind(marker) + len(marker)] if isinstance(d, str) else d for d in dialogues]
-        responses = [d[len(p) :] if isinstance(d, str) else None for d, p in zip(dialogues, prompts)]
+        responses = list(ds[response_column]) if response_column in columns else None
+        if responses is not None:  # conversational `chosen`: the content of its (last) assistant message
+            responses = [_last_assistant(r) if isinstance(r, list) else r for r in responses]
     else:
         fail(
-            f"--dataset '{name}' has columns {ds.column_names}; expected 'prompt' (Dahoas/rm-static or plain "
-            "prompts) or 'chosen' dialogues (Anthropic/hh-rlhf)"
+            f"--dataset '{name}' has columns {columns}; expected 'prompt' (Dahoas/rm-static, plain or "
+            "conversational prompts), 'messages' (conversations) or 'chosen' dialogues (Anthropic/hh-rlhf)"
         )
+    conversational = is_conversation(prompts[0])
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
+        if conversational and not is_conversation(prompt):
+            fail(f"row {i} of {where} has a prompt that is not a list of {{'role', 'content'}} messages like row 0")
+        if not conversational and (not isinstance(prompt, str) or not prompt.strip()):
             what = "an empty string" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not a string"
-            fail(f"row {i} of split '{split}' of --dataset '{name}' has a prompt that is {what}; fix or drop that row")
+            fail(f"row {i} of {where} has a prompt that is {what}; fix or drop that row")
     return prompts, responses
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
-    """Token ids per prompt, left-truncated so the end of the dialogue (the last turn) is kept."""
-    return [ids[-max_prompt_length:] for ids in tokenizer(prompts)["input_ids"]]
+def is_conversation(x) -> bool:
+    """A non-empty list of {"role": str, "content": str} messages (TRL's conversational format)."""
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+    )
+
+
+def _last_assistant(messages: list):
+    contents = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    return contents[-1] if contents else None
+
+
+def _split_dialogue(dialogue, where: str):
+    """(prompt, response) of one dialogue: hh-rlhf text splits at its last "\n\nAssistant:"; a message list at its
+    last assistant turn (the response is that turn's content)."""
+    if isinstance(dialogue, str):
+        marker = "\n\nAssistant:"
+        prompt = dialogue[: dialogue.rfind(marker) + len(marker)]
+        return prompt, dialogue[len(prompt) :]
+    if not is_conversation(dialogue):  # reported by the prompt check of load_rows
+        return dialogue, None
+    turns = [i for i, m in enumerate(dialogue) if m["role"] == "assistant"]
+    if not turns:
+        return dialogue, None
+    if turns[-1] == 0:
+        fail(f"{where} starts with its only assistant turn, so it has no prompt; put the user turn before it")
+    return dialogue[: turns[-1]], dialogue[turns[-1]]["content"]
+
+
+def render_plain(messages: list[dict]) -> str:
+    """A conversation as Anthropic HH text (for a tokenizer without a chat template, e.g. a plain-text reward model):
+    "\n\nHuman: ...\n\nAssistant: ..." ending with "\n\nAssistant:", the point where a response continues it."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    turns = "".join(f"\n\n{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+    return turns + "\n\nAssistant:"
+
+
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[list[int]]:
+    """Token ids per prompt, left-truncated so the end of the dialogue (the last turn) is kept, after a leading BOS.
+    A conversation is rendered once with the tokenizer's chat template and the generation prompt, and tokenized
+    without adding special tokens again (the template writes any BOS itself)."""
+    if prompts and is_conversation(prompts[0]):
+        check_chat_template(tokenizer, "--model")
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        encoded = tokenizer(prompts)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [
+        ids if len(ids) <= max_prompt_length else ids[:1] + ids[1 - max_prompt_length :]
+        if bos is not None and ids[0] == bos and max_prompt_length > 1 else ids[-max_prompt_length:]
+        for ids in encoded
+    ]  # fmt: skip
+
+
+def check_chat_template(tokenizer, flag: str):
+    if not getattr(tokenizer, "chat_template", None):
+        fail(
+            f"the dataset is conversational but the {flag} tokenizer has no chat template; use a chat model's "
+            "tokenizer (or set its chat_template), or a dataset with plain-text prompts"
+        )
+
+
+def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids: list[int]) -> list[list[int]]:
+    """Token ids of each dataset response as the policy would generate it after its tokenized prompt, ending with
+    a stop token. Plain text: the response's own tokens (no special tokens: a LLaMA tokenizer would put a BOS
+    between prompt and response) + EOS. Conversational: what the chat template writes after the generation prompt
+    for the assistant turn, up to and including its first stop token (the end-of-turn token)."""
+    if not (prompts and is_conversation(prompts[0])):
+        return [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    out = []
+    for prompt, response in zip(prompts, responses):
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):
+            fail("the --model chat template renders an assistant turn that does not continue its generation prompt")
+        ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+        stops = [i for i, t in enumerate(ids) if t in stop_ids]
+        out.append(ids[: stops[0] + 1] if stops else ids + [tokenizer.eos_token_id])
+    return out
+
+
+def stop_token_ids(path: str, tokenizer) -> list[int]:
+    """Generation stops at EOS and at every id the checkpoint's generation_config.json lists as eos_token_id (a chat
+    model's end-of-turn token, such as <|im_end|> or <|eot_id|>)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(resolve(path)).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: EOS only
+        listed = None
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def scoring_prompts(tokenizer, queries: torch.Tensor, rows: list) -> list:
+    """The prompts scorers get: a conversational dataset's messages, else the prompt text the policy saw (decoded,
+    so left-truncated like the policy's input)."""
+    if rows and is_conversation(rows[0]):
+        return list(rows)
+    return tokenizer.batch_decode(queries, skip_special_tokens=True)
 
 
 def prompt_indices(n: int, batch_size: int, iteration: int, seed: int, rank: int, world_size: int) -> list[int]:
@@ -579,14 +695,14 @@ def pad_pairs(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left-padded and unpadded rows get the same positions (SPEC 1.1)."""
+    """Left-padded and unpadded rows get the same positions, so padding never changes a log-prob."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
 def generate(model, queries, query_mask, generation_config, chunk_size: int):
     """Sample responses with the KV cache in chunks of `chunk_size` prompts. Returns responses
-    (B, R) and response_mask (B, R): 1 on real tokens up to and including the first EOS (SPEC 1.4)."""
+    (B, R) and response_mask (B, R): 1 on real tokens up to and including the first stop token."""
     context_length = queries.shape[1]
     with gathered(model):  # under --fsdp: one all-gather for the whole generation, none per decode step
         chunks = [
@@ -599,7 +715,7 @@ def generate(model, queries, query_mask, generation_config, chunk_size: int):
         ]
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([F.pad(c, (0, width - c.shape[1]), value=generation_config.pad_token_id) for c in chunks])
-    is_eos = responses == generation_config.eos_token_id
+    is_eos = torch.isin(responses, torch.tensor(generation_config.eos_token_id, device=responses.device))
     after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
     return responses, ~after_first_eos
 
@@ -607,7 +723,7 @@ def generate(model, queries, query_mask, generation_config, chunk_size: int):
 # ---------------------------------------------------------------- log-probs and masked statistics
 def response_logits(model, input_ids, attention_mask, context_length: int, temperature: float) -> torch.Tensor:
     """Logits / T at the positions that predict the response tokens input_ids[:, context_length:].
-    Logits at position t predict token t+1: this is the one place the shift happens (SPEC 1.3)."""
+    Logits at position t predict token t+1: this is the one place the shift happens."""
     response_length = input_ids.shape[1] - context_length
     logits = model(
         input_ids=input_ids,
@@ -641,7 +757,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, global_batch: bool = F
 
 
 def masked_whiten(values, mask, shift_mean: bool = True, global_batch: bool = True):
-    """Whiten over real tokens only, with statistics over the whole rollout batch on all ranks (SPEC 1.9)."""
+    """Whiten over real tokens only, with statistics over the whole rollout batch on all ranks (per-rank statistics
+    would scale each rank's advantages differently)."""
     mean = masked_mean(values, mask, global_batch)
     var = masked_mean((values - mean) ** 2, mask, global_batch)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)

@@ -1,6 +1,6 @@
 """PPO-max: "Secrets of RLHF in Large Language Models Part I: PPO" (Zheng et al. 2023, arXiv 2307.04964).
 
-Shared by every online script (SPEC section 1): rollouts with the KV cache, reward-model scores
+Shared by every online script: rollouts with the KV cache, reward-model scores
 at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
 whitened over the whole batch, then update epochs over shuffled minibatches.
 PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe;
@@ -67,8 +67,11 @@ from common import (
     response_logits,
     save_checkpoint,
     save_final_policy,
+    scoring_prompts,
     setup_distributed,
+    stop_token_ids,
     tokenize_prompts,
+    tokenize_responses,
     trainable_state,
     unwrap,
 )
@@ -119,9 +122,9 @@ class Args:
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
     distribution whose log-probs the losses use"""
-    reward_append_eos: bool = False
+    reward_append_eos: bool = True
     """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
-    reward models (off by default: the toy reward model was trained without it)"""
+    reward models (the toy's too); --no-reward-append-eos for a reward model trained on text without it"""
     reward_truncate: bool = True
     """left-truncate reward-model inputs longer than its maximum length (counted in train/reward_truncated)"""
     missing_eos_penalty: float = 1.0
@@ -186,7 +189,8 @@ class Args:
 
 
 def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
-    """GAE over response tokens (SPEC 1.8): V after the last real token is 0. Returns (advantages, returns)."""
+    """GAE (Schulman et al. 2016, eq. 16) over response tokens; V after the last real token is 0 (the episode ends
+    there). Returns (advantages, returns)."""
     values = torch.where(mask, values, 0.0)
     last_gae, advantages = torch.zeros_like(values[:, 0]), []
     for t in reversed(range(rewards.shape[1])):
@@ -250,18 +254,18 @@ def main():
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     critic_path = args.critic_model or args.reward_model  # ALGO LOGIC: the critic starts as the reward model
     check_same_tokenizer(tokenizer, critic_path, "--critic-model", args.trust_remote_code)
-    train_texts, sft_responses = load_rows(args.dataset, args.train_split)
-    train_prompts = tokenize_prompts(tokenizer, train_texts, args.max_prompt_length)
-    if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx data, the dataset's chosen responses ending in EOS
-        if sft_responses is None:
-            fail(f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column")
+    train_rows, sft_responses = load_rows(args.dataset, args.train_split)  # strings, or message lists
+    eval_rows = load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
+    train_prompts = tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
+    eval_prompts = tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
+    stop_ids = torch.tensor(stop_token_ids(args.model, tokenizer), device=device)  # EOS and any end-of-turn token
+    if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx data, the dataset's chosen responses ending in a stop token
+        if sft_responses is None or None in sft_responses:
+            fail(f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column or assistant turn")
         sft_responses = [
-            ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id]
-            for ids in tokenizer(sft_responses, add_special_tokens=False)["input_ids"]
+            ids if len(ids) <= args.max_new_tokens else ids[: args.max_new_tokens - 1] + ids[-1:]
+            for ids in tokenize_responses(tokenizer, train_rows, sft_responses, stop_ids.tolist())
         ]
-    eval_prompts = tokenize_prompts(
-        tokenizer, load_rows(args.dataset, args.eval_split)[0][: args.eval_size], args.max_prompt_length
-    )
     # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
@@ -291,7 +295,7 @@ def main():
         temperature=args.temperature,
         top_k=0,
         top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids.tolist(),
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -363,9 +367,9 @@ def main():
             input_ids, attention_mask, responses, queries.shape[1], with_values=False
         )
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        prompt_texts = scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        ended = (responses == tokenizer.eos_token_id).any(1)
+        ended = torch.isin(responses, stop_ids).any(1)
         per_sequence = {
             "eval/reward": score_fn(prompt_texts, response_texts, ended),
             "eval/kl": kl.sum(1),
@@ -403,16 +407,16 @@ def main():
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
         logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses, context_length)
-        contains_eos = (responses == tokenizer.eos_token_id).any(1)
-        last_index = response_mask.sum(1) - 1  # the last real token: the EOS when there is one (SPEC 1.5)
-        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        contains_eos = torch.isin(responses, stop_ids).any(1)
+        last_index = response_mask.sum(1) - 1  # the last real token (the EOS when there is one)
+        prompt_texts = scoring_prompts(tokenizer, queries, [train_rows[i] for i in indices])
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = (
             score_fn(prompt_texts, response_texts, contains_eos) - args.missing_eos_penalty * (~contains_eos).float()
         )
         if not torch.isfinite(all_reduce_sum(scores.sum())):
             fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
-        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 per token (SPEC 1.7)
+        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
         # ALGO LOGIC: PPO-max reward: normalised, clipped score at the last token; fixed KL penalty on every token
         scaled_scores = normalize_scores(scores, score_stats, args.recipe, args.reward_clip)
         rewards = -kl_coef * kl
@@ -468,7 +472,7 @@ def main():
                             pg_stats["loss/clipped_surrogate"] = pg_loss
                             pg_loss = pg_loss + args.ptx_coef * pg_stats["loss/ptx"]
                         (((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * token_share).backward()
-                    with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch (SPEC 1.1)
+                    with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
                         log_ratio = new_logprobs.detach() - logprobs[mb]
                         mb_stats = {
                             "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,

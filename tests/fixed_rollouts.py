@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def fixed_generate(model, queries, query_mask, generation_config, chunk_size):
     """Random response tokens seeded by the prompt's ids: lengths 1..max_new_tokens, half of them ending in EOS."""
     eos, pad, width = generation_config.eos_token_id, generation_config.pad_token_id, generation_config.max_new_tokens
+    eos = eos[0] if isinstance(eos, list) else eos  # the scripts pass every stop id
     rows = []
     for ids, mask in zip(queries.tolist(), query_mask.tolist()):
         prompt = [t for t, m in zip(ids, mask) if m]

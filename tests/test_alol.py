@@ -21,7 +21,7 @@ WEIGHTS = torch.tensor([2.0, 0.5])  # A+ (or r)
 
 
 def hand_computed(variant):
-    """The SPEC section 6 losses, by hand: S = [3.5, 1.2]; sum log-ratios = [-0.5, 2.8] ->
+    """The A-LoL paper's losses, by hand: S = [3.5, 1.2]; sum log-ratios = [-0.5, 2.8] ->
     exp = [0.6065, 16.44] -> rho clipped to [0.1, 1.9] = [0.6065, 1.9]."""
     s, rho = [3.5, 1.2], [math.exp(-0.5), 1.9]
     w = [2.0, 0.5]

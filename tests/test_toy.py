@@ -19,10 +19,10 @@ def test_committed_assets_load_and_gold_ranks_chosen_above_rejected():
     assert all(score_one(r["prompt"], r["chosen"]) > score_one(r["prompt"], r["rejected"]) for r in rows)
     prompts, chosen = load_rows(str(REPO / "toy" / "data"), "test")
     assert len(prompts) == len(chosen) == 500 and load_rows(str(REPO / "toy" / "data"), "train")[0]
-    # the reward model is a good but imperfect proxy of the gold scorer (build_report.json: 90.4%)
+    # the reward model is a good but imperfect proxy of the gold scorer (build_report.json: 88.4%) on complete responses
     reward = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 256, "rm")
-    rejected = [r["rejected"] for r in rows]
-    accuracy = (reward(prompts, chosen) > reward(prompts, rejected)).float().mean().item()
+    rejected, ended = [r["rejected"] for r in rows], torch.ones(len(rows), dtype=torch.bool)
+    accuracy = (reward(prompts, chosen, ended) > reward(prompts, rejected, ended)).float().mean().item()
     assert accuracy >= 0.88
 
 
@@ -37,3 +37,6 @@ def test_gold_scorer_hand_computed():
     assert score_one(prompt, " whatever. check the oven") == -3.5
     # a repeated sentence costs 1
     assert score([prompt], [" watch the bishop first. watch the bishop first."]) == [0.0]
+    # a conversational prompt (a list of messages) is read the same way
+    messages = [{"role": "user", "content": "any advice on chess for a beginner?"}]
+    assert score([messages, messages], [" whatever. check the oven", " sure! keep the pawns early."]) == [-3.5, 1.5]

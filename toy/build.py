@@ -6,6 +6,11 @@ Writes, next to this file:
   policy/                  SFT policy: GPT-NeoX (Pythia architecture) causal LM, ~1M params
   reward_model/            GPTNeoXForSequenceClassification, num_labels=1, Bradley-Terry
   build_report.json        sizes, SFT gold reward, reward-model held-out pair accuracy
+  chat/{prompts,messages}/ conversational copies of the first rows of data/ (TRL formats)
+
+The tokenizers carry a chat template that writes the toy's own HH text, so a conversation
+tokenizes exactly as the plain-text row it came from. `python toy/build.py chat` writes only
+the template and chat/ (seconds); `python toy/build.py rm` rebuilds only the reward model.
 
 Responses come from a mix in which good ones are a minority, so the SFT policy has clear
 room to improve under the gold scorer (toy/gold.py), which also labels the RM's pairs.
@@ -31,6 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toy.gold import CLOSINGS, POLITE_OPENERS, RUDE_OPENERS, TOPICS, score_one  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
+# the toy's chat template: user/assistant/system turns in Anthropic HH text; an assistant turn ends with EOS (the
+# SFT policy's end of response) and the generation prompt is "\n\nAssistant:", after which the policy writes " ..."
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '\n\nAssistant: ' + (message['content'] | trim) + eos_token }}"
+    "{%- elif message['role'] == 'system' -%}{{ '\n\nSystem: ' + (message['content'] | trim) }}"
+    "{%- else -%}{{ '\n\nHuman: ' + (message['content'] | trim) }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
+)
+CHAT_ROWS = {"train": 2000, "test": 500}  # conversational copies: the first rows of each split
 SEED = 0
 REQUESTS = [
     "how do i get better at {t}?",
@@ -175,7 +191,9 @@ def train_sft(tokenizer, rng: random.Random, steps: int = 1500, batch: int = 64)
 
 
 def rm_scores(rm, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    ids, mask = right_pad(tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"], tokenizer.pad_token_id)
+    """Scores of prompt + response + EOS, the input TRL's RewardTrainer trains on (the scripts' --reward-append-eos)."""
+    texts = tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"]
+    ids, mask = right_pad([t + [tokenizer.eos_token_id] for t in texts], tokenizer.pad_token_id)
     return rm(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 
 
@@ -221,12 +239,35 @@ def sft_gold(policy, tokenizer, prompts: list[str]) -> float:
     return sum(score_one(p, r) for p, r in zip(prompts, responses)) / len(prompts)
 
 
+def write_chat(rows_by_split: dict[str, list[dict]]):
+    """The chat template into every saved tokenizer, and two conversational copies of the data:
+    chat/prompts: {"prompt": [user], "chosen": [assistant]}; chat/messages: {"messages": [user, assistant]}."""
+    for name in ("tokenizer", "policy", "reward_model"):
+        (OUT / name / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    marker = "\n\nHuman: "
+    for split, rows in rows_by_split.items():
+        for fmt in ("prompts", "messages"):
+            (OUT / "chat" / fmt).mkdir(parents=True, exist_ok=True)
+            with open(OUT / "chat" / fmt / f"{split}.jsonl", "w") as f:
+                for r in rows[: CHAT_ROWS[split]]:
+                    user = {"role": "user", "content": r["prompt"][len(marker) : -len("\n\nAssistant:")]}
+                    assistant = {"role": "assistant", "content": r["chosen"].strip()}
+                    row = (
+                        {"prompt": [user], "chosen": [assistant]}
+                        if fmt == "prompts"
+                        else {"messages": [user, assistant]}
+                    )
+                    f.write(json.dumps(row) + "\n")
+
+
 def main():
-    """`python toy/build.py` builds everything; `python toy/build.py rm` rebuilds only the reward model."""
+    """`python toy/build.py` builds everything; `rm` rebuilds only the reward model; `chat` only the chat files."""
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     rng = random.Random(SEED)
     train, test = make_pairs(rng, 10000), make_pairs(rng, 500)
+    if sys.argv[1:] == ["chat"]:
+        return write_chat({"train": train, "test": test})
     if sys.argv[1:] != ["rm"]:
         (OUT / "data").mkdir(exist_ok=True)
         for name, rows in [("train", train), ("test", test)]:
@@ -257,6 +298,7 @@ def main():
         "sft_gold_reward_test_prompts": sft_gold(policy, tokenizer, [r["prompt"] for r in test]),
     }
     (OUT / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_chat({"train": train, "test": test})
     print(json.dumps(report, indent=2))
 
 

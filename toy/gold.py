@@ -29,9 +29,12 @@ CLOSINGS = ["hope this helps!", "good luck!", "have fun!"]
 MAX_WORDS = 24
 
 
-def prompt_topic(prompt: str) -> str | None:
-    """The topic named in the last human turn of the prompt, or None."""
-    last_turn = prompt.rsplit("Human:", 1)[-1].lower()
+def prompt_topic(prompt: str | list[dict]) -> str | None:
+    """The topic named in the last human turn of the prompt (HH text or a list of chat messages), or None."""
+    if isinstance(prompt, list):
+        last_turn = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "").lower()
+    else:
+        last_turn = prompt.rsplit("Human:", 1)[-1].lower()
     for topic in TOPICS:
         if topic in last_turn:
             return topic
@@ -42,7 +45,7 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() + p for s, p in re.findall(r"([^.!?]+)([.!?]|$)", text) if s.strip()]
 
 
-def score_one(prompt: str, response: str) -> float:
+def score_one(prompt: str | list[dict], response: str) -> float:
     topic = prompt_topic(prompt)
     text = response.strip().lower()
     words = re.findall(r"[a-z']+", text)
@@ -59,6 +62,7 @@ def score_one(prompt: str, response: str) -> float:
     return score
 
 
-def score(prompts: list[str], responses: list[str]) -> list[float]:
-    """Scoring-function reward interface: (prompts, responses) -> one float each."""
+def score(prompts: list[str] | list[list[dict]], responses: list[str]) -> list[float]:
+    """Scoring-function reward interface: (prompts, responses) -> one float each. A prompt is the dataset's: HH text
+    or, for a conversational dataset, its list of {"role", "content"} messages."""
     return [score_one(p, r) for p, r in zip(prompts, responses, strict=True)]
