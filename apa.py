@@ -374,48 +374,45 @@ def main():
 
         # ---- update: update_epochs passes of shuffled minibatches
         stats = []
-        for _ in range(args.update_epochs):
-            permutation = torch.randperm(local_batch, device=device)
-            for start in range(0, local_batch, local_mini_batch):
-                minibatch = permutation[start : start + local_mini_batch]
-                num_tokens = all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
-                policy_optimizer.zero_grad(set_to_none=True)
-                value_optimizer.zero_grad(set_to_none=True)
-                minibatch_stats = 0.0
-                for mb, sync in micro_batches(minibatch, args.micro_batch_size):
-                    mb_mask = response_mask[mb]
-                    # losses are token means over the whole minibatch on all ranks: one update for any split
-                    token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
-                    with gradient_sync([policy, value_model], sync):
-                        with autocast(device, dtype):
-                            new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
-                        with autocast(device, dtype):
-                            logits = response_logits(
-                                policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
-                            )
-                        new_logprobs = gather_logprobs(logits, responses[mb])
-                        # ALGO LOGIC: APA loss anchored at pi_ref, unclipped value loss
-                        pg_loss, pg_stats = policy_loss(
-                            new_logprobs, ref_logprobs[mb], advantages[mb], mb_mask, args.lam
+        permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
+        schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
+        for minibatch in schedule:
+            num_tokens = all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
+            policy_optimizer.zero_grad(set_to_none=True)
+            value_optimizer.zero_grad(set_to_none=True)
+            minibatch_stats = 0.0
+            for mb, sync in micro_batches(minibatch, args.micro_batch_size):
+                mb_mask = response_mask[mb]
+                # losses are token means over the whole minibatch on all ranks: one update for any split
+                token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
+                with gradient_sync([policy, value_model], sync):
+                    with autocast(device, dtype):
+                        new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                    with autocast(device, dtype):
+                        logits = response_logits(
+                            policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
                         )
-                        vf_loss, vf_stats = value_loss(new_values, returns[mb], mb_mask)
-                        (pg_loss * token_share).backward()
-                        (args.vf_coef * vf_loss * token_share).backward()
-                    with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
-                        log_ratio = new_logprobs.detach() - logprobs[mb]
-                        mb_stats = {
-                            "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
-                            "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
-                            "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
-                            "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
-                            "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
-                        }  # fmt: skip
-                        minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                policy_optimizer.step()
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
-                value_optimizer.step()
-                stats.append(minibatch_stats)
+                    new_logprobs = gather_logprobs(logits, responses[mb])
+                    # ALGO LOGIC: APA loss anchored at pi_ref, unclipped value loss
+                    pg_loss, pg_stats = policy_loss(new_logprobs, ref_logprobs[mb], advantages[mb], mb_mask, args.lam)
+                    vf_loss, vf_stats = value_loss(new_values, returns[mb], mb_mask)
+                    (pg_loss * token_share).backward()
+                    (args.vf_coef * vf_loss * token_share).backward()
+                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
+                    log_ratio = new_logprobs.detach() - logprobs[mb]
+                    mb_stats = {
+                        "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
+                        "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
+                        "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
+                        "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
+                        "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
+                    }  # fmt: skip
+                    minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            policy_optimizer.step()
+            torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+            value_optimizer.step()
+            stats.append(minibatch_stats)
         stats = all_reduce_sum(torch.stack(stats)) / world_size  # (update_epochs * minibatches, K): one sync below
         if not torch.isfinite(stats).all():
             fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")

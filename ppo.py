@@ -141,6 +141,10 @@ class Args:
     """target sequence KL of the adaptive controller; 0 keeps beta fixed"""
     kl_horizon: int = 10000
     """horizon of the adaptive KL controller, in episodes"""
+    kl_control: Literal["trlx", "apa-authors"] = "trlx"
+    """trlx: the controller sees the batch's mean sequence KL (k1 summed over the response) once per rollout batch;
+    apa-authors: the APA authors' trlX fork (their PPO baseline): k3 averaged over every position of prompt + response
+    (padding counted as 0), fed after every minibatch, and --update-epochs consecutive steps on each minibatch"""
     reward_clip: float = 10.0
     """scores divided by their running std are clipped to +-reward_clip"""
     clip_eps: float = 0.2
@@ -389,55 +393,63 @@ def main():
             "train/response_length": response_mask.sum(1), "train/missing_eos_rate": ~contains_eos,
         })  # fmt: skip
         kl_coef_used = kl_coef  # ALGO LOGIC: adapt beta to this batch's KL
-        kl_coef = adaptive_kl_update(
-            kl_coef, rollout_stats["train/kl"], args.kl_target, args.rollout_batch_size, args.kl_horizon
-        )
+        if args.kl_control == "trlx":
+            kl_coef = adaptive_kl_update(
+                kl_coef, rollout_stats["train/kl"], args.kl_target, args.rollout_batch_size, args.kl_horizon
+            )
+        else:  # the APA authors' controller input: exp(d) - 1 - d of d = log pi - log pi_ref at every position
+            all_logprobs, all_ref_logprobs, _ = forward_passes(
+                input_ids, attention_mask, input_ids[:, 1:], 1, with_values=False
+            )
+            d = (all_logprobs - all_ref_logprobs) * attention_mask[:, :-1]
+            authors_kl = all_reduce_sum((d.exp() - 1 - d).mean()).item() / world_size
         t_score = now(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
         stats = []
-        for _ in range(args.update_epochs):
-            permutation = torch.randperm(local_batch, device=device)
-            for start in range(0, local_batch, local_mini_batch):
-                minibatch = permutation[start : start + local_mini_batch]
-                num_tokens = all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
-                policy_optimizer.zero_grad(set_to_none=True)
-                value_optimizer.zero_grad(set_to_none=True)
-                minibatch_stats = 0.0
-                for mb, sync in micro_batches(minibatch, args.micro_batch_size):
-                    mb_mask = response_mask[mb]
-                    # losses are token means over the whole minibatch on all ranks: one update for any split
-                    token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
-                    with gradient_sync([policy, value_model], sync):
-                        with autocast(device, dtype):
-                            new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
-                        with autocast(device, dtype):
-                            logits = response_logits(
-                                policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
-                            )
-                        new_logprobs = gather_logprobs(logits, responses[mb])
-                        # ALGO LOGIC: clipped surrogate and clipped value loss
-                        pg_loss, pg_stats = policy_loss(
-                            new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps
+        permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
+        schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
+        if args.kl_control == "apa-authors":  # ALGO LOGIC: their PPO epochs are consecutive steps on one minibatch
+            schedule = [minibatch for minibatch in schedule[: local_batch // local_mini_batch] for _ in permutations]
+        for minibatch in schedule:
+            num_tokens = all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
+            policy_optimizer.zero_grad(set_to_none=True)
+            value_optimizer.zero_grad(set_to_none=True)
+            minibatch_stats = 0.0
+            for mb, sync in micro_batches(minibatch, args.micro_batch_size):
+                mb_mask = response_mask[mb]
+                # losses are token means over the whole minibatch on all ranks: one update for any split
+                token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
+                with gradient_sync([policy, value_model], sync):
+                    with autocast(device, dtype):
+                        new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                    with autocast(device, dtype):
+                        logits = response_logits(
+                            policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
                         )
-                        vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
-                        (pg_loss * token_share).backward()
-                        (args.vf_coef * vf_loss * token_share).backward()
-                    with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
-                        log_ratio = new_logprobs.detach() - logprobs[mb]
-                        mb_stats = {
-                            "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
-                            "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
-                            "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
-                            "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
-                            "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
-                        }  # fmt: skip
-                        minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                policy_optimizer.step()
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
-                value_optimizer.step()
-                stats.append(minibatch_stats)
+                    new_logprobs = gather_logprobs(logits, responses[mb])
+                    # ALGO LOGIC: clipped surrogate and clipped value loss
+                    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
+                    vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
+                    (pg_loss * token_share).backward()
+                    (args.vf_coef * vf_loss * token_share).backward()
+                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
+                    log_ratio = new_logprobs.detach() - logprobs[mb]
+                    mb_stats = {
+                        "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
+                        "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
+                        "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
+                        "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
+                        "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
+                    }  # fmt: skip
+                    minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            policy_optimizer.step()
+            torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+            value_optimizer.step()
+            stats.append(minibatch_stats)
+            if args.kl_control == "apa-authors" and len(stats) % args.update_epochs == 0:  # ALGO LOGIC: per minibatch
+                kl_coef = adaptive_kl_update(kl_coef, authors_kl, args.kl_target, local_mini_batch, args.kl_horizon)
         stats = all_reduce_sum(torch.stack(stats)) / world_size  # (update_epochs * minibatches, K): one sync below
         if not torch.isfinite(stats).all():
             fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
@@ -455,7 +467,8 @@ def main():
             "train/reward_std": torch.tensor(all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
-            "train/kl_coef": kl_coef_used,  # ALGO LOGIC
+            "train/kl_coef": kl_coef_used,  # ALGO LOGIC: and what the controller was fed
+            "train/kl_control_input": rollout_stats["train/kl"] if args.kl_control == "trlx" else authors_kl,
             **dict(zip(mb_stats, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],

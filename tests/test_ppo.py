@@ -73,3 +73,27 @@ def test_value_loss_hand_computed():
     assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21) / 2)
     assert stats["value/clipfrac"].item() == pytest.approx(0.5)
     assert math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("control", ["trlx", "apa-authors"])
+def test_kl_controller_input_and_update_schedule(control, tmp_path):
+    """trlx: fed the batch's mean sequence KL once per rollout batch (n = rollout batch); apa-authors: fed the mean
+    per-position k3 over prompt + response after every minibatch (n = minibatch), here two per rollout batch."""
+    from conftest import FAST, read_metrics, run_script
+
+    horizon, target = 64, 0.5
+    run_script("ppo.py", *FAST, "--total-episodes", "48", "--kl-control", control, "--kl-horizon", str(horizon),
+               "--kl-target", str(target), "--output-dir", str(tmp_path))  # fmt: skip
+    rows = read_metrics(tmp_path)[1:]
+    coef = 0.05
+    for row in rows:
+        assert row["train/kl_coef"] == pytest.approx(coef, rel=1e-9)
+        kl = row["train/kl_control_input"]
+        if control == "trlx":
+            assert kl == pytest.approx(row["train/kl"])
+            coef = adaptive_kl_update(coef, kl, target, 16, horizon)
+        else:  # per-position k3 is far below a sequence KL: the authors' controller always sees "KL under target"
+            assert 0 <= kl < row["train/kl"] or row["train/kl"] <= 0
+            for _ in range(2):
+                coef = adaptive_kl_update(coef, kl, target, 8, horizon)
+    assert rows[1]["train/kl_control_input"] > 0
