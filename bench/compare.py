@@ -2,6 +2,7 @@
 
     python bench/compare.py --mode quick      # toy task, 3 seeds, under 10 minutes on 2 CPU cores
     python bench/compare.py --mode full       # toy task, 3 seeds, each script's default budget
+    python bench/compare.py --mode long --algorithms ppo ppo_max apa   # 4x the default budget: stability over time
     python bench/compare.py --mode smoke      # CI: 1 seed, 2 iterations each
     python bench/compare.py --extra="--model EleutherAI/pythia-1b --reward-model ... --dataset ..." --nproc 8
 
@@ -37,6 +38,7 @@ ALGORITHMS = {
 # mode -> samples per run, evaluations per run, flags of the online scripts, flags of alol.py
 MODES = {
     "full": (4096, 8, [], []),
+    "long": (16384, 16, [], []),
     "quick": (640, 4, ["--eval-size", "64"], ["--eval-size", "64", "--value-samples", "4"]),
     "smoke": (
         32, 2,
@@ -59,8 +61,8 @@ TABLE = [  # (column, metric key in the final row)
 
 @dataclass
 class Args:
-    mode: Literal["full", "quick", "smoke"] = "quick"
-    """budget: full = each script's default, quick = 640 samples, smoke = a few for CI"""
+    mode: Literal["full", "long", "quick", "smoke"] = "quick"
+    """budget: full = each script's default, long = 4x that, quick = 640 samples, smoke = a few for CI"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds per algorithm"""
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)

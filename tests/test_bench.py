@@ -60,16 +60,61 @@ def test_extra_flags_for_the_scripts_parse_as_one_value():
 
 
 def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path):
-    sys.argv = ["compare.py", "--mode", "smoke", "--seeds", "1", "--output-dir", str(tmp_path)]
+    algorithms = ["ppo", "a-lol"]  # one online, one offline (tests/test_e2e.py runs every script)
+    sys.argv = ["compare.py", "--mode", "smoke", "--seeds", "1", "--output-dir", str(tmp_path), "--algorithms",
+                *algorithms]  # fmt: skip
     compare.main()
     table = (tmp_path / "results.md").read_text()
-    for name in compare.ALGORITHMS:
+    for name in algorithms:
         assert f"| {name} | 1 |" in table
     for plot in ("reward", "gold_reward", "kl", "response_length", "gold_vs_kl"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="unknown --algorithms"):
         sys.argv = ["compare.py", "--algorithms", "trpo", "--output-dir", str(tmp_path)]
         compare.main()
+
+
+# ---------------------------------------------------------------- bench/frontier.py
+import frontier  # noqa: E402
+
+
+def test_frontier_is_the_upper_envelope_and_aggregates_over_seeds():
+    evals = {0.1: [{"eval/kl": 1.0, "eval/gold_reward": 1.0, "eval/reward": 2.0},
+                   {"eval/kl": 3.0, "eval/gold_reward": 2.0, "eval/reward": 4.0}],
+             0.5: [{"eval/kl": 1.0, "eval/gold_reward": 0.5, "eval/reward": 1.0}]}  # fmt: skip
+    rows = frontier.summarize(
+        {"ppo": evals, "apa": {1.0: [{"eval/kl": 4.0, "eval/gold_reward": 1.9, "eval/reward": 9}]}}
+    )
+    ppo = rows[0]
+    assert (ppo["eval/kl"], ppo["eval/gold_reward"], ppo["seeds"]) == (2.0, 1.5, 2)
+    assert ppo["eval/kl_std"] == pytest.approx(2**0.5)
+    # (1.0, 0.5) and (2.0, 1.5) are on it; apa's (4.0, 1.9) has more KL and more gold: on it too
+    assert [(r["algorithm"], r["value"]) for r in frontier.frontier(rows)] == [("ppo", 0.5), ("ppo", 0.1), ("apa", 1.0)]
+    rows.append({**rows[2], "algorithm": "awr", "eval/kl": 5.0, "eval/gold_reward": 1.0})  # dominated by apa
+    assert "awr" not in [r["algorithm"] for r in frontier.frontier(rows)]
+
+
+def test_frontier_paper_regime_divides_each_scripts_own_learning_rates():
+    flags = frontier.run_flags("apa", 0.5, frontier.Args(regime="paper"))
+    lrs = frontier.default_lrs("apa.py")
+    assert float(flags[flags.index("--lr") + 1]) == pytest.approx(lrs["lr"] / 20)
+    assert float(flags[flags.index("--value-lr") + 1]) == pytest.approx(lrs["value_lr"] / 20)
+    assert flags[flags.index("--total-episodes") + 1] == "2560" and flags[:2] == ["--lam", "0.5"]
+    offline = frontier.run_flags("nll", 20, frontier.Args())  # the offline knob is the training length
+    assert offline[:2] == ["--variant", "nll"] and offline[offline.index("--total-steps") + 1] == "20"
+
+
+def test_frontier_smoke_writes_table_json_and_plot(tmp_path):
+    sys.argv = ["frontier.py", "--mode", "smoke", "--algorithms", "ppo", "--output-dir", str(tmp_path)]
+    frontier.main()
+    rows = json.loads((tmp_path / "frontier_toy.json").read_text())
+    assert [(r["algorithm"], r["value"], r["seeds"]) for r in rows] == [("ppo", 0.1, 1), ("ppo", 0.05, 1)]
+    assert "on frontier" in (tmp_path / "frontier_toy.md").read_text()
+    assert (tmp_path / "frontier_toy.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/wall_time.json")}
+    sys.argv += ["--reuse"]  # nothing re-runs: the finished runs are kept and re-plotted
+    frontier.main()
+    assert len(stamps) == 2 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 # ---------------------------------------------------------------- bench/throughput.py
