@@ -12,7 +12,9 @@ detached (sequence sums, not length-normalised):
     a-lol-kl: A+ S + beta_kl (log pi(y|x) - log pi_ref(y|x))    r-lol: r rho S    wbc: r S    nll: S
 Training examples are drawn with replacement in proportion to A+ (to r for r-lol and wbc): priority sampling.
 
-The evaluation, loading, LoRA, logging and checkpoint code reads like ppo.py's.
+This is the offline script, not a diff of ppo.py: there is no rollout loop, value network or KL penalty. Its
+loading, evaluation, LoRA, logging and checkpoint code uses the online scripts' names (policy, ref_policy,
+policy_optimizer, evaluate, iteration), so a reader moving between the files recognises them.
 """
 
 import contextlib
@@ -26,55 +28,12 @@ import tyro
 from torch import nn
 from transformers import GenerationConfig
 
-from common import (
-    Logger,
-    add_lora,
-    all_gather_list,
-    all_reduce_sum,
-    autocast,
-    barrier,
-    broadcast_object,
-    check_flags,
-    check_output_dir,
-    distinct_n,
-    fail,
-    gather_logprobs,
-    gathered,
-    generate,
-    global_means,
-    gradient_sync,
-    left_pad,
-    load_causal_lm,
-    load_checkpoint,
-    load_optimizer_state,
-    load_rows,
-    load_scorer,
-    load_tokenizer,
-    load_trainable_state,
-    max_replica_difference,
-    micro_batches,
-    now,
-    optimizer_state,
-    pad_pairs,
-    peak_memory_gb,
-    position_ids,
-    prepare_model,
-    resolve_dtype,
-    response_logits,
-    save_checkpoint,
-    save_final_policy,
-    scoring_prompts,
-    setup_distributed,
-    stop_token_ids,
-    tokenize_prompts,
-    tokenize_responses,
-    trainable_state,
-    unwrap,
-)
+import common
 
 
 @dataclass
 class Args:
+    # ---- the run: models, data, output
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (prefix of the default output directory)"""
     seed: int = 1
@@ -101,12 +60,14 @@ class Args:
     """allow models and tokenizers that ship their own Python code"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    # ---- budget and batch sizes
     total_steps: int = 400
     """gradient steps (the authors: 9000 x the fraction of rows with positive advantage)"""
     batch_size: int = 16
     """examples per gradient step, summed over all ranks"""
     rollout_forward_batch_size: int = 64
     """chunk size of the no-grad scoring, value-fitting and evaluation passes"""
+    # ---- sampling and scoring
     max_new_tokens: int = 48
     """training responses are truncated to this many tokens; evaluation generates at most this many"""
     max_prompt_length: int = 128
@@ -123,13 +84,14 @@ class Args:
     """left-truncate reward-model inputs longer than its maximum length; off: stop with an error instead"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a sampled response that never emits EOS (0 = off)"""
+    # ---- optimisation
     lr: float = 1e-4
     """policy learning rate (toy default; the authors: 2e-4 with QLoRA on LLaMA-7B)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
-    # ALGO LOGIC: A-LoL's hyper-parameters
+    # ---- ALGO LOGIC: A-LoL's hyper-parameters
     reward_transform: Literal["none", "sigmoid"] = "none"
     """applied to every reward-model score before advantages and r-lol/wbc weights (the A-LoL authors: sigmoid)"""
     variant: Literal["a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll"] = "a-lol"
@@ -146,6 +108,7 @@ class Args:
     """epochs of V_ref fitting (the epoch with the best held-out loss is kept)"""
     value_lr: float = 3e-3
     """V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)"""
+    # ---- LoRA and scale (README: Scaling to real models)
     use_lora: bool = False
     """train a LoRA adapter on the frozen base; the reference is the policy with its adapter off"""
     lora_r: int = 16
@@ -158,6 +121,7 @@ class Args:
     """recompute each decoder layer's activations in backward instead of storing them (the policy)"""
     num_layers_unfrozen: int = -1
     """train only the top N decoder layers, the final norm and the LM head; -1 = all"""
+    # ---- evaluation, checkpoints and logging
     log_every: int = 10
     """log training metrics every N steps"""
     eval_every: int = 100
@@ -243,54 +207,61 @@ def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: 
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = setup_distributed()
-    check_flags(args, args.batch_size // world_size, world_size)
+    rank, world_size, device = common.setup_distributed()
+    common.check_flags(args, args.batch_size // world_size, world_size)
     if args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
-    output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    check_output_dir(output_dir, args.resume)
+        common.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
+    output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    common.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    train_rows, response_texts = load_rows(args.dataset, args.train_split, args.response_column)
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    train_rows, response_texts = common.load_rows(args.dataset, args.train_split, args.response_column)
     if response_texts is None or None in response_texts:
-        fail(f"--dataset '{args.dataset}' has no '{args.response_column}' column or assistant turn in a row; "
-             "pass --response-column or complete the conversations")  # fmt: skip
-    train_prompts = tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
-    stop_ids = torch.tensor(stop_token_ids(args.model, tokenizer), device=device)  # EOS and any end-of-turn token
+        common.fail(
+            f"--dataset '{args.dataset}' has no '{args.response_column}' column or assistant turn in a row; "
+            "pass --response-column or complete the conversations"
+        )
+    train_prompts = common.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
+    # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
+    stop_ids = torch.tensor(common.stop_token_ids(args.model, tokenizer), device=device)
     # a response continues its prompt as the policy would write it (tokens + EOS, or the chat template's assistant
     # turn). One that fits ends with its stop token; a longer one is cut and, like a sample that never stopped, keeps
     # none and is penalised
-    response_ids = tokenize_responses(tokenizer, train_rows, response_texts, stop_ids.tolist())
+    response_ids = common.tokenize_responses(tokenizer, train_rows, response_texts, stop_ids.tolist())
     train_ended = torch.tensor([len(ids) <= args.max_new_tokens for ids in response_ids])
     train_responses = [ids[: args.max_new_tokens] for ids in response_ids]
-    held_out_rows = load_rows(args.dataset, args.eval_split)[0]
-    held_out_prompts = tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
+    held_out_rows = common.load_rows(args.dataset, args.eval_split)[0]
+    held_out_prompts = common.tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
     eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
     eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size :]
     if not value_prompts:
-        fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
+        common.fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
     # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers; each is prepared as
     # soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
-    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
+    policy = common.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
-        policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = prepare_model(policy, args, dtype, device, world_size, train=True)
-    unwrapped_policy = unwrap(policy)
+        policy = common.add_lora(policy, args.lora_r, "CAUSAL_LM")
+    policy = common.prepare_model(policy, args, dtype, device, world_size, train=True)
+    unwrapped_policy = common.unwrap(policy)
     ref_policy = None
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    scorer_options = dict(trust_remote_code=args.trust_remote_code, fsdp=args.fsdp,
-                          append_eos=args.reward_append_eos, truncate=args.reward_truncate)  # fmt: skip
+        ref_policy = common.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
+        ref_policy = common.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
+    scorer_options = dict(
+        trust_remote_code=args.trust_remote_code,
+        fsdp=args.fsdp,
+        append_eos=args.reward_append_eos,
+        truncate=args.reward_truncate,
+    )
     chunk = args.rollout_forward_batch_size
-    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
+    score_fn = common.load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
     eval_score_fn = None
     if args.eval_reward:
-        eval_score_fn = load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
+        eval_score_fn = common.load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -300,7 +271,7 @@ def main():
         eos_token_id=stop_ids.tolist(),
         pad_token_id=tokenizer.pad_token_id,
     )
-    optimizer = torch.optim.AdamW(
+    policy_optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
     )
 
@@ -313,23 +284,23 @@ def main():
     @torch.no_grad()
     def logprobs_of(model, input_ids, attention_mask, responses, context_length, temperature):
         out = []
-        with gathered(model):  # under --fsdp: one all-gather per pass, not per chunk
+        with common.gathered(model):  # under --fsdp: one all-gather per pass, not per chunk
             for i in range(0, len(input_ids), args.rollout_forward_batch_size):
                 chunk = slice(i, i + args.rollout_forward_batch_size)
-                with autocast(device, dtype):
-                    logits = response_logits(
+                with common.autocast(device, dtype):
+                    logits = common.response_logits(
                         model, input_ids[chunk], attention_mask[chunk], context_length, temperature
                     )
-                out.append(gather_logprobs(logits, responses[chunk]))
+                out.append(common.gather_logprobs(logits, responses[chunk]))
         return torch.cat(out)
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
-        queries, query_mask = left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
-        with autocast(device, dtype):
-            responses, response_mask = generate(
+        queries, query_mask = common.left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
+        with common.autocast(device, dtype):
+            responses, response_mask = common.generate(
                 unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
             )
         input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
@@ -342,7 +313,7 @@ def main():
                 ref_model, input_ids, attention_mask, responses, queries.shape[1], args.temperature
             )
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        prompt_texts = scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
+        prompt_texts = common.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         ended = torch.isin(responses, stop_ids).any(1)
         per_sequence = {
@@ -353,21 +324,26 @@ def main():
         }
         if eval_score_fn:
             per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
-        texts = all_gather_list(response_texts)
-        distinct = {f"eval/distinct_{n}": distinct_n(texts, n) for n in (1, 2, 3)}
-        return {**global_means(per_sequence), **distinct}
+        texts = common.all_gather_list(response_texts)
+        distinct = {f"eval/distinct_{n}": common.distinct_n(texts, n) for n in (1, 2, 3)}
+        return {**common.global_means(per_sequence), **distinct}
 
     @torch.no_grad()
     def prompt_features(prompts: list[list[int]]) -> torch.Tensor:
         """Masked mean of the frozen reference's last hidden states over each prompt (no grad, chunked)."""
         ref_model, ref_context = reference()
         features = []
-        with ref_context, gathered(ref_model):
+        with ref_context, common.gathered(ref_model):
             for i in range(0, len(prompts), args.rollout_forward_batch_size):
-                ids, mask = left_pad(prompts[i : i + args.rollout_forward_batch_size], tokenizer.pad_token_id, device)
-                with autocast(device, dtype):
+                ids, mask = common.left_pad(
+                    prompts[i : i + args.rollout_forward_batch_size], tokenizer.pad_token_id, device
+                )
+                with common.autocast(device, dtype):
                     hidden = ref_model(
-                        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=common.position_ids(mask),
+                        output_hidden_states=True,
                     ).hidden_states[-1]
                 features.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return torch.cat(features)
@@ -376,7 +352,7 @@ def main():
         """r(x, y): the reward model's score (ALGO LOGIC: through --reward-transform) less the missing-EOS penalty,
         the same for the dataset's responses and for pi_ref's samples (the V_ref targets)."""
         scores = score_fn(
-            scoring_prompts(tokenizer, prompts, rows),
+            common.scoring_prompts(tokenizer, prompts, rows),
             tokenizer.batch_decode(responses, skip_special_tokens=True),
             ended,
         )
@@ -387,84 +363,94 @@ def main():
     def shard(n: int) -> slice:  # a contiguous block per rank, so gathered results keep the row order
         return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
-    start_step, setup_metrics = 0, {}
+    start_iteration = 0
+    setup_metrics = {}  # the one-off setup's timings and V_ref fit, logged in the row of iteration 0
     if args.resume:
-        checkpoint = load_checkpoint(output_dir)
-        load_trainable_state(policy, checkpoint["policy"])
-        load_optimizer_state(policy, optimizer, checkpoint["optimizer"])
-        start_step, rewards, ref_values = checkpoint["step"], checkpoint["rewards"], checkpoint["ref_values"]
+        checkpoint = common.load_checkpoint(output_dir)
+        common.load_trainable_state(policy, checkpoint["policy"])
+        common.load_optimizer_state(policy, policy_optimizer, checkpoint["policy_optimizer"])
+        start_iteration, rewards, ref_values = checkpoint["iteration"], checkpoint["rewards"], checkpoint["ref_values"]
     else:
         # ---- score every training pair once (this rank's block, then gathered)
-        t0 = now(device)
+        t0 = common.now(device)
         block = shard(len(train_prompts))
         rewards = rewards_of(
             train_prompts[block], train_rows[block], train_responses[block], train_ended[block].to(device)
         )
-        rewards = torch.tensor(all_gather_list(rewards.tolist()))
+        rewards = torch.tensor(common.all_gather_list(rewards.tolist()))
         if not torch.isfinite(rewards).all():
-            fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
+            common.fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
         # ---- fit V_ref on the rewards of pi_ref's own samples for the held-out prompts
-        t1 = now(device)
+        t1 = common.now(device)
         block = shard(len(value_prompts))
-        queries, query_mask = left_pad(value_prompts[block], tokenizer.pad_token_id, device)
+        queries, query_mask = common.left_pad(value_prompts[block], tokenizer.pad_token_id, device)
         queries, query_mask = queries.repeat(args.value_samples, 1), query_mask.repeat(args.value_samples, 1)
         ref_model, ref_context = reference()
-        with ref_context, autocast(device, dtype):
-            responses, _ = generate(ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size)
+        with ref_context, common.autocast(device, dtype):
+            responses, _ = common.generate(
+                ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size
+            )
         sample_scores = rewards_of(
             queries, value_rows[block] * args.value_samples, responses, torch.isin(responses, stop_ids).any(1)
         )
-        sample_scores = torch.tensor(all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
+        sample_scores = torch.tensor(common.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)
         head, setup_metrics = fit_value_head(
-            features.repeat_interleave(args.value_samples, 0).cpu(), sample_scores.reshape(-1), prompt_ids,
-            args.value_epochs, args.value_lr, args.seed,
-        )  # fmt: skip
+            features.repeat_interleave(args.value_samples, 0).cpu(),
+            sample_scores.reshape(-1),
+            prompt_ids,
+            args.value_epochs,
+            args.value_lr,
+            args.seed,
+        )
         block = shard(len(train_prompts))
-        ref_values = torch.tensor(all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
-        setup_metrics["time/score_dataset"], setup_metrics["time/fit_value"] = t1 - t0, now(device) - t1
+        ref_values = torch.tensor(common.all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
+        setup_metrics["time/score_dataset"], setup_metrics["time/fit_value"] = t1 - t0, common.now(device) - t1
     # ALGO LOGIC: advantages and the sampling weights of each variant
     advantages = rewards - ref_values
     weights = {"r-lol": rewards, "wbc": rewards, "nll": torch.ones_like(rewards)}.get(args.variant, advantages)
     priority = args.sampling == "priority" or (args.sampling == "auto" and args.variant != "nll")
     kept = weights > 0
     if not kept.any():
-        fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
+        common.fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
     setup_metrics.update(
         {"train/kept_fraction": kept.float().mean().item(), "train/advantage_mean": advantages.mean().item()}
     )
-    sampling_weights = weights.clamp(min=0)  # on the host: drawing rows needs no device sync per step
+    sampling_weights = weights.clamp(min=0)  # on the host: drawing rows needs no device sync per iteration
     weights = sampling_weights.to(device)
 
-    barrier()  # every rank has checked the output directory before rank 0 creates it
+    common.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    logger = Logger(output_dir, args, rank, args.total_steps, start_step)
-    eval_metrics = {"eval/iteration": start_step, **evaluate()}
-    if start_step == 0:  # the row of step 0 holds the evaluation of the initial (SFT) policy and the setup
+    logger = common.Logger(output_dir, args, rank, args.total_steps, start_iteration)
+    eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
+    if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy and the setup
         logger.log({"iteration": 0, "episodes": 0, **setup_metrics, **eval_metrics})
 
-    stats, t_start = [], now(device)
-    for step in range(start_step + 1, args.total_steps + 1):
+    stats = []  # per-iteration statistics since the last logged row
+    t_start = common.now(device)
+    for iteration in range(start_iteration + 1, args.total_steps + 1):
         # the global batch is drawn the same way for any number of ranks; this rank trains on its share
-        generator = torch.Generator().manual_seed(args.seed + 10_000 * step)
+        generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration)
         batch_rows = sample_rows(sampling_weights, args.batch_size, priority, generator)[rank::world_size]
-        optimizer.zero_grad(set_to_none=True)
+        policy_optimizer.zero_grad(set_to_none=True)
         step_stats_sum = 0.0
-        for micro_rows, sync in micro_batches(batch_rows, args.micro_batch_size):
+        for micro_rows, sync in common.micro_batches(batch_rows, args.micro_batch_size):
             rows = micro_rows.tolist()
-            input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
+            input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
             )
             ref_model, ref_context = reference()
             with ref_context:  # DDP's module is unused here: the reference pass needs no gradient
                 ref_logprobs = logprobs_of(ref_model, input_ids, attention_mask, responses, context_length, 1.0)
             example_share = len(rows) * world_size / args.batch_size  # a mean over the global batch's examples
-            with gradient_sync([policy], sync):
-                with autocast(device, dtype):
-                    logits = response_logits(policy, input_ids, attention_mask, context_length, 1.0)  # offline: T = 1
-                logprobs = gather_logprobs(logits, responses)
+            with common.gradient_sync([policy], sync):
+                with common.autocast(device, dtype):
+                    logits = common.response_logits(
+                        policy, input_ids, attention_mask, context_length, 1.0
+                    )  # offline: T = 1
+                logprobs = common.gather_logprobs(logits, responses)
                 # ALGO LOGIC: the variant's loss
                 loss, loss_stats = policy_loss(
                     logprobs, ref_logprobs, response_mask, weights[rows], args.variant, args.clip_eps, args.kl_beta
@@ -481,37 +467,49 @@ def main():
                 }
                 step_stats_sum += example_share * torch.stack([v.detach().float() for v in step_stats.values()])
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
+        policy_optimizer.step()
         stats.append(step_stats_sum)
 
-        if step % args.log_every == 0 or step == args.total_steps or step % args.eval_every == 0:
-            means = all_reduce_sum(torch.stack(stats).mean(0)) / world_size
+        if iteration % args.log_every == 0 or iteration == args.total_steps or iteration % args.eval_every == 0:
+            means = common.all_reduce_sum(torch.stack(stats).mean(0)) / world_size
             if not torch.isfinite(means).all():
-                fail(f"NaN/inf loss at step {step}; stopped before checkpointing it; lower --lr")
-            elapsed = now(device) - t_start
-            row = {"iteration": step, "episodes": step * args.batch_size, **dict(zip(step_stats, means.tolist()))}
+                common.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
+            elapsed = common.now(device) - t_start
+            row = {
+                "iteration": iteration,
+                "episodes": iteration * args.batch_size,
+                **dict(zip(step_stats, means.tolist())),
+            }
             row.update(
                 {
                     "time/update": elapsed / len(stats),
                     "time/samples_per_s": len(stats) * args.batch_size / elapsed,
-                    "time/peak_memory_gb": peak_memory_gb(device),
+                    "time/peak_memory_gb": common.peak_memory_gb(device),
                 }
             )
-            if step % args.eval_every == 0 or step == args.total_steps:
-                eval_metrics = {"eval/iteration": step, **evaluate()}
-            if step == args.total_steps and world_size > 1:
-                row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
+            if iteration % args.eval_every == 0 or iteration == args.total_steps:
+                eval_metrics = {"eval/iteration": iteration, **evaluate()}
+            if iteration == args.total_steps and world_size > 1:
+                row["dist/max_param_difference"] = common.max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
-            stats, t_start = [], now(device)
-        if args.save_every and (step % args.save_every == 0 or step == args.total_steps):
-            save_checkpoint(output_dir, {
-                "step": step, "args": asdict(args), "rewards": rewards, "ref_values": ref_values,
-                "policy": trainable_state(policy), "optimizer": optimizer_state(policy, optimizer),
-            })  # fmt: skip
+            stats = []  # per-iteration statistics since the last logged row
+            t_start = common.now(device)
+        if args.save_every and (iteration % args.save_every == 0 or iteration == args.total_steps):
+            common.save_checkpoint(
+                output_dir,
+                {
+                    "iteration": iteration,
+                    "args": asdict(args),
+                    "rewards": rewards,
+                    "ref_values": ref_values,
+                    "policy": common.trainable_state(policy),
+                    "policy_optimizer": common.optimizer_state(policy, policy_optimizer),
+                },
+            )
 
-    save_final_policy(policy, tokenizer, output_dir, args)
+    common.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    barrier()
+    common.barrier()
 
 
 if __name__ == "__main__":

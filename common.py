@@ -19,11 +19,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 REPO = Path(__file__).resolve().parent
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def quiet_libraries():
-    """Hide the libraries' load reports and progress bars; our own errors and logs stay."""
+    """Hide the libraries' load reports and progress bars; our own errors and logs stay. (Also: no tokenizer thread
+    pools, which warn and can deadlock once torchrun or a data loader forks.)"""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import transformers
 
@@ -271,14 +272,6 @@ def is_scoring_function(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec)) and not os.path.exists(spec)
 
 
-def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: bool = False):
-    """A model that reads the policy's token ids (a critic made from the reward model) needs its vocabulary."""
-    if is_scoring_function(path):
-        fail(f"{flag} '{path}' is a scoring function, not a model; pass a --critic-model path or hub name")
-    if load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
-        fail(f"{flag} '{path}' has another tokenizer than --model; pass a --critic-model with the policy's tokenizer")
-
-
 def load_scorer(
     spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False, fsdp: bool = False,
     append_eos: bool = True, truncate: bool = True,
@@ -289,7 +282,8 @@ def load_scorer(
     RoBERTa head alike). The reward model sees what it was trained on: a response that ended with EOS gets the
     reward tokenizer's EOS appended (as TRL's RewardTrainer tokenizes; `append_eos`), and an input longer than the
     model's maximum length is truncated from the left, after any leading BOS/CLS (`truncate`, counted in
-    `score.num_truncated`)."""
+    `score.num_truncated`). A conversational prompt (a list of messages) is rendered with the reward tokenizer's
+    chat template, the response as the assistant's turn, or as HH text when it has none."""
     if is_scoring_function(spec):
         module, name = spec.split(":")
         try:
@@ -316,7 +310,7 @@ def load_scorer(
             ids = tokenizer(prompt + response)["input_ids"]
         elif tokenizer.chat_template:  # the conversation as the reward model was trained on it, special tokens once
             turns = prompt + [{"role": "assistant", "content": response}]
-            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            text = render_chat(tokenizer, turns, flag)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(render_plain(prompt) + response)["input_ids"]
@@ -605,7 +599,7 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[l
     without adding special tokens again (the template writes any BOS itself)."""
     if prompts and is_conversation(prompts[0]):
         check_chat_template(tokenizer, "--model")
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        texts = [render_chat(tokenizer, p, "--model", add_generation_prompt=True) for p in prompts]
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         encoded = tokenizer(prompts)["input_ids"]
@@ -615,6 +609,16 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[l
         if bos is not None and ids[0] == bos and max_prompt_length > 1 else ids[-max_prompt_length:]
         for ids in encoded
     ]  # fmt: skip
+
+
+def render_chat(tokenizer, messages: list[dict], flag: str, add_generation_prompt: bool = False) -> str:
+    """The conversation as text by the tokenizer's chat template; a template that rejects it (roles out of order, a
+    system turn it does not support, ...) stops the run with its own message."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as e:  # noqa: BLE001 -- jinja's TemplateError or the template's raise_exception: one line
+        roles = [m["role"] for m in messages]
+        fail(f"the {flag} chat template rejects a conversation with roles {roles} ({e}); fix the data or the template")
 
 
 def check_chat_template(tokenizer, flag: str):
@@ -634,8 +638,8 @@ def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids:
         return [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
     out = []
     for prompt, response in zip(prompts, responses):
-        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        head = render_chat(tokenizer, prompt, "--model", add_generation_prompt=True)
+        full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], "--model")
         if not full.startswith(head):
             fail("the --model chat template renders an assistant turn that does not continue its generation prompt")
         ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
@@ -756,13 +760,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, global_batch: bool = F
     return total[0] / total[1].clamp(min=1)
 
 
-def masked_whiten(values, mask, shift_mean: bool = True, global_batch: bool = True):
+def masked_whiten(values, mask):
     """Whiten over real tokens only, with statistics over the whole rollout batch on all ranks (per-rank statistics
     would scale each rank's advantages differently)."""
-    mean = masked_mean(values, mask, global_batch)
-    var = masked_mean((values - mean) ** 2, mask, global_batch)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    return torch.where(mask.bool(), whitened if shift_mean else whitened + mean, 0.0)
+    mean = masked_mean(values, mask, global_batch=True)
+    var = masked_mean((values - mean) ** 2, mask, global_batch=True)
+    return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
 class RunningMoments:

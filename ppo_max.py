@@ -23,62 +23,12 @@ import torch
 import tyro
 from transformers import GenerationConfig
 
-from common import (
-    Logger,
-    RunningMoments,
-    add_lora,
-    all_gather_list,
-    all_reduce_max,
-    all_reduce_sum,
-    autocast,
-    barrier,
-    broadcast_object,
-    check_batch_sizes,
-    check_output_dir,
-    check_same_tokenizer,
-    distinct_n,
-    entropy_from_logits,
-    fail,
-    gather_logprobs,
-    gathered,
-    generate,
-    global_means,
-    gradient_sync,
-    left_pad,
-    load_causal_lm,
-    load_checkpoint,
-    load_optimizer_state,
-    load_rows,
-    load_scorer,
-    load_tokenizer,
-    load_trainable_state,
-    load_value_model,
-    masked_mean,
-    masked_whiten,
-    max_replica_difference,
-    micro_batches,
-    now,
-    optimizer_state,
-    pad_pairs,
-    peak_memory_gb,
-    prepare_model,
-    prompt_indices,
-    resolve_dtype,
-    response_logits,
-    save_checkpoint,
-    save_final_policy,
-    scoring_prompts,
-    setup_distributed,
-    stop_token_ids,
-    tokenize_prompts,
-    tokenize_responses,
-    trainable_state,
-    unwrap,
-)
+import common
 
 
 @dataclass
 class Args:
+    # ---- the run: models, data, output
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (prefix of the default output directory)"""
     seed: int = 1
@@ -103,6 +53,7 @@ class Args:
     """allow models and tokenizers that ship their own Python code"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    # ---- budget and batch sizes
     total_episodes: int = 4096
     """number of sampled responses to train on (iterations = total_episodes // rollout_batch_size)"""
     rollout_batch_size: int = 64
@@ -113,6 +64,7 @@ class Args:
     """passes over each rollout batch"""
     rollout_forward_batch_size: int = 64
     """chunk size of the no-grad generation, reference, reward and value passes"""
+    # ---- sampling and scoring
     max_new_tokens: int = 48
     """longest response; a response without EOS by then is truncated and penalised"""
     max_prompt_length: int = 128
@@ -129,6 +81,7 @@ class Args:
     """left-truncate reward-model inputs longer than its maximum length (counted in train/reward_truncated)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of a response that never emits EOS (0 = off)"""
+    # ---- optimisation
     lr: float = 3e-4
     """policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)"""
     value_lr: float = 3e-4
@@ -141,7 +94,7 @@ class Args:
     """discount"""
     gae_lambda: float = 0.95
     """GAE lambda"""
-    # ALGO LOGIC: PPO-max's hyper-parameters
+    # ---- ALGO LOGIC: PPO-max's hyper-parameters
     recipe: Literal["paper", "released"] = "paper"
     """paper: (score - running mean) / running std clipped to +-reward_clip; released: score / running std"""
     kl_coef: float | None = None
@@ -164,6 +117,7 @@ class Args:
     """--recipe released: optimizer steps of linear LR warm-up (floor 0.1 x lr), then lr x sqrt(warmup / step)"""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the token-mean NLL of the dataset's chosen responses in the policy loss"""
+    # ---- LoRA and scale (README: Scaling to real models)
     use_lora: bool = False
     """train LoRA adapters (policy and value net) on frozen bases; the reference is the policy with its adapter off"""
     lora_r: int = 16
@@ -176,6 +130,7 @@ class Args:
     """recompute each decoder layer's activations in backward instead of storing them (trained models)"""
     num_layers_unfrozen: int = -1
     """train only the top N decoder layers, the final norm and the heads (the APA paper's HH runs: 2); -1 = all"""
+    # ---- evaluation, checkpoints and logging
     eval_every: int = 16
     """evaluate every N iterations (and before the first and after the last)"""
     eval_size: int = 128
@@ -221,74 +176,93 @@ def lr_factor(step: int, recipe: str, warmup: int) -> float:
 
 def ptx_loss(logprobs, mask):
     """PPO-ptx: token-mean negative log-likelihood of SFT responses."""
-    return masked_mean(-logprobs, mask)
+    return common.masked_mean(-logprobs, mask)
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
     """Clipped surrogate; returns (loss, stats)."""
     ratio = torch.exp(logprobs - old_logprobs)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    return masked_mean(losses, mask), {"policy/clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)}
+    return common.masked_mean(losses, mask), {
+        "policy/clipfrac": common.masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
+    }
 
 
 def value_loss(values, old_values, returns, mask, value_clip: float):
     """Clipped value loss; returns (loss, stats)."""
     clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    clipfrac = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
-    return 0.5 * masked_mean(losses, mask), {"value/clipfrac": clipfrac}
+    clipfrac = common.masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
+    return 0.5 * common.masked_mean(losses, mask), {"value/clipfrac": clipfrac}
+
+
+def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: bool):
+    """The critic starts as the reward model but reads the policy's token ids: it needs the policy's vocabulary."""
+    if common.is_scoring_function(path):
+        common.fail(f"{flag} '{path}' is a scoring function, not a model; pass a --critic-model path or hub name")
+    if common.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        common.fail(
+            f"{flag} '{path}' has another tokenizer than --model; pass a --critic-model with the policy's tokenizer"
+        )
 
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = setup_distributed()
-    check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size, args)
-    output_dir = args.output_dir or broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    check_output_dir(output_dir, args.resume)
+    rank, world_size, device = common.setup_distributed()
+    common.check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size, args)
+    output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    common.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
     local_batch, local_mini_batch = args.rollout_batch_size // world_size, args.mini_batch_size // world_size
     num_iterations = args.total_episodes // args.rollout_batch_size
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     critic_path = args.critic_model or args.reward_model  # ALGO LOGIC: the critic starts as the reward model
     check_same_tokenizer(tokenizer, critic_path, "--critic-model", args.trust_remote_code)
-    train_rows, sft_responses = load_rows(args.dataset, args.train_split)  # strings, or message lists
-    eval_rows = load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
-    train_prompts = tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
-    eval_prompts = tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
-    stop_ids = torch.tensor(stop_token_ids(args.model, tokenizer), device=device)  # EOS and any end-of-turn token
+    train_rows, sft_responses = common.load_rows(args.dataset, args.train_split)  # strings, or message lists
+    eval_rows = common.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
+    train_prompts = common.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
+    eval_prompts = common.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
+    # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
+    stop_ids = torch.tensor(common.stop_token_ids(args.model, tokenizer), device=device)
     if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx data, the dataset's chosen responses ending in a stop token
         if sft_responses is None or None in sft_responses:
-            fail(f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column or assistant turn")
+            common.fail(
+                f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column or assistant turn"
+            )
         sft_responses = [
             ids if len(ids) <= args.max_new_tokens else ids[: args.max_new_tokens - 1] + ids[-1:]
-            for ids in tokenize_responses(tokenizer, train_rows, sft_responses, stop_ids.tolist())
+            for ids in common.tokenize_responses(tokenizer, train_rows, sft_responses, stop_ids.tolist())
         ]
     # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
-    policy = load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
+    policy = common.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
-        policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = prepare_model(policy, args, dtype, device, world_size, train=True)
-    unwrapped_policy = unwrap(policy)
-    value_model = load_value_model(critic_path, weights_dtype, "--critic-model", args.trust_remote_code)
+        policy = common.add_lora(policy, args.lora_r, "CAUSAL_LM")
+    policy = common.prepare_model(policy, args, dtype, device, world_size, train=True)
+    unwrapped_policy = common.unwrap(policy)
+    value_model = common.load_value_model(critic_path, weights_dtype, "--critic-model", args.trust_remote_code)
     if args.use_lora:
-        value_model.model = add_lora(value_model.model, args.lora_r, "SEQ_CLS")
-    value_model = prepare_model(value_model, args, dtype, device, world_size, train=True)
+        value_model.model = common.add_lora(value_model.model, args.lora_r, "SEQ_CLS")
+    value_model = common.prepare_model(value_model, args, dtype, device, world_size, train=True)
     ref_policy = None
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    scorer_options = dict(trust_remote_code=args.trust_remote_code, fsdp=args.fsdp,
-                          append_eos=args.reward_append_eos, truncate=args.reward_truncate)  # fmt: skip
+        ref_policy = common.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
+        ref_policy = common.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
+    scorer_options = dict(
+        trust_remote_code=args.trust_remote_code,
+        fsdp=args.fsdp,
+        append_eos=args.reward_append_eos,
+        truncate=args.reward_truncate,
+    )
     chunk = args.rollout_forward_batch_size
-    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
+    score_fn = common.load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
     eval_score_fn = None
     if args.eval_reward:
-        eval_score_fn = load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
+        eval_score_fn = common.load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -301,75 +275,94 @@ def main():
 
     released = args.recipe == "released"  # ALGO LOGIC: the release's AdamW: eps 1e-6 (critic 1e-8), no weight decay
     policy_optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas,
-        eps=1e-6 if released else 1e-8, weight_decay=0.0 if released else 0.01,
-    )  # fmt: skip
-    value_optimizer = torch.optim.AdamW(
-        [p for p in value_model.parameters() if p.requires_grad], lr=args.value_lr, betas=args.adam_betas,
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=args.lr,
+        betas=args.adam_betas,
+        eps=1e-6 if released else 1e-8,
         weight_decay=0.0 if released else 0.01,
-    )  # fmt: skip
-    score_stats = RunningMoments()
+    )
+    value_optimizer = torch.optim.AdamW(
+        [p for p in value_model.parameters() if p.requires_grad],
+        lr=args.value_lr,
+        betas=args.adam_betas,
+        weight_decay=0.0 if released else 0.01,
+    )
+    score_stats = common.RunningMoments()
     kl_coef = args.kl_coef if args.kl_coef is not None else {"paper": 0.05, "released": 0.01}[args.recipe]  # ALGO LOGIC
     critic_warmup_steps = args.critic_warmup_steps if args.critic_warmup_steps is not None else (0 if released else 4)
     start_iteration = 0
     if args.resume:
-        checkpoint = load_checkpoint(output_dir)
-        load_trainable_state(policy, checkpoint["policy"])
-        load_trainable_state(value_model, checkpoint["value_model"])
-        load_optimizer_state(policy, policy_optimizer, checkpoint["policy_optimizer"])
-        load_optimizer_state(value_model, value_optimizer, checkpoint["value_optimizer"])
+        checkpoint = common.load_checkpoint(output_dir)
+        common.load_trainable_state(policy, checkpoint["policy"])
+        common.load_trainable_state(value_model, checkpoint["value_model"])
+        common.load_optimizer_state(policy, policy_optimizer, checkpoint["policy_optimizer"])
+        common.load_optimizer_state(value_model, value_optimizer, checkpoint["value_optimizer"])
         start_iteration = checkpoint["iteration"]
         score_stats.mean, score_stats.var, score_stats.count = checkpoint["score_stats"]
-    barrier()  # every rank has checked the output directory before rank 0 creates it
+    common.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    logger = Logger(output_dir, args, rank, num_iterations, start_iteration)
+    logger = common.Logger(output_dir, args, rank, num_iterations, start_iteration)
 
     def ref_logits(input_ids, attention_mask, context_length):
         if args.use_lora:
             with unwrapped_policy.disable_adapter():
-                return response_logits(unwrapped_policy, input_ids, attention_mask, context_length, args.temperature)
-        return response_logits(ref_policy, input_ids, attention_mask, context_length, args.temperature)
+                return common.response_logits(
+                    unwrapped_policy, input_ids, attention_mask, context_length, args.temperature
+                )
+        return common.response_logits(ref_policy, input_ids, attention_mask, context_length, args.temperature)
 
     @torch.no_grad()
     def forward_passes(input_ids, attention_mask, responses, context_length, with_values=True):
         """Rollout-time log-probs of the policy and the reference, and values: no grad, in chunks, one model at a time
         (under --fsdp each model is gathered once per pass)."""
         size = args.rollout_forward_batch_size
-        chunks = [(input_ids[i : i + size], attention_mask[i : i + size], responses[i : i + size])
-                  for i in range(0, len(input_ids), size)]  # fmt: skip
-        with gathered(unwrapped_policy), autocast(device, dtype):
+        chunks = [
+            (input_ids[i : i + size], attention_mask[i : i + size], responses[i : i + size])
+            for i in range(0, len(input_ids), size)
+        ]
+        with common.gathered(unwrapped_policy), common.autocast(device, dtype):
             logprobs = [
-                gather_logprobs(response_logits(unwrapped_policy, ids, mask, context_length, args.temperature), tokens)
+                common.gather_logprobs(
+                    common.response_logits(unwrapped_policy, ids, mask, context_length, args.temperature), tokens
+                )
                 for ids, mask, tokens in chunks
             ]
-        with gathered(unwrapped_policy if args.use_lora else ref_policy), autocast(device, dtype):
+        with common.gathered(unwrapped_policy if args.use_lora else ref_policy), common.autocast(device, dtype):
             ref_logprobs = [
-                gather_logprobs(ref_logits(ids, mask, context_length), tokens) for ids, mask, tokens in chunks
+                common.gather_logprobs(ref_logits(ids, mask, context_length), tokens) for ids, mask, tokens in chunks
             ]
         values = None
         if with_values:  # V(s_t) is read at the token before a_t
-            with gathered(value_model), autocast(device, dtype):
+            with common.gathered(value_model), common.autocast(device, dtype):
                 values = torch.cat([value_model(ids, mask)[:, context_length - 1 : -1] for ids, mask, _ in chunks])
         return torch.cat(logprobs), torch.cat(ref_logprobs), values
+
+    @torch.no_grad()
+    def rollout(prompts: list[list[int]], rows: list):
+        """Sample one response per prompt with the KV cache; the rollout tensors and what the scorers read."""
+        queries, query_mask = common.left_pad(prompts, tokenizer.pad_token_id, device)  # (B, P), left-padded
+        with common.autocast(device, dtype):
+            responses, response_mask = common.generate(
+                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
+            )  # (B, R), right-padded; the mask is 1 up to and including the first stop token
+        input_ids = torch.cat([queries, responses], 1)  # (B, P + R): the sequences every later pass reads
+        attention_mask = torch.cat([query_mask, response_mask], 1)
+        ended = torch.isin(responses, stop_ids).any(1)  # (B,): stopped by itself, not cut at --max-new-tokens
+        prompt_texts = common.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
+        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
-        queries, query_mask = left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
-        with autocast(device, dtype):
-            responses, response_mask = generate(
-                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
-            )
-        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        logprobs, ref_logprobs, _ = forward_passes(
-            input_ids, attention_mask, responses, queries.shape[1], with_values=False
+        input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
+            eval_prompts[rank::world_size], eval_rows[rank::world_size]
         )
+        context_length = input_ids.shape[1] - responses.shape[1]
+        logprobs, ref_logprobs, _ = forward_passes(input_ids, attention_mask, responses, context_length, False)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        prompt_texts = scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
-        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        ended = torch.isin(responses, stop_ids).any(1)
         per_sequence = {
             "eval/reward": score_fn(prompt_texts, response_texts, ended),
             "eval/kl": kl.sum(1),
@@ -378,11 +371,11 @@ def main():
         }
         if eval_score_fn:
             per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
-        texts = all_gather_list(response_texts)
+        texts = common.all_gather_list(response_texts)
         return {
-            **global_means(per_sequence),
-            "eval/distinct_1": distinct_n(texts, 1),
-            "eval/distinct_2": distinct_n(texts, 2),
+            **common.global_means(per_sequence),
+            "eval/distinct_1": common.distinct_n(texts, 1),
+            "eval/distinct_2": common.distinct_n(texts, 2),
         }
 
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
@@ -391,31 +384,25 @@ def main():
     for iteration in range(start_iteration + 1, num_iterations + 1):
         # resumable: all randomness of an iteration is a function of (seed, iteration, rank)
         torch.manual_seed(args.seed + 10_000 * iteration + rank)
-        t_start = now(device)
+        t_start = common.now(device)
         # ---- rollout: sample responses to this rank's share of the prompts
-        indices = prompt_indices(
+        indices = common.prompt_indices(
             len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
         )
-        queries, query_mask = left_pad([train_prompts[i] for i in indices], tokenizer.pad_token_id, device)
-        context_length = queries.shape[1]
-        with autocast(device, dtype):
-            responses, response_mask = generate(
-                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
-            )
-        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        t_generate = now(device)
+        input_ids, attention_mask, responses, response_mask, contains_eos, prompt_texts, response_texts = rollout(
+            [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
+        )
+        context_length = input_ids.shape[1] - responses.shape[1]
+        t_generate = common.now(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
         logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses, context_length)
-        contains_eos = torch.isin(responses, stop_ids).any(1)
         last_index = response_mask.sum(1) - 1  # the last real token (the EOS when there is one)
-        prompt_texts = scoring_prompts(tokenizer, queries, [train_rows[i] for i in indices])
-        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = (
             score_fn(prompt_texts, response_texts, contains_eos) - args.missing_eos_penalty * (~contains_eos).float()
         )
-        if not torch.isfinite(all_reduce_sum(scores.sum())):
-            fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
+        if not torch.isfinite(common.all_reduce_sum(scores.sum())):
+            common.fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
         # ALGO LOGIC: PPO-max reward: normalised, clipped score at the last token; fixed KL penalty on every token
         scaled_scores = normalize_scores(scores, score_stats, args.recipe, args.reward_clip)
@@ -423,61 +410,71 @@ def main():
         rewards[torch.arange(local_batch, device=device), last_index] += scaled_scores
         advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
         if args.norm_adv:  # ALGO LOGIC
-            advantages = masked_whiten(advantages, response_mask)
-        rollout_stats = global_means({
-            "train/reward": scores, "train/kl": kl.sum(1), "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
-            "train/response_length": response_mask.sum(1), "train/missing_eos_rate": ~contains_eos,
-        })  # fmt: skip
+            advantages = common.masked_whiten(advantages, response_mask)
+        rollout_stats = common.global_means(
+            {
+                "train/reward": scores,
+                "train/kl": kl.sum(1),
+                "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
+                "train/response_length": response_mask.sum(1),
+                "train/missing_eos_rate": ~contains_eos,
+            }
+        )
         train_policy = iteration > critic_warmup_steps  # ALGO LOGIC: critic warm-up first
-        t_score = now(device)
+        t_score = common.now(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
         stats = []
         permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         for minibatch in schedule:
-            num_tokens = all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
+            num_tokens = common.all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
-            for mb, sync in micro_batches(minibatch, args.micro_batch_size):
+            for mb, sync in common.micro_batches(minibatch, args.micro_batch_size):
                 mb_mask = response_mask[mb]
                 # losses are token means over the whole minibatch on all ranks: one update for any split
                 token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
-                with gradient_sync([policy, value_model], sync):
-                    with autocast(device, dtype):
+                with common.gradient_sync([policy, value_model], sync):
+                    with common.autocast(device, dtype):
                         new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
-                    with autocast(device, dtype), torch.set_grad_enabled(train_policy):  # ALGO LOGIC
-                        logits = response_logits(
+                    with common.autocast(device, dtype), torch.set_grad_enabled(train_policy):  # ALGO LOGIC
+                        logits = common.response_logits(
                             policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
                         )
-                    new_logprobs = gather_logprobs(logits, responses[mb])
+                    new_logprobs = common.gather_logprobs(logits, responses[mb])
                     # ALGO LOGIC: clipped surrogate (+ PPO-ptx) and clipped value loss; one gradient clip over both
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
                     vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
                     if args.ptx_coef > 0:  # weighted by the micro-batch's share of the rollout tokens, as the rest
                         k = torch.randint(len(train_prompts), (len(mb),)).tolist()
-                        ptx_ids, ptx_attention, ptx_context, ptx_tokens, ptx_mask = pad_pairs(
-                            [train_prompts[i] for i in k], [sft_responses[i] for i in k], tokenizer.pad_token_id,
+                        ptx_ids, ptx_attention, ptx_context, ptx_tokens, ptx_mask = common.pad_pairs(
+                            [train_prompts[i] for i in k],
+                            [sft_responses[i] for i in k],
+                            tokenizer.pad_token_id,
                             device,
-                        )  # fmt: skip
-                        with autocast(device, dtype), torch.set_grad_enabled(train_policy):
-                            ptx_logits = response_logits(
+                        )
+                        with common.autocast(device, dtype), torch.set_grad_enabled(train_policy):
+                            ptx_logits = common.response_logits(
                                 policy, ptx_ids, ptx_attention, ptx_context, 1.0
                             )  # T = 1: the SFT NLL
-                        pg_stats["loss/ptx"] = ptx_loss(gather_logprobs(ptx_logits, ptx_tokens), ptx_mask)
+                        pg_stats["loss/ptx"] = ptx_loss(common.gather_logprobs(ptx_logits, ptx_tokens), ptx_mask)
                         pg_stats["loss/clipped_surrogate"] = pg_loss
                         pg_loss = pg_loss + args.ptx_coef * pg_stats["loss/ptx"]
                     (((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * token_share).backward()
                 with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {
-                        "loss/policy": pg_loss, "loss/value": vf_loss, **pg_stats, **vf_stats,
-                        "policy/ratio": masked_mean(log_ratio.exp(), mb_mask),
-                        "policy/abs_log_ratio": masked_mean(log_ratio.abs(), mb_mask),
-                        "policy/approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
-                        "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask),
-                    }  # fmt: skip
+                        "loss/policy": pg_loss,
+                        "loss/value": vf_loss,
+                        **pg_stats,
+                        **vf_stats,
+                        "policy/ratio": common.masked_mean(log_ratio.exp(), mb_mask),
+                        "policy/abs_log_ratio": common.masked_mean(log_ratio.abs(), mb_mask),
+                        "policy/approx_kl": common.masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
+                        "policy/entropy": common.masked_mean(common.entropy_from_logits(logits.detach()), mb_mask),
+                    }
                     minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
             torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], args.max_grad_norm)
             step = (iteration - 1) * len(schedule) + len(stats)  # optimizer steps so far
@@ -487,65 +484,71 @@ def main():
                 policy_optimizer.step()
             value_optimizer.step()
             stats.append(minibatch_stats)
-        stats = all_reduce_sum(torch.stack(stats)) / world_size  # (update_epochs * minibatches, K): one sync below
+        stats = (
+            common.all_reduce_sum(torch.stack(stats)) / world_size
+        )  # (update_epochs * minibatches, K): one sync below
         if not torch.isfinite(stats).all():
-            fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
-        t_end = now(device)
+            common.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
+        t_end = common.now(device)
 
         # ---- log, evaluate, checkpoint
-        explained = 1 - masked_mean((returns - values) ** 2, response_mask, True) / masked_mean(
-            (returns - masked_mean(returns, response_mask, True)) ** 2, response_mask, True
-        )
-        n, first = args.rollout_batch_size, dict(zip(mb_stats, stats[0].tolist()))
+        # explained variance of the returns by the rollout-time values, over the whole batch on all ranks
+        returns_mean = common.masked_mean(returns, response_mask, True)
+        returns_var = common.masked_mean((returns - returns_mean) ** 2, response_mask, True)
+        explained = 1 - common.masked_mean((returns - values) ** 2, response_mask, True) / returns_var
+        n = args.rollout_batch_size
+        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
             **rollout_stats,
-            "train/reward_std": torch.tensor(all_gather_list(scores.tolist())).std().item(),
+            "train/reward_std": torch.tensor(common.all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
             "train/lr": policy_optimizer.param_groups[0]["lr"],
             "train/kl_coef": kl_coef,  # ALGO LOGIC: PPO-max monitoring: collapse = length up, perplexity down, KL up
-            "train/perplexity": masked_mean(-logprobs, response_mask, True).exp().item(),
-            "train/ref_perplexity": masked_mean(-ref_logprobs, response_mask, True).exp().item(),
-            "value/advantages_mean": masked_mean(advantages, response_mask, True).item(),
-            "value/advantages_abs_max": all_reduce_max(torch.where(response_mask, advantages.abs(), 0.0).max()).item(),
+            "train/perplexity": common.masked_mean(-logprobs, response_mask, True).exp().item(),
+            "train/ref_perplexity": common.masked_mean(-ref_logprobs, response_mask, True).exp().item(),
+            "value/advantages_mean": common.masked_mean(advantages, response_mask, True).item(),
+            "value/advantages_abs_max": common.all_reduce_max(
+                torch.where(response_mask, advantages.abs(), 0.0).max()
+            ).item(),
             **dict(zip(mb_stats, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
             "value/explained_variance": explained.item(),
-            "value/mean": masked_mean(values, response_mask, True).item(),
-            "value/returns_mean": masked_mean(returns, response_mask, True).item(),
+            "value/mean": common.masked_mean(values, response_mask, True).item(),
+            "value/returns_mean": common.masked_mean(returns, response_mask, True).item(),
             "time/generate": t_generate - t_start,
             "time/score": t_score - t_generate,
             "time/update": t_end - t_score,
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
             "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
-            "time/peak_memory_gb": peak_memory_gb(device),
+            "time/peak_memory_gb": common.peak_memory_gb(device),
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and world_size > 1:
-            row["dist/max_param_difference"] = max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = common.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            save_checkpoint(
+            common.save_checkpoint(
                 output_dir,
                 {
                     "iteration": iteration,
                     "args": asdict(args),
                     "score_stats": (score_stats.mean, score_stats.var, score_stats.count),
-                    "policy": trainable_state(policy),
-                    "value_model": trainable_state(value_model),
-                    "policy_optimizer": optimizer_state(policy, policy_optimizer),
-                    "value_optimizer": optimizer_state(value_model, value_optimizer),
+                    "policy": common.trainable_state(policy),
+                    "value_model": common.trainable_state(value_model),
+                    "policy_optimizer": common.optimizer_state(policy, policy_optimizer),
+                    "value_optimizer": common.optimizer_state(value_model, value_optimizer),
                 },
             )
 
-    save_final_policy(policy, tokenizer, output_dir, args)
+    common.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    barrier()
+    common.barrier()
 
 
 if __name__ == "__main__":

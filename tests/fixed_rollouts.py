@@ -32,6 +32,6 @@ def fixed_generate(model, queries, query_mask, generation_config, chunk_size):
 
 if __name__ == "__main__":
     script = importlib.import_module(sys.argv[1])
-    script.generate = fixed_generate
+    script.common.generate = fixed_generate
     sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
     script.main()

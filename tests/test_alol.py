@@ -146,7 +146,7 @@ def test_kill_and_resume_continues_exactly(small_toy_data, tmp_path):
     args = [*small_run(small_toy_data), "--total-steps", "8", "--save-every", "1"]
     run_script("alol.py", *args, "--output-dir", str(tmp_path / "straight"))
     out = tmp_path / "killed"
-    assert kill_at_first_checkpoint("alol.py", args, out)["step"] < 8, "the run finished before it was killed"
+    assert kill_at_first_checkpoint("alol.py", args, out)["iteration"] < 8, "the run finished before it was killed"
     run_script("alol.py", *args, "--output-dir", str(out), "--resume")
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
     assert [r["iteration"] for r in resumed] == [0, 2, 4, 6, 8]

@@ -149,6 +149,15 @@ def test_reward_model_sees_its_own_chat_template_or_plain_text(tmp_path):
     assert torch.allclose(plain([[USER]], [" " + response]), hh.unsqueeze(0), atol=1e-5)
 
 
+def test_a_template_that_rejects_a_conversation_is_one_line(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer")
+    tokenizer.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    with pytest.raises(SystemExit) as info:
+        tokenize_prompts(tokenizer, [[USER]], 128)
+    assert "chat template rejects a conversation with roles ['user'] (system first)" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_conversational_data_needs_a_chat_template(tmp_path):
     """End to end: one line on stderr naming the fix, nothing written, before any model is loaded."""
     shutil.copytree(REPO / "toy" / "policy", tmp_path / "policy")

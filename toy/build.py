@@ -1,4 +1,4 @@
-"""Regenerate the toy RLHF task deterministically: `python toy/build.py` (about 10 min on 2 CPUs).
+"""Regenerate the toy RLHF task deterministically: `python toy/build.py` (the reward model alone: 15 min on 2 CPUs).
 
 Writes, next to this file:
   data/{train,test}.jsonl  Dahoas/rm-static format: prompt, response, chosen, rejected
