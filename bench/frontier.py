@@ -155,6 +155,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # an unstable setting (KL std above its mean) would squash the rest: keep the axis to the stable points, say so
+    stable = [r["eval/kl"] for r in rows if r["eval/kl_std"] <= abs(r["eval/kl"])] or [r["eval/kl"] for r in rows]
+    right = 1.15 * max(stable) + 0.5
+    off = [f"{r['algorithm']} {r['knob']} {r['value']} (KL {r['eval/kl']:.0f})" for r in rows if r["eval/kl"] > right]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for ax, key, label in ((axes[0], "eval/gold_reward", "gold reward"), (axes[1], "eval/reward", "RM reward")):
         for name in dict.fromkeys(r["algorithm"] for r in rows):
@@ -165,6 +169,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             envelope = frontier(rows)
             ax.plot([r["eval/kl"] for r in envelope], [r[key] for r in envelope], "k--", lw=1, label="frontier")
         ax.set(xlabel="KL to reference (nats per response)", ylabel=f"held-out {label}", title=f"{label}: {title}")
+        ax.set_xlim(-0.5, right)
+        if off:
+            ax.annotate("off the axis: " + "; ".join(off), (0.01, 0.01), xycoords="axes fraction", fontsize=7)
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
