@@ -97,13 +97,18 @@ def run(name: str, seed: int, args: Args, run_dir: Path) -> None:
                                                          "--nproc_per_node", str(args.nproc)]  # fmt: skip
     cmd = [*launcher, str(REPO / script), "--seed", str(seed), "--output-dir", str(run_dir),
            *script_flags(name, args.mode), *shlex.split(args.extra)]  # fmt: skip
+    run_command(cmd, run_dir, f"{name} seed {seed}")
+
+
+def run_command(cmd: list[str], run_dir: Path, label: str) -> None:
+    """Run one script into a fresh `run_dir` (a leftover partial run is removed); record its wall time."""
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    print(f"{name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    print(f"{label}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"error: {name} seed {seed} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"error: {label} failed:\n{result.stderr[-3000:]}")
     (run_dir / "wall_time.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))
 
 

@@ -19,9 +19,7 @@ import dataclasses
 import importlib
 import json
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +28,8 @@ import tyro
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from compare import run_command  # noqa: E402  (bench/ is on the path when this file runs)
+
 # name -> (script, fixed flags, knob flag, knob values from the least to the most KL)
 SWEEPS = {
     "ppo": ("ppo.py", [], "--kl-coef", [0.2, 0.1, 0.05, 0.02]),
@@ -93,14 +93,7 @@ def run(name: str, value, seed: int, args: Args, run_dir: Path) -> None:
         return
     cmd = [sys.executable, str(REPO / SWEEPS[name][0]), "--seed", str(seed), "--output-dir", str(run_dir),
            *run_flags(name, value, args)]  # fmt: skip
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    print(f"{name} {SWEEPS[name][2]} {value} seed {seed}", flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"error: {name} {value} seed {seed} failed:\n{result.stderr[-3000:]}")
-    (run_dir / "wall_time.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))
+    run_command(cmd, run_dir, f"{name} {SWEEPS[name][2]} {value} seed {seed}")
 
 
 def final_eval(run_dir: Path) -> dict:
