@@ -604,11 +604,13 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[l
     else:
         encoded = tokenizer(prompts)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
-    return [
-        ids if len(ids) <= max_prompt_length else ids[:1] + ids[1 - max_prompt_length :]
-        if bos is not None and ids[0] == bos and max_prompt_length > 1 else ids[-max_prompt_length:]
-        for ids in encoded
-    ]  # fmt: skip
+    truncated = []
+    for ids in encoded:
+        if len(ids) > max_prompt_length:
+            keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
+            ids = ids[:1] + ids[1 - max_prompt_length :] if keep_bos else ids[-max_prompt_length:]
+        truncated.append(ids)
+    return truncated
 
 
 def render_chat(tokenizer, messages: list[dict], flag: str, add_generation_prompt: bool = False) -> str:
