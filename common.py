@@ -34,13 +34,8 @@ def quiet_libraries():
     datasets.logging.set_verbosity_error()
 
 
-_progress_bar = None  # the run's tqdm bar, closed before an error so the error gets a line of its own
-
-
 def fail(message: str):
     """Stop with a one-line error naming the problem and the fix (exit status 1)."""
-    if _progress_bar is not None:
-        _progress_bar.close()
     raise SystemExit(f"error: {message}")
 
 
@@ -808,14 +803,13 @@ def check_output_dir(output_dir: str, resume: bool):
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard (+ wandb with --track) + a tqdm bar, all on rank 0."""
+    """metrics.jsonl + TensorBoard (+ wandb with --track) + one printed progress line per row, all on rank 0."""
 
     def __init__(self, output_dir: str, args, rank: int, total: int, start: int):
-        self.rank = rank
+        self.rank, self.total = rank, total
         if rank != 0:
             return
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if os.path.exists(self.path):  # on resume, drop rows logged after the checkpoint: they are redone
@@ -831,10 +825,6 @@ class Logger:
             except ImportError:
                 fail("--track needs wandb: pip install wandb")
             self.wandb = wandb.init(project=args.wandb_project, config=vars(args), name=os.path.basename(output_dir))
-        global _progress_bar
-        self.bar = _progress_bar = tqdm(
-            total=total, initial=start, desc=os.path.basename(output_dir), dynamic_ncols=True
-        )
 
     def log(self, row: dict):
         if self.rank != 0:
@@ -846,14 +836,13 @@ class Logger:
                 self.writer.add_scalar(key, value, row["episodes"])
         if self.wandb:
             self.wandb.log(row, step=row["episodes"])
-        self.bar.update(row["iteration"] - self.bar.n)
         keys = ("train/reward", "train/kl", "eval/gold_reward", "time/samples_per_s")
-        self.bar.set_postfix({k.split("/")[1]: round(row[k], 3) for k in keys if k in row})
+        progress = [f"{key} {row[key]:.3f}" for key in keys if key in row]
+        print(f"iteration {row['iteration']}/{self.total}", *progress, sep="  ", flush=True)
 
     def close(self):
         if self.rank == 0:
             self.writer.close()
-            self.bar.close()
             if self.wandb:
                 self.wandb.finish()
 
