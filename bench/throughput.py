@@ -5,11 +5,12 @@
     python bench/throughput.py --size 14m --iterations 2 --rollout-batch-size 8 --algorithms ppo   # CI smoke
 
 For each of ppo, ppo_max, apa, awr: runs the script as a user would for --iterations iterations (the first is a
-warm-up and is not reported) and reads time/generate, time/score, time/update, the decode steps and the peak
-memory from its metrics.jsonl. Then, in this process and at the same shapes (the same prompt batches, the same
-number of decode steps), it times each model pass alone: `generate` with the KV cache, the no-grad policy,
-reference, value and reward forwards, and the update's forward + backward + AdamW steps of the policy and the
-value net. Their sum is the floor; overhead = iteration time / floor (1.0: no time outside the model passes).
+warm-up and is not reported) and reads time/generate, time/score, time/update, the decode steps and the peak memory
+from its metrics.jsonl. Then, in this process and at the same shapes (the same prompt batches, the same number of
+decode steps), it times each model pass alone: `generate` with the KV cache, the no-grad policy, reference and
+value forwards, the reward through the scripts' scorer (re-tokenize + forward), and the update's forward + backward
++ AdamW steps of the policy and the value net. Their sum is the floor; overhead = iteration time / floor (1.0: no
+time outside the model passes).
 A `--size` other than toy builds randomly initialised GPT-NeoX (Pythia) configs with the toy tokenizer's
 vocabulary (so text decodes and the reward model can re-tokenize it); random policies rarely emit EOS, so
 their responses run to --max-new-tokens.
@@ -33,22 +34,7 @@ import tyro
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import (  # noqa: E402
-    autocast,
-    gather_logprobs,
-    left_pad,
-    load_causal_lm,
-    load_rows,
-    load_tokenizer,
-    load_value_model,
-    now,
-    prompt_indices,
-    quiet_libraries,
-    resolve,
-    resolve_dtype,
-    response_logits,
-    tokenize_prompts,
-)
+import common  # noqa: E402  (the repository is on the path now)
 
 ONLINE = {"ppo": [], "ppo_max": ["--critic-warmup-steps", "0"], "apa": [], "awr": []}  # extra flags per script
 # Pythia shapes (hidden size, layers, attention heads); intermediate size 4 x hidden, rotary on 25% of dims
@@ -105,12 +91,12 @@ def pythia_config(size: str, vocab_config):
 def make_models(size: str, out: Path, device: torch.device) -> tuple[str, str]:
     """(policy dir, reward-model dir): the toy models, or random Pythia-shaped ones saved in bf16 under `out`."""
     if size == "toy":
-        return resolve("toy/policy"), resolve("toy/reward_model")
+        return common.resolve("toy/policy"), common.resolve("toy/reward_model")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     policy_dir, rm_dir = out / f"models_{size}" / "policy", out / f"models_{size}" / "reward_model"
-    tokenizer = load_tokenizer(resolve("toy/policy"))
-    config = pythia_config(size, AutoConfig.from_pretrained(resolve("toy/policy")))
+    tokenizer = common.load_tokenizer(common.resolve("toy/policy"))
+    config = pythia_config(size, AutoConfig.from_pretrained(common.resolve("toy/policy")))
     for path, auto, extra in (
         (policy_dir, AutoModelForCausalLM, {}),
         (rm_dir, AutoModelForSequenceClassification, {"num_labels": 1}),
@@ -153,28 +139,29 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = now(device)
+        start = common.now(device)
         fn()
-        times.append(now(device) - start)
+        times.append(common.now(device) - start)
     return statistics.median(times)
 
 
 class Floor:
     """The scripts' models, loaded the scripts' way (trained weights and the reference float32 under autocast, the
-    reward model in the compute dtype), timing each model pass alone at a given shape."""
+    reward model through the scripts' scorer in the compute dtype), timing each model pass alone at a given shape."""
 
     def __init__(self, args: Args, policy_path: str, reward_path: str, device: torch.device):
         from transformers import GenerationConfig
 
-        self.args, self.device, self.dtype = args, device, resolve_dtype(args.dtype, device)
-        self.tokenizer = load_tokenizer(policy_path)
-        self.policy = load_causal_lm(policy_path, torch.float32).to(device)
-        self.reference = load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
-        self.value = load_value_model(policy_path, torch.float32, "--model").to(device)
-        self.reward = load_value_model(reward_path, self.dtype, "--reward-model").requires_grad_(False).to(device)
+        self.args, self.device, self.dtype = args, device, common.resolve_dtype(args.dtype, device)
+        self.tokenizer = common.load_tokenizer(policy_path)
+        self.policy = common.load_causal_lm(policy_path, torch.float32).to(device)
+        self.reference = common.load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
+        self.value = common.load_value_model(policy_path, torch.float32, "--model").to(device)
+        # the reward is timed through the scripts' own scorer: decoded text re-tokenized, then the RM's forward
+        self.score = common.load_scorer(reward_path, device, self.dtype, args.forward_batch_size, "--reward-model")
         self.optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-7) for m in (self.policy, self.value)]
-        prompts = load_rows("toy/data", "train")[0]
-        self.prompts = tokenize_prompts(self.tokenizer, prompts, args.max_prompt_length)
+        prompts = common.load_rows("toy/data", "train")[0]
+        self.prompts = common.tokenize_prompts(self.tokenizer, prompts, args.max_prompt_length)
         self.generation_config = GenerationConfig(  # EOS is suppressed until min_new_tokens = max_new_tokens
             do_sample=True, top_k=0, top_p=1.0, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -182,8 +169,12 @@ class Floor:
 
     def batch(self, iteration: int, decode_steps: int):
         """The prompts the script drew at `iteration` (left-padded) followed by `decode_steps` response tokens."""
-        indices = prompt_indices(len(self.prompts), self.args.rollout_batch_size, iteration - 1, self.args.seed, 0, 1)
-        queries, query_mask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id, self.device)
+        indices = common.prompt_indices(
+            len(self.prompts), self.args.rollout_batch_size, iteration - 1, self.args.seed, 0, 1
+        )
+        queries, query_mask = common.left_pad(
+            [self.prompts[i] for i in indices], self.tokenizer.pad_token_id, self.device
+        )
         responses = torch.randint(2, len(self.tokenizer), (len(queries), decode_steps), device=self.device)
         input_ids = torch.cat([queries, responses], 1)
         return queries, query_mask, input_ids, torch.cat([query_mask, torch.ones_like(responses)], 1), responses
@@ -196,12 +187,14 @@ class Floor:
         args, device, dtype = self.args, self.device, self.dtype
         queries, query_mask, input_ids, attention_mask, responses = self.batch(iteration, decode_steps)
         context = queries.shape[1]
+        prompt_texts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
+        response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         self.generation_config.update(max_new_tokens=decode_steps, min_new_tokens=decode_steps)
 
         @torch.no_grad()
         def generate():
             for c in self.chunks(len(queries)):
-                with autocast(device, dtype):
+                with common.autocast(device, dtype):
                     self.policy.generate(
                         queries[c], attention_mask=query_mask[c], generation_config=self.generation_config
                     )
@@ -210,7 +203,7 @@ class Floor:
             @torch.no_grad()
             def forward():
                 for c in self.chunks(len(queries)):
-                    with autocast(device, dtype):
+                    with common.autocast(device, dtype):
                         fn(input_ids[c], attention_mask[c])
 
             return forward
@@ -219,10 +212,10 @@ class Floor:
             for _ in range(update_epochs):
                 for start in range(0, len(queries), args.mini_batch_size):
                     mb = slice(start, start + args.mini_batch_size)
-                    with autocast(device, dtype):
+                    with common.autocast(device, dtype):
                         values = self.value(input_ids[mb], attention_mask[mb])[:, context - 1 : -1]
-                        logits = response_logits(self.policy, input_ids[mb], attention_mask[mb], context, 1.0)
-                    losses = [-gather_logprobs(logits, responses[mb]).mean(), values.pow(2).mean()]
+                        logits = common.response_logits(self.policy, input_ids[mb], attention_mask[mb], context, 1.0)
+                    losses = [-common.gather_logprobs(logits, responses[mb]).mean(), values.pow(2).mean()]
                     for loss, model, optimizer in zip(losses, (self.policy, self.value), self.optimizers):
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -231,10 +224,12 @@ class Floor:
 
         passes = {
             "generate": generate,
-            "policy": no_grad_forward(lambda ids, mask: response_logits(self.policy, ids, mask, context, 1.0)),
-            "reference": no_grad_forward(lambda ids, mask: response_logits(self.reference, ids, mask, context, 1.0)),
+            "policy": no_grad_forward(lambda ids, mask: common.response_logits(self.policy, ids, mask, context, 1.0)),
+            "reference": no_grad_forward(
+                lambda ids, mask: common.response_logits(self.reference, ids, mask, context, 1.0)
+            ),
             "value": no_grad_forward(self.value),
-            "reward": no_grad_forward(self.reward),
+            "reward": lambda: self.score(prompt_texts, response_texts),
             "update": update,
         }
         return {name: timed(fn, device, args.repeats) for name, fn in passes.items()}
@@ -297,7 +292,7 @@ def device_name(device: torch.device) -> str:
 
 def main():
     args = tyro.cli(Args)
-    quiet_libraries()
+    common.quiet_libraries()
     unknown = set(args.algorithms) - set(ONLINE)
     if unknown:
         raise SystemExit(f"error: unknown --algorithms {sorted(unknown)}; choose from {list(ONLINE)}")
@@ -316,7 +311,7 @@ def main():
         floors = [floor.measure(r["iteration"], r["time/decode_steps"], update_epochs) for r in measured(rows)]
         results[name] = summarize(rows, floors, args.rollout_batch_size)
     parameters = sum(p.numel() for p in floor.policy.parameters())
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
     header = (
         f"# Throughput: {args.size} policy ({parameters / 1e6:.1f}M parameters), {device_name(device)}, "
         f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}\n\n"
