@@ -127,6 +127,12 @@ def eval_curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["episodes"], r[key]) for r in rows if r.get("eval/iteration") == r["iteration"] and key in r]
 
 
+def cell(values: list[float], digits: int) -> str:
+    """mean ± sample std (0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
 def summarize(runs: dict[str, list[list[dict]]]) -> str:
     """Markdown table: per algorithm, mean +- std over seeds of each TABLE metric of the final row."""
     lines = ["| algorithm | seeds | " + " | ".join(c for c, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
@@ -137,10 +143,30 @@ def summarize(runs: dict[str, list[list[dict]]]) -> str:
             if not values:
                 cells.append("n/a")
                 continue
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
             digits = 0 if key == "wall_time" else 1 if key in ("time/samples_per_s", "eval/response_length") else 2
-            cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
+            cells.append(cell(values, digits))
         lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def stability(runs: dict[str, list[list[dict]]]) -> str:
+    """Markdown table over each run's evaluations: the best gold reward and when, the final one, the drop from the
+    best to the final (a run that degrades mid-run has a large drop), and the largest KL it reached."""
+    lines = ["| algorithm | seeds | best gold | at episodes | final gold | drop from best | largest KL |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, seeds in runs.items():
+        columns = {"best": [], "at": [], "final": [], "drop": [], "kl": []}
+        for rows in seeds:
+            gold, kl = eval_curve(rows, "eval/gold_reward"), eval_curve(rows, "eval/kl")
+            if not gold:
+                continue
+            at, best = max(gold, key=lambda point: point[1])
+            for key, value in zip(columns, (best, at, gold[-1][1], best - gold[-1][1], max(v for _, v in kl))):
+                columns[key].append(value)
+        if not columns["best"]:
+            continue
+        cells = [cell(values, 0 if key == "at" else 2) for key, values in columns.items()]
+        lines.append(f"| {name} | {len(columns['best'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +216,8 @@ def main():
         for seed in args.seeds:
             run(name, seed, args, out / "runs" / f"{name}__{seed}")
         runs[name] = [read_run(out / "runs" / f"{name}__{seed}") for seed in args.seeds]
-    table = summarize(runs)
+    table = summarize(runs) + "\nOver each run's evaluations (stability: a run that degrades has a large drop):\n\n"
+    table += stability(runs)
     samples = MODES[args.mode][0]
     header = f"# Comparison: mode {args.mode}, {samples} samples per run, seeds {list(args.seeds)}\n\n"
     (out / "results.md").write_text(header + table)
