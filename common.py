@@ -339,6 +339,22 @@ def load_scorer(
     return score
 
 
+def load_scorers(args, device, dtype):
+    """(--reward-model's scorer, --eval-reward's or None), both with the scripts' scoring flags."""
+    options = dict(
+        trust_remote_code=args.trust_remote_code,
+        fsdp=args.fsdp,
+        append_eos=args.reward_append_eos,
+        truncate=args.reward_truncate,
+    )
+    chunk = args.rollout_forward_batch_size
+    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **options)
+    eval_score_fn = (
+        load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **options) if args.eval_reward else None
+    )
+    return score_fn, eval_score_fn
+
+
 def _call_scoring_function(fn, name: str, device, prompts: list[str], responses: list[str], ended_with_eos=None):
     """A `module:function` scorer's floats as a tensor; anything else it does becomes one line naming it."""
     try:

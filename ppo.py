@@ -211,17 +211,7 @@ def main():
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
         ref_policy = common.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
         ref_policy = common.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    scorer_options = dict(
-        trust_remote_code=args.trust_remote_code,
-        fsdp=args.fsdp,
-        append_eos=args.reward_append_eos,
-        truncate=args.reward_truncate,
-    )
-    chunk = args.rollout_forward_batch_size
-    score_fn = common.load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **scorer_options)
-    eval_score_fn = None
-    if args.eval_reward:
-        eval_score_fn = common.load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **scorer_options)
+    score_fn, eval_score_fn = common.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
