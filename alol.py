@@ -17,7 +17,6 @@ loading, evaluation, LoRA, logging and checkpoint code uses the online scripts' 
 policy_optimizer, evaluate, iteration), so a reader moving between the files recognises them.
 """
 
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -265,25 +264,6 @@ def main():
         [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
     )
 
-    def reference():
-        """The frozen pi_ref: a separate copy, or the policy with its LoRA adapter disabled."""
-        if ref_policy is not None:
-            return ref_policy, contextlib.nullcontext()
-        return unwrapped_policy, unwrapped_policy.disable_adapter()
-
-    @torch.no_grad()
-    def logprobs_of(model, input_ids, attention_mask, responses, context_length, temperature):
-        out = []
-        with common.gathered(model):  # under --fsdp: one all-gather per pass, not per chunk
-            for i in range(0, len(input_ids), args.rollout_forward_batch_size):
-                chunk = slice(i, i + args.rollout_forward_batch_size)
-                with common.autocast(device, dtype):
-                    logits = common.response_logits(
-                        model, input_ids[chunk], attention_mask[chunk], context_length, temperature
-                    )
-                out.append(common.gather_logprobs(logits, responses[chunk]))
-        return torch.cat(out)
-
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
@@ -294,13 +274,13 @@ def main():
                 unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
             )
         input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        logprobs = logprobs_of(
-            unwrapped_policy, input_ids, attention_mask, responses, queries.shape[1], args.temperature
+        size, temperature = args.rollout_forward_batch_size, args.temperature
+        logprobs = common.chunked_logprobs(
+            unwrapped_policy, input_ids, attention_mask, responses, temperature, size, dtype
         )
-        ref_model, ref_context = reference()
-        with ref_context:
-            ref_logprobs = logprobs_of(
-                ref_model, input_ids, attention_mask, responses, queries.shape[1], args.temperature
+        with common.reference_model(unwrapped_policy, ref_policy) as ref_model:
+            ref_logprobs = common.chunked_logprobs(
+                ref_model, input_ids, attention_mask, responses, temperature, size, dtype
             )
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = common.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
@@ -321,9 +301,8 @@ def main():
     @torch.no_grad()
     def prompt_features(prompts: list[list[int]]) -> torch.Tensor:
         """Masked mean of the frozen reference's last hidden states over each prompt (no grad, chunked)."""
-        ref_model, ref_context = reference()
         features = []
-        with ref_context, common.gathered(ref_model):
+        with common.reference_model(unwrapped_policy, ref_policy) as ref_model, common.gathered(ref_model):
             for i in range(0, len(prompts), args.rollout_forward_batch_size):
                 ids, mask = common.left_pad(
                     prompts[i : i + args.rollout_forward_batch_size], tokenizer.pad_token_id, device
@@ -375,8 +354,7 @@ def main():
         block = shard(len(value_prompts))
         queries, query_mask = common.left_pad(value_prompts[block], tokenizer.pad_token_id, device)
         queries, query_mask = queries.repeat(args.value_samples, 1), query_mask.repeat(args.value_samples, 1)
-        ref_model, ref_context = reference()
-        with ref_context, common.autocast(device, dtype):
+        with common.reference_model(unwrapped_policy, ref_policy) as ref_model, common.autocast(device, dtype):
             responses, _ = common.generate(
                 ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size
             )
@@ -431,9 +409,11 @@ def main():
             input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
             )
-            ref_model, ref_context = reference()
-            with ref_context:  # DDP's module is unused here: the reference pass needs no gradient
-                ref_logprobs = logprobs_of(ref_model, input_ids, attention_mask, responses, context_length, 1.0)
+            size = args.rollout_forward_batch_size  # offline: T = 1; no grad, so DDP's module is not used here
+            with common.reference_model(unwrapped_policy, ref_policy) as ref_model:
+                ref_logprobs = common.chunked_logprobs(
+                    ref_model, input_ids, attention_mask, responses, 1.0, size, dtype
+                )
             example_share = len(rows) * world_size / args.batch_size  # a mean over the global batch's examples
             with common.gradient_sync([policy], sync):
                 with common.autocast(device, dtype):

@@ -753,6 +753,41 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
     return logits[:, -(response_length + 1) : -1].float() / temperature  # (B, R, V)
 
 
+@contextlib.contextmanager
+def reference_model(policy, ref_policy):
+    """The frozen pi_ref: its own copy, or (under LoRA, where `ref_policy` is None) the policy with its adapter off."""
+    if ref_policy is not None:
+        yield ref_policy
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+@torch.no_grad()
+def chunked_logprobs(model, input_ids, attention_mask, responses, temperature: float, chunk_size: int, dtype):
+    """log pi(response tokens) (B, R) of `responses` = input_ids[:, -R:]: no grad, `chunk_size` rows at a time, the
+    weights gathered once for the whole pass under --fsdp."""
+    context_length = input_ids.shape[1] - responses.shape[1]
+    logprobs = []
+    with gathered(model), autocast(input_ids.device, dtype):
+        for i in range(0, len(input_ids), chunk_size):
+            rows = slice(i, i + chunk_size)
+            logits = response_logits(model, input_ids[rows], attention_mask[rows], context_length, temperature)
+            logprobs.append(gather_logprobs(logits, responses[rows]))
+    return torch.cat(logprobs)
+
+
+@torch.no_grad()
+def chunked_values(value_model, input_ids, attention_mask, response_length: int, chunk_size: int, dtype):
+    """V(s_t) (B, R) for each of the last R tokens, read at the token before it: no grad, in chunks, gathered once."""
+    values = []
+    with gathered(value_model), autocast(input_ids.device, dtype):
+        for i in range(0, len(input_ids), chunk_size):
+            rows = slice(i, i + chunk_size)
+            values.append(value_model(input_ids[rows], attention_mask[rows])[:, -response_length - 1 : -1])
+    return torch.cat(values)
+
+
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 

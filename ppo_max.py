@@ -294,39 +294,22 @@ def main():
         os.makedirs(output_dir, exist_ok=True)
     logger = common.Logger(output_dir, args, rank, num_iterations, start_iteration)
 
-    def ref_logits(input_ids, attention_mask, context_length):
-        if args.use_lora:
-            with unwrapped_policy.disable_adapter():
-                return common.response_logits(
-                    unwrapped_policy, input_ids, attention_mask, context_length, args.temperature
-                )
-        return common.response_logits(ref_policy, input_ids, attention_mask, context_length, args.temperature)
-
     @torch.no_grad()
-    def forward_passes(input_ids, attention_mask, responses, context_length, with_values=True):
+    def forward_passes(input_ids, attention_mask, responses, with_values=True):
         """Rollout-time log-probs of the policy and the reference, and values: no grad, in chunks, one model at a time
         (under --fsdp each model is gathered once per pass)."""
-        size = args.rollout_forward_batch_size
-        chunks = [
-            (input_ids[i : i + size], attention_mask[i : i + size], responses[i : i + size])
-            for i in range(0, len(input_ids), size)
-        ]
-        with common.gathered(unwrapped_policy), common.autocast(device, dtype):
-            logprobs = [
-                common.gather_logprobs(
-                    common.response_logits(unwrapped_policy, ids, mask, context_length, args.temperature), tokens
-                )
-                for ids, mask, tokens in chunks
-            ]
-        with common.gathered(unwrapped_policy if args.use_lora else ref_policy), common.autocast(device, dtype):
-            ref_logprobs = [
-                common.gather_logprobs(ref_logits(ids, mask, context_length), tokens) for ids, mask, tokens in chunks
-            ]
+        size, temperature = args.rollout_forward_batch_size, args.temperature
+        logprobs = common.chunked_logprobs(
+            unwrapped_policy, input_ids, attention_mask, responses, temperature, size, dtype
+        )
+        with common.reference_model(unwrapped_policy, ref_policy) as ref_model:
+            ref_logprobs = common.chunked_logprobs(
+                ref_model, input_ids, attention_mask, responses, temperature, size, dtype
+            )
         values = None
         if with_values:  # V(s_t) is read at the token before a_t
-            with common.gathered(value_model), common.autocast(device, dtype):
-                values = torch.cat([value_model(ids, mask)[:, context_length - 1 : -1] for ids, mask, _ in chunks])
-        return torch.cat(logprobs), torch.cat(ref_logprobs), values
+            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], size, dtype)
+        return logprobs, ref_logprobs, values
 
     @torch.no_grad()
     def rollout(prompts: list[list[int]], rows: list):
@@ -350,8 +333,7 @@ def main():
         input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
             eval_prompts[rank::world_size], eval_rows[rank::world_size]
         )
-        context_length = input_ids.shape[1] - responses.shape[1]
-        logprobs, ref_logprobs, _ = forward_passes(input_ids, attention_mask, responses, context_length, False)
+        logprobs, ref_logprobs, _ = forward_passes(input_ids, attention_mask, responses, with_values=False)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         per_sequence = {
             "eval/reward": score_fn(prompt_texts, response_texts, ended),
@@ -386,7 +368,7 @@ def main():
         t_generate = common.now(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
-        logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses, context_length)
+        logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses)
         last_index = response_mask.sum(1) - 1  # the last real token (the EOS when there is one)
         scores = (
             score_fn(prompt_texts, response_texts, contains_eos) - args.missing_eos_penalty * (~contains_eos).float()
