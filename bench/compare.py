@@ -150,18 +150,20 @@ def summarize(runs: dict[str, list[list[dict]]]) -> str:
 
 
 def stability(runs: dict[str, list[list[dict]]]) -> str:
-    """Markdown table over each run's evaluations: the best gold reward and when, the final one, the drop from the
-    best to the final (a run that degrades mid-run has a large drop), and the largest KL it reached."""
-    lines = ["| algorithm | seeds | best gold | at episodes | final gold | drop from best | largest KL |",
+    """Markdown table over each run's evaluations: the best gold reward and when, the final one, the largest fall
+    from an earlier evaluation's gold (a run that degrades mid-run has a large one, even if it recovers later), and
+    the largest KL it reached."""
+    lines = ["| algorithm | seeds | best gold | at episodes | final gold | largest fall | largest KL |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, seeds in runs.items():
-        columns = {"best": [], "at": [], "final": [], "drop": [], "kl": []}
+        columns = {"best": [], "at": [], "final": [], "fall": [], "kl": []}
         for rows in seeds:
             gold, kl = eval_curve(rows, "eval/gold_reward"), eval_curve(rows, "eval/kl")
             if not gold:
                 continue
             at, best = max(gold, key=lambda point: point[1])
-            for key, value in zip(columns, (best, at, gold[-1][1], best - gold[-1][1], max(v for _, v in kl))):
+            fall = max(max(v for _, v in gold[: i + 1]) - value for i, (_, value) in enumerate(gold))
+            for key, value in zip(columns, (best, at, gold[-1][1], fall, max(v for _, v in kl))):
                 columns[key].append(value)
         if not columns["best"]:
             continue
@@ -216,7 +218,9 @@ def main():
         for seed in args.seeds:
             run(name, seed, args, out / "runs" / f"{name}__{seed}")
         runs[name] = [read_run(out / "runs" / f"{name}__{seed}") for seed in args.seeds]
-    table = summarize(runs) + "\nOver each run's evaluations (stability: a run that degrades has a large drop):\n\n"
+    table = (
+        summarize(runs) + "\nOver each run's evaluations (stability: a run that degrades mid-run has a large fall):\n\n"
+    )
     table += stability(runs)
     samples = MODES[args.mode][0]
     header = f"# Comparison: mode {args.mode}, {samples} samples per run, seeds {list(args.seeds)}\n\n"
