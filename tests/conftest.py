@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist (pyproject: -n 2) runs two tests at once: one torch thread per process then, as two single-threaded
+# processes on 2 cores do more work than one with 2 threads (these models are too small to use 2 threads well)
+THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(THREADS))
+os.environ["OMP_NUM_THREADS"] = THREADS  # the scripts the tests start (bench/ starts them itself) inherit it
 
 # A few iterations of the toy task with small batches: what every end-to-end test runs.
 FAST = [
@@ -55,7 +60,7 @@ def tiny_lm():
 
 def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600):
     """Run an algorithm script as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS}
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -83,7 +88,7 @@ def kill_at_first_checkpoint(script: str, args: list[str], output_dir) -> dict:
     import signal
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
     proc = subprocess.Popen([sys.executable, str(REPO / script), *args, "--output-dir", str(output_dir)], env=env,
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     checkpoint, deadline = Path(output_dir) / "checkpoint.pt", time.time() + 300
