@@ -199,15 +199,6 @@ class Floor:
                         queries[c], attention_mask=query_mask[c], generation_config=self.generation_config
                     )
 
-        def no_grad_forward(fn):
-            @torch.no_grad()
-            def forward():
-                for c in self.chunks(len(queries)):
-                    with common.autocast(device, dtype):
-                        fn(input_ids[c], attention_mask[c])
-
-            return forward
-
         def update():
             for _ in range(update_epochs):
                 for start in range(0, len(queries), args.mini_batch_size):
@@ -222,13 +213,15 @@ class Floor:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                         optimizer.step()
 
+        batch = (input_ids, attention_mask, responses)
         passes = {
             "generate": generate,
-            "policy": no_grad_forward(lambda ids, mask: common.response_logits(self.policy, ids, mask, context, 1.0)),
-            "reference": no_grad_forward(
-                lambda ids, mask: common.response_logits(self.reference, ids, mask, context, 1.0)
+            # the scripts' own no-grad passes (common.chunked_logprobs / chunked_values)
+            "policy": lambda: common.chunked_logprobs(self.policy, *batch, 1.0, args.forward_batch_size, dtype),
+            "reference": lambda: common.chunked_logprobs(self.reference, *batch, 1.0, args.forward_batch_size, dtype),
+            "value": lambda: common.chunked_values(
+                self.value, input_ids, attention_mask, decode_steps, args.forward_batch_size, dtype
             ),
-            "value": no_grad_forward(self.value),
             "reward": lambda: self.score(prompt_texts, response_texts),
             "update": update,
         }
