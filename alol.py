@@ -28,111 +28,73 @@ from torch import nn
 from transformers import GenerationConfig
 
 import common
+import data
+import models
 
 
 @dataclass
 class Args:
     # ---- the run: models, data, output
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (prefix of the default output directory)"""
-    seed: int = 1
-    """seed of sampling, the value head and initialisation"""
-    model: str = "toy/policy"
-    """policy to train (hub name or local path); also the frozen reference"""
-    reward_model: str = "toy/reward_model"
-    """reward model (sequence classification, num_labels=1; hub name or path) or a scoring function module:function"""
-    eval_reward: str = "toy.gold:score"
-    """second scorer reported as eval/gold_reward (model or module:function); '' for none"""
-    dataset: str = "toy/data"
-    """training pairs and prompts: hub name, local dir, jsonl/json/parquet file or save_to_disk dir"""
-    train_split: str = "train"
-    """dataset split of the training pairs"""
-    eval_split: str = "test"
-    """split of the held-out prompts: the first --eval-size evaluate, the rest fit V_ref"""
-    response_column: str = "chosen"
-    """column holding the responses to train on"""
-    output_dir: str = ""
-    """where metrics, TensorBoard events, checkpoints and the final policy go (default runs/<exp>__<seed>__<time>)"""
-    resume: bool = False
-    """continue the run in --output-dir from its last checkpoint"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers that ship their own Python code"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # prefix of the default output directory
+    seed: int = 1  # seed of sampling, the value head and initialisation
+    model: str = "toy/policy"  # policy to train (hub name or local path); also the frozen reference
+    reward_model: str = "toy/reward_model"  # reward model (hub name or path, num_labels=1) or a module:function scorer
+    eval_reward: str = "toy.gold:score"  # scorer logged as eval/gold_reward (a model or module:function); '' for none
+    dataset: str = "toy/data"  # training pairs and prompts: hub name, dir, jsonl/json/parquet file or save_to_disk dir
+    train_split: str = "train"  # dataset split of the training pairs
+    eval_split: str = "test"  # split of the held-out prompts: the first --eval-size evaluate, the rest fit V_ref
+    response_column: str = "chosen"  # column holding the responses to train on
+    output_dir: str = ""  # metrics, TensorBoard, checkpoints and the final policy (default runs/<exp>__<seed>__<time>)
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint
+    trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
     # ---- budget and batch sizes
-    total_steps: int = 400
-    """gradient steps (the authors: 9000 x the fraction of rows with positive advantage)"""
-    batch_size: int = 16
-    """examples per gradient step, summed over all ranks"""
-    rollout_forward_batch_size: int = 64
-    """chunk size of the no-grad scoring, value-fitting and evaluation passes"""
+    total_steps: int = 400  # gradient steps (the authors: 9000 x the fraction of rows with positive advantage)
+    batch_size: int = 16  # examples per gradient step, summed over all ranks
+    rollout_forward_batch_size: int = 64  # chunk size of the no-grad scoring, value-fitting and evaluation passes
     # ---- sampling and scoring
-    max_new_tokens: int = 48
-    """training responses are truncated to this many tokens; evaluation generates at most this many"""
-    max_prompt_length: int = 128
-    """prompts are left-truncated to this many tokens (the end of the dialogue is kept)"""
-    temperature: float = 1.0
-    """sampling temperature of evaluation and of pi_ref's samples for V_ref"""
+    max_new_tokens: int = 48  # training responses are cut to this many tokens; evaluation generates at most this many
+    max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
+    temperature: float = 1.0  # sampling temperature of evaluation and of pi_ref's samples for V_ref
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
     distribution whose log-probs the losses use"""
     reward_append_eos: bool = True
     """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
     reward models (the toy's too); --no-reward-append-eos for a reward model trained on text without it"""
-    reward_truncate: bool = True
-    """left-truncate reward-model inputs longer than its maximum length; off: stop with an error instead"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of a sampled response that never emits EOS (0 = off)"""
+    reward_truncate: bool = True  # left-truncate reward-model inputs over its max length; off: stop with an error
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a sampled response that never emits EOS (0 = off)
     # ---- optimisation
-    lr: float = 1e-4
-    """policy learning rate (toy default; the authors: 2e-4 with QLoRA on LLaMA-7B)"""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
+    lr: float = 1e-4  # policy learning rate (toy default; the authors: 2e-4 with QLoRA on LLaMA-7B)
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    max_grad_norm: float = 1.0  # gradient clipping by global norm
     # ---- ALGO LOGIC: A-LoL's hyper-parameters
     reward_transform: Literal["none", "sigmoid"] = "none"
     """applied to every reward-model score before advantages and r-lol/wbc weights (the A-LoL authors: sigmoid)"""
     variant: Literal["a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll"] = "a-lol"
     """loss: the A-LoL variants, reward-weighted r-lol and wbc, or plain nll (SFT) as a baseline"""
-    clip_eps: float = 0.9
-    """importance weights are clipped to [1 - clip_eps, 1 + clip_eps]"""
-    kl_beta: float = 0.1
-    """weight of the sequence log-ratio term of a-lol-kl"""
+    clip_eps: float = 0.9  # importance weights are clipped to [1 - clip_eps, 1 + clip_eps]
+    kl_beta: float = 0.1  # weight of the sequence log-ratio term of a-lol-kl
     sampling: Literal["auto", "priority", "uniform"] = "auto"
     """priority: with replacement, proportional to A+ (r for r-lol/wbc); auto = priority except for nll"""
-    value_samples: int = 8
-    """pi_ref samples per held-out prompt to fit V_ref on"""
-    value_epochs: int = 30
-    """epochs of V_ref fitting (the epoch with the best held-out loss is kept)"""
-    value_lr: float = 3e-3
-    """V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)"""
+    value_samples: int = 8  # pi_ref samples per held-out prompt to fit V_ref on
+    value_epochs: int = 30  # epochs of V_ref fitting (the epoch with the best held-out loss is kept)
+    value_lr: float = 3e-3  # V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)
     # ---- LoRA and scale (README: Scaling to real models)
-    use_lora: bool = False
-    """train a LoRA adapter on the frozen base; the reference is the policy with its adapter off"""
-    lora_r: int = 16
-    """LoRA rank"""
-    micro_batch_size: int = 0
-    """rows per forward/backward pass on each rank; gradients of a step accumulate over them (0 = all at once)"""
-    fsdp: bool = False
-    """shard every model over the ranks with FSDP2 (torchrun); weights are gathered once per generation/no-grad pass"""
-    activation_checkpointing: bool = False
-    """recompute each decoder layer's activations in backward instead of storing them (the policy)"""
-    num_layers_unfrozen: int = -1
-    """train only the top N decoder layers, the final norm and the LM head; -1 = all"""
+    use_lora: bool = False  # train a LoRA adapter on the frozen base; the reference is the policy with its adapter off
+    lora_r: int = 16  # LoRA rank
+    micro_batch_size: int = 0  # rows per forward/backward on each rank; a step's gradients add up over them (0 = all)
+    fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
+    activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
+    num_layers_unfrozen: int = -1  # train only the top N decoder layers, the final norm and the LM head; -1 = all
     # ---- evaluation, checkpoints and logging
-    log_every: int = 10
-    """log training metrics every N steps"""
-    eval_every: int = 100
-    """evaluate every N steps (and before the first and after the last)"""
-    eval_size: int = 128
-    """number of held-out prompts to evaluate on"""
-    save_every: int = 100
-    """checkpoint every N steps (and at the end); 0 = never (the run cannot be resumed)"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "rlhf-reference"
-    """wandb project name"""
+    log_every: int = 10  # log training metrics every N steps
+    eval_every: int = 100  # evaluate every N steps (and before the first and after the last)
+    eval_size: int = 128  # number of held-out prompts to evaluate on
+    save_every: int = 100  # checkpoint every N steps (and at the end); 0 = never (the run cannot be resumed)
+    track: bool = False  # log to Weights & Biases
+    wandb_project: str = "rlhf-reference"  # wandb project name
 
 
 # ALGO LOGIC: the pieces of A-LoL, as plain functions the tests import
@@ -214,26 +176,27 @@ def main():
     common.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
+    chunk = args.rollout_forward_batch_size  # rows per no-grad forward pass (scoring, V_ref, evaluation, pi_ref)
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
-    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    train_rows, response_texts = common.load_rows(args.dataset, args.train_split, args.response_column)
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    train_rows, response_texts = data.load_rows(args.dataset, args.train_split, args.response_column)
     if response_texts is None or None in response_texts:
         common.fail(
             f"--dataset '{args.dataset}' has no '{args.response_column}' column or assistant turn in a row; "
             "pass --response-column or complete the conversations"
         )
-    train_prompts = common.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
+    train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
     # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
-    stop_ids = torch.tensor(common.stop_token_ids(args.model, tokenizer), device=device)
+    stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
     # a response continues its prompt as the policy would write it (tokens + EOS, or the chat template's assistant
     # turn). One that fits ends with its stop token; a longer one is cut and, like a sample that never stopped, keeps
     # none and is penalised
-    response_ids = common.tokenize_responses(tokenizer, train_rows, response_texts, stop_ids.tolist())
+    response_ids = data.tokenize_responses(tokenizer, train_rows, response_texts, stop_ids.tolist())
     train_ended = torch.tensor([len(ids) <= args.max_new_tokens for ids in response_ids])
     train_responses = [ids[: args.max_new_tokens] for ids in response_ids]
-    held_out_rows = common.load_rows(args.dataset, args.eval_split)[0]
-    held_out_prompts = common.tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
+    held_out_rows = data.load_rows(args.dataset, args.eval_split)[0]
+    held_out_prompts = data.tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
     eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
     eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size :]
     if not value_prompts:
@@ -241,16 +204,16 @@ def main():
     # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers; each is prepared as
     # soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
-    policy = common.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
+    policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
-        policy = common.add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = common.prepare_model(policy, args, dtype, device, world_size, train=True)
-    unwrapped_policy = common.unwrap(policy)
+        policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
+    policy = models.prepare_model(policy, args, dtype, device, world_size, train=True)
+    unwrapped_policy = models.unwrap(policy)
     ref_policy = None
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = common.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = common.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn, eval_score_fn = common.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
+        ref_policy = models.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
+        ref_policy = models.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
+    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -263,6 +226,7 @@ def main():
     policy_optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
     )
+    trained = {"policy": (policy, policy_optimizer)}  # saved in every checkpoint, restored by --resume
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -270,49 +234,35 @@ def main():
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         queries, query_mask = common.left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
         with common.autocast(device, dtype):
-            responses, response_mask = common.generate(
-                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
-            )
-        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        size, temperature = args.rollout_forward_batch_size, args.temperature
+            responses, response_mask = common.generate(unwrapped_policy, queries, query_mask, generation_config, chunk)
+        input_ids = torch.cat([queries, responses], 1)
+        attention_mask = torch.cat([query_mask, response_mask], 1)
         logprobs = common.chunked_logprobs(
-            unwrapped_policy, input_ids, attention_mask, responses, temperature, size, dtype
+            unwrapped_policy, input_ids, attention_mask, responses, args.temperature, chunk, dtype
         )
-        with common.reference_model(unwrapped_policy, ref_policy) as ref_model:
+        with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
             ref_logprobs = common.chunked_logprobs(
-                ref_model, input_ids, attention_mask, responses, temperature, size, dtype
+                ref_model, input_ids, attention_mask, responses, args.temperature, chunk, dtype
             )
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        prompt_texts = common.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
+        prompt_texts = data.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         ended = torch.isin(responses, stop_ids).any(1)
-        per_sequence = {
-            "eval/reward": score_fn(prompt_texts, response_texts, ended),
-            "eval/kl": kl.sum(1),
-            "eval/response_length": response_mask.sum(1),
-            "eval/eos_rate": ended,
-        }
-        if eval_score_fn:
-            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
-        texts = common.all_gather_list(response_texts)
-        distinct = {f"eval/distinct_{n}": common.distinct_n(texts, n) for n in (1, 2, 3)}
-        return {**common.global_means(per_sequence), **distinct}
+        return common.evaluation_metrics(
+            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3)
+        )
 
     @torch.no_grad()
     def prompt_features(prompts: list[list[int]]) -> torch.Tensor:
         """Masked mean of the frozen reference's last hidden states over each prompt (no grad, chunked)."""
         features = []
-        with common.reference_model(unwrapped_policy, ref_policy) as ref_model, common.gathered(ref_model):
-            for i in range(0, len(prompts), args.rollout_forward_batch_size):
-                ids, mask = common.left_pad(
-                    prompts[i : i + args.rollout_forward_batch_size], tokenizer.pad_token_id, device
-                )
+        with models.reference_model(unwrapped_policy, ref_policy) as ref_model, common.gathered(ref_model):
+            for i in range(0, len(prompts), chunk):
+                ids, mask = common.left_pad(prompts[i : i + chunk], tokenizer.pad_token_id, device)
+                positions = common.position_ids(mask)
                 with common.autocast(device, dtype):
                     hidden = ref_model(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        position_ids=common.position_ids(mask),
-                        output_hidden_states=True,
+                        input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
                     ).hidden_states[-1]
                 features.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return torch.cat(features)
@@ -320,11 +270,9 @@ def main():
     def rewards_of(prompts, rows, responses, ended) -> torch.Tensor:
         """r(x, y): the reward model's score (ALGO LOGIC: through --reward-transform) less the missing-EOS penalty,
         the same for the dataset's responses and for pi_ref's samples (the V_ref targets)."""
-        scores = score_fn(
-            common.scoring_prompts(tokenizer, prompts, rows),
-            tokenizer.batch_decode(responses, skip_special_tokens=True),
-            ended,
-        )
+        prompt_texts = data.scoring_prompts(tokenizer, prompts, rows)
+        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = score_fn(prompt_texts, response_texts, ended)
         if args.reward_transform == "sigmoid":  # the A-LoL authors' choice (scores in (0, 1), hence all positive)
             scores = torch.sigmoid(scores)
         return scores - args.missing_eos_penalty * (~ended).float()
@@ -336,16 +284,15 @@ def main():
     setup_metrics = {}  # the one-off setup's timings and V_ref fit, logged in the row of iteration 0
     if args.resume:
         checkpoint = common.load_checkpoint(output_dir)
-        common.load_trainable_state(policy, checkpoint["policy"])
-        common.load_optimizer_state(policy, policy_optimizer, checkpoint["policy_optimizer"])
-        start_iteration, rewards, ref_values = checkpoint["iteration"], checkpoint["rewards"], checkpoint["ref_values"]
+        models.load_training_state(checkpoint, trained)
+        start_iteration = checkpoint["iteration"]
+        rewards, ref_values = checkpoint["rewards"], checkpoint["ref_values"]
     else:
         # ---- score every training pair once (this rank's block, then gathered)
         t0 = common.now(device)
         block = shard(len(train_prompts))
-        rewards = rewards_of(
-            train_prompts[block], train_rows[block], train_responses[block], train_ended[block].to(device)
-        )
+        ended = train_ended[block].to(device)
+        rewards = rewards_of(train_prompts[block], train_rows[block], train_responses[block], ended)
         rewards = torch.tensor(common.all_gather_list(rewards.tolist()))
         if not torch.isfinite(rewards).all():
             common.fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
@@ -353,24 +300,18 @@ def main():
         t1 = common.now(device)
         block = shard(len(value_prompts))
         queries, query_mask = common.left_pad(value_prompts[block], tokenizer.pad_token_id, device)
-        queries, query_mask = queries.repeat(args.value_samples, 1), query_mask.repeat(args.value_samples, 1)
-        with common.reference_model(unwrapped_policy, ref_policy) as ref_model, common.autocast(device, dtype):
-            responses, _ = common.generate(
-                ref_model, queries, query_mask, generation_config, args.rollout_forward_batch_size
-            )
-        sample_scores = rewards_of(
-            queries, value_rows[block] * args.value_samples, responses, torch.isin(responses, stop_ids).any(1)
-        )
+        queries = queries.repeat(args.value_samples, 1)  # row s * prompts + i: sample s of prompt i
+        query_mask = query_mask.repeat(args.value_samples, 1)
+        with models.reference_model(unwrapped_policy, ref_policy) as ref_model, common.autocast(device, dtype):
+            responses, _ = common.generate(ref_model, queries, query_mask, generation_config, chunk)
+        ended = torch.isin(responses, stop_ids).any(1)
+        sample_scores = rewards_of(queries, value_rows[block] * args.value_samples, responses, ended)
         sample_scores = torch.tensor(common.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)
+        sample_features = features.repeat_interleave(args.value_samples, 0).cpu()  # one row per sample
         head, setup_metrics = fit_value_head(
-            features.repeat_interleave(args.value_samples, 0).cpu(),
-            sample_scores.reshape(-1),
-            prompt_ids,
-            args.value_epochs,
-            args.value_lr,
-            args.seed,
+            sample_features, sample_scores.reshape(-1), prompt_ids, args.value_epochs, args.value_lr, args.seed
         )
         block = shard(len(train_prompts))
         ref_values = torch.tensor(common.all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
@@ -409,17 +350,15 @@ def main():
             input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
             )
-            size = args.rollout_forward_batch_size  # offline: T = 1; no grad, so DDP's module is not used here
-            with common.reference_model(unwrapped_policy, ref_policy) as ref_model:
+            # offline: T = 1; no grad, so DDP's module is not used here
+            with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
                 ref_logprobs = common.chunked_logprobs(
-                    ref_model, input_ids, attention_mask, responses, 1.0, size, dtype
+                    ref_model, input_ids, attention_mask, responses, 1.0, chunk, dtype
                 )
             example_share = len(rows) * world_size / args.batch_size  # a mean over the global batch's examples
-            with common.gradient_sync([policy], sync):
-                with common.autocast(device, dtype):
-                    logits = common.response_logits(
-                        policy, input_ids, attention_mask, context_length, 1.0
-                    )  # offline: T = 1
+            with models.gradient_sync([policy], sync):
+                with common.autocast(device, dtype):  # offline: T = 1
+                    logits = common.response_logits(policy, input_ids, attention_mask, context_length, 1.0)
                 logprobs = common.gather_logprobs(logits, responses)
                 # ALGO LOGIC: the variant's loss
                 loss, loss_stats = policy_loss(
@@ -449,18 +388,14 @@ def main():
                 "iteration": iteration,
                 "episodes": iteration * args.batch_size,
                 **dict(zip(step_stats, means.tolist())),
+                "time/update": elapsed / len(stats),
+                "time/samples_per_s": len(stats) * args.batch_size / elapsed,
+                "time/peak_memory_gb": common.peak_memory_gb(device),
             }
-            row.update(
-                {
-                    "time/update": elapsed / len(stats),
-                    "time/samples_per_s": len(stats) * args.batch_size / elapsed,
-                    "time/peak_memory_gb": common.peak_memory_gb(device),
-                }
-            )
             if iteration % args.eval_every == 0 or iteration == args.total_steps:
                 eval_metrics = {"eval/iteration": iteration, **evaluate()}
             if iteration == args.total_steps and world_size > 1:
-                row["dist/max_param_difference"] = common.max_replica_difference(unwrapped_policy)
+                row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
             stats = []  # per-iteration statistics since the last logged row
             t_start = common.now(device)
@@ -472,12 +407,11 @@ def main():
                     "args": asdict(args),
                     "rewards": rewards,
                     "ref_values": ref_values,
-                    "policy": common.trainable_state(policy),
-                    "policy_optimizer": common.optimizer_state(policy, policy_optimizer),
+                    **models.training_state(trained),
                 },
             )
 
-    common.save_final_policy(policy, tokenizer, output_dir, args)
+    models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     common.barrier()
 

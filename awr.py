@@ -21,109 +21,69 @@ import tyro
 from transformers import GenerationConfig
 
 import common
+import data
+import models
 
 
 @dataclass
 class Args:
     # ---- the run: models, data, output
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (prefix of the default output directory)"""
-    seed: int = 1
-    """seed of prompt order, sampling and initialisation"""
-    model: str = "toy/policy"
-    """policy to train (hub name or local path); also the frozen reference and the value net's initial backbone"""
-    reward_model: str = "toy/reward_model"
-    """reward model (sequence classification, num_labels=1; hub name or path) or a scoring function module:function"""
-    eval_reward: str = "toy.gold:score"
-    """second scorer reported as eval/gold_reward (model or module:function); '' for none"""
-    dataset: str = "toy/data"
-    """prompts: hub name, local dir, jsonl/json/parquet file or save_to_disk dir (rm-static, hh-rlhf or 'prompt')"""
-    train_split: str = "train"
-    """dataset split the rollout prompts are drawn from"""
-    eval_split: str = "test"
-    """dataset split of the held-out evaluation prompts"""
-    output_dir: str = ""
-    """where metrics, TensorBoard events, checkpoints and the final policy go (default runs/<exp>__<seed>__<time>)"""
-    resume: bool = False
-    """continue the run in --output-dir from its last checkpoint"""
-    trust_remote_code: bool = False
-    """allow models and tokenizers that ship their own Python code"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # prefix of the default output directory
+    seed: int = 1  # seed of prompt order, sampling and initialisation
+    model: str = "toy/policy"  # policy to train (hub name or path); also pi_ref and the value net's initial backbone
+    reward_model: str = "toy/reward_model"  # reward model (hub name or path, num_labels=1) or a module:function scorer
+    eval_reward: str = "toy.gold:score"  # scorer logged as eval/gold_reward (a model or module:function); '' for none
+    dataset: str = "toy/data"  # prompts: hub name, dir, jsonl/json/parquet file or save_to_disk dir (formats: README)
+    train_split: str = "train"  # dataset split the rollout prompts are drawn from
+    eval_split: str = "test"  # dataset split of the held-out evaluation prompts
+    output_dir: str = ""  # metrics, TensorBoard, checkpoints and the final policy (default runs/<exp>__<seed>__<time>)
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint
+    trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
     # ---- budget and batch sizes
-    total_episodes: int = 4096
-    """number of sampled responses to train on (iterations = total_episodes // rollout_batch_size)"""
-    rollout_batch_size: int = 64
-    """prompts per iteration, summed over all ranks"""
-    mini_batch_size: int = 16
-    """responses per gradient step, summed over all ranks"""
-    update_epochs: int = 2
-    """passes over each rollout batch"""
-    rollout_forward_batch_size: int = 64
-    """chunk size of the no-grad generation, reference, reward and value passes"""
+    total_episodes: int = 4096  # sampled responses to train on (iterations = total_episodes // rollout_batch_size)
+    rollout_batch_size: int = 64  # prompts per iteration, summed over all ranks
+    mini_batch_size: int = 16  # responses per gradient step, summed over all ranks
+    update_epochs: int = 2  # passes over each rollout batch
+    rollout_forward_batch_size: int = 64  # chunk size of the no-grad generation, reference, reward and value passes
     # ---- sampling and scoring
-    max_new_tokens: int = 48
-    """longest response; a response without EOS by then is truncated and penalised"""
-    max_prompt_length: int = 128
-    """prompts are left-truncated to this many tokens (the end of the dialogue is kept)"""
-    temperature: float = 1.0
-    """sampling temperature; every log-prob is computed from logits / temperature"""
+    max_new_tokens: int = 48  # longest response; a response without EOS by then is truncated and penalised
+    max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
+    temperature: float = 1.0  # sampling temperature; every log-prob is computed from logits / temperature
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
     distribution whose log-probs the losses use"""
     reward_append_eos: bool = True
     """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
     reward models (the toy's too); --no-reward-append-eos for a reward model trained on text without it"""
-    reward_truncate: bool = True
-    """left-truncate reward-model inputs longer than its maximum length (counted in train/reward_truncated)"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that never emits EOS (0 = off)"""
+    reward_truncate: bool = True  # left-truncate reward-model inputs over its max length (train/reward_truncated)
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits EOS (0 = off)
     # ---- optimisation
-    lr: float = 3e-4
-    """policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)"""
-    value_lr: float = 3e-4
-    """value network learning rate"""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm, per network"""
-    gamma: float = 1.0
-    """discount"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
+    lr: float = 3e-4  # policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)
+    value_lr: float = 3e-4  # value network learning rate
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    max_grad_norm: float = 1.0  # gradient clipping by global norm, per network
+    gamma: float = 1.0  # discount
+    gae_lambda: float = 0.95  # GAE lambda
     # ---- ALGO LOGIC: AWR's hyper-parameters
-    beta: float = 2.0
-    """AWR temperature: weights exp(A / beta); smaller = greedier (beta = 0.1 explodes)"""
-    max_weight: float = 20.0
-    """weights are clipped at this value; 0 = no clip"""
-    reward_clip: float = 10.0
-    """scores divided by their running std are clipped to +-reward_clip"""
-    vf_coef: float = 1.0
-    """value loss weight"""
+    beta: float = 2.0  # AWR temperature: weights exp(A / beta); smaller = greedier (beta = 0.1 explodes)
+    max_weight: float = 20.0  # weights are clipped at this value; 0 = no clip
+    reward_clip: float = 10.0  # scores divided by their running std are clipped to +-reward_clip
+    vf_coef: float = 1.0  # value loss weight
     # ---- LoRA and scale (README: Scaling to real models)
-    use_lora: bool = False
-    """train LoRA adapters (policy and value net) on frozen bases; the reference is the policy with its adapter off"""
-    lora_r: int = 16
-    """LoRA rank"""
-    micro_batch_size: int = 0
-    """rows per forward/backward pass on each rank; gradients of a minibatch accumulate over them (0 = all at once)"""
-    fsdp: bool = False
-    """shard every model over the ranks with FSDP2 (torchrun); weights are gathered once per generation/no-grad pass"""
-    activation_checkpointing: bool = False
-    """recompute each decoder layer's activations in backward instead of storing them (trained models)"""
-    num_layers_unfrozen: int = -1
-    """train only the top N decoder layers, the final norm and the heads (the APA paper's HH runs: 2); -1 = all"""
+    use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
+    lora_r: int = 16  # LoRA rank
+    micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)
+    fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
+    activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
+    num_layers_unfrozen: int = -1  # train only the top N decoder layers, final norm and heads (APA paper: 2); -1 = all
     # ---- evaluation, checkpoints and logging
-    eval_every: int = 16
-    """evaluate every N iterations (and before the first and after the last)"""
-    eval_size: int = 128
-    """number of held-out prompts to evaluate on"""
-    save_every: int = 16
-    """checkpoint every N iterations (and at the end); 0 = never (the run cannot be resumed)"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "rlhf-reference"
-    """wandb project name"""
+    eval_every: int = 16  # evaluate every N iterations (and before the first and after the last)
+    eval_size: int = 128  # number of held-out prompts to evaluate on
+    save_every: int = 16  # checkpoint every N iterations (and at the end); 0 = never (the run cannot be resumed)
+    track: bool = False  # log to Weights & Biases
+    wandb_project: str = "rlhf-reference"  # wandb project name
 
 
 def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
@@ -168,30 +128,30 @@ def main():
     num_iterations = args.total_episodes // args.rollout_batch_size
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
-    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    train_rows = common.load_rows(args.dataset, args.train_split)[0]  # strings, or message lists (conversational)
-    eval_rows = common.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
-    train_prompts = common.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
-    eval_prompts = common.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    train_rows = data.load_rows(args.dataset, args.train_split)[0]  # strings, or message lists (conversational)
+    eval_rows = data.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
+    train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
+    eval_prompts = data.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
     # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
-    stop_ids = torch.tensor(common.stop_token_ids(args.model, tokenizer), device=device)
+    stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
     # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
-    policy = common.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
+    policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
-        policy = common.add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = common.prepare_model(policy, args, dtype, device, world_size, train=True)
-    unwrapped_policy = common.unwrap(policy)
-    value_model = common.load_value_model(args.model, weights_dtype, "--model", args.trust_remote_code)
+        policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
+    policy = models.prepare_model(policy, args, dtype, device, world_size, train=True)
+    unwrapped_policy = models.unwrap(policy)
+    value_model = models.load_value_model(args.model, weights_dtype, "--model", args.trust_remote_code)
     if args.use_lora:
-        value_model.model = common.add_lora(value_model.model, args.lora_r, "SEQ_CLS")
-    value_model = common.prepare_model(value_model, args, dtype, device, world_size, train=True)
+        value_model.model = models.add_lora(value_model.model, args.lora_r, "SEQ_CLS")
+    value_model = models.prepare_model(value_model, args, dtype, device, world_size, train=True)
     ref_policy = None
     if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = common.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = common.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn, eval_score_fn = common.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
+        ref_policy = models.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
+        ref_policy = models.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
+    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -208,16 +168,15 @@ def main():
     value_optimizer = torch.optim.AdamW(
         [p for p in value_model.parameters() if p.requires_grad], lr=args.value_lr, betas=args.adam_betas
     )
+    # the trained (model, optimizer) pairs: saved in every checkpoint, restored by --resume
+    trained = {"policy": (policy, policy_optimizer), "value_model": (value_model, value_optimizer)}
     score_stats = common.RunningMoments()
     start_iteration = 0
     if args.resume:
         checkpoint = common.load_checkpoint(output_dir)
-        common.load_trainable_state(policy, checkpoint["policy"])
-        common.load_trainable_state(value_model, checkpoint["value_model"])
-        common.load_optimizer_state(policy, policy_optimizer, checkpoint["policy_optimizer"])
-        common.load_optimizer_state(value_model, value_optimizer, checkpoint["value_optimizer"])
+        models.load_training_state(checkpoint, trained)
         start_iteration = checkpoint["iteration"]
-        score_stats.mean, score_stats.var, score_stats.count = checkpoint["score_stats"]
+        score_stats.load_state_dict(checkpoint["score_stats"])
     common.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
@@ -231,7 +190,7 @@ def main():
         logprobs = common.chunked_logprobs(
             unwrapped_policy, input_ids, attention_mask, responses, temperature, size, dtype
         )
-        with common.reference_model(unwrapped_policy, ref_policy) as ref_model:
+        with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
             ref_logprobs = common.chunked_logprobs(
                 ref_model, input_ids, attention_mask, responses, temperature, size, dtype
             )
@@ -251,7 +210,7 @@ def main():
         input_ids = torch.cat([queries, responses], 1)  # (B, P + R): the sequences every later pass reads
         attention_mask = torch.cat([query_mask, response_mask], 1)
         ended = torch.isin(responses, stop_ids).any(1)  # (B,): stopped by itself, not cut at --max-new-tokens
-        prompt_texts = common.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
+        prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         return input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts
 
@@ -264,20 +223,9 @@ def main():
         )
         logprobs, ref_logprobs, _ = forward_passes(input_ids, attention_mask, responses, with_values=False)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        per_sequence = {
-            "eval/reward": score_fn(prompt_texts, response_texts, ended),
-            "eval/kl": kl.sum(1),
-            "eval/response_length": response_mask.sum(1),
-            "eval/eos_rate": ended,
-        }
-        if eval_score_fn:
-            per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
-        texts = common.all_gather_list(response_texts)
-        return {
-            **common.global_means(per_sequence),
-            "eval/distinct_1": common.distinct_n(texts, 1),
-            "eval/distinct_2": common.distinct_n(texts, 2),
-        }
+        return common.evaluation_metrics(
+            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask
+        )
 
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
@@ -287,7 +235,7 @@ def main():
         torch.manual_seed(args.seed + 10_000 * iteration + rank)
         t_start = common.now(device)
         # ---- rollout: sample responses to this rank's share of the prompts
-        indices = common.prompt_indices(
+        indices = data.prompt_indices(
             len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
         )
         input_ids, attention_mask, responses, response_mask, contains_eos, prompt_texts, response_texts = rollout(
@@ -336,7 +284,7 @@ def main():
                 mb_mask = response_mask[mb]
                 # losses are token means over the whole minibatch on all ranks: one update for any split
                 token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
-                with common.gradient_sync([policy, value_model], sync):
+                with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
                         new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
                     with common.autocast(device, dtype):
@@ -409,7 +357,7 @@ def main():
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and world_size > 1:
-            row["dist/max_param_difference"] = common.max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
             common.save_checkpoint(
@@ -417,15 +365,12 @@ def main():
                 {
                     "iteration": iteration,
                     "args": asdict(args),
-                    "score_stats": (score_stats.mean, score_stats.var, score_stats.count),
-                    "policy": common.trainable_state(policy),
-                    "value_model": common.trainable_state(value_model),
-                    "policy_optimizer": common.optimizer_state(policy, policy_optimizer),
-                    "value_optimizer": common.optimizer_state(value_model, value_optimizer),
+                    "score_stats": score_stats.state_dict(),
+                    **models.training_state(trained),
                 },
             )
 
-    common.save_final_policy(policy, tokenizer, output_dir, args)
+    models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     common.barrier()
 

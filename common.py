@@ -1,13 +1,10 @@
-"""Shared plumbing for the RLHF scripts: loading, padding, log-prob gather, masked statistics,
-distributed reductions, logging and checkpoints. No algorithm logic lives here: what each
-algorithm optimises is written out in its own script."""
+"""Plumbing shared by the RLHF scripts: distributed reductions, flag checks, rollout tensors and generation,
+log-probs and masked statistics, logging and checkpoint files. Loading models and datasets lives in `models.py` and
+`data.py`. No algorithm logic lives in any of them: what each algorithm optimises is written out in its own script."""
 
 import contextlib
-import functools
-import importlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 REPO = Path(__file__).resolve().parent
 
@@ -89,17 +85,6 @@ def broadcast_object(obj):
     return holder[0]
 
 
-def max_replica_difference(model: nn.Module) -> float:
-    """Largest difference between ranks of any parameter's checksum (0.0 when replicas agree)."""
-    if not dist.is_initialized() or is_sharded(model):
-        return 0.0  # under --fsdp each parameter exists once, as shards: there are no replicas to disagree
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    lo, hi = sums.clone(), sums.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    return (hi - lo).abs().max().item()
-
-
 def global_means(per_sequence: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean over all ranks' sequences of each per-sequence statistic: one all-reduce, one sync."""
     count = next(iter(per_sequence.values())).new_tensor(len(next(iter(per_sequence.values()))), dtype=torch.float)
@@ -112,6 +97,7 @@ def barrier():
         dist.barrier()
 
 
+# ---------------------------------------------------------------- flags, dtype, timing
 def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_size: int, world_size: int, args):
     """Every flag in range, batch sizes divide as the loops need them to (before anything loads or is written)."""
     check_flags(args, mini_batch_size // world_size, world_size)
@@ -125,13 +111,12 @@ def check_batch_sizes(total_episodes: int, rollout_batch_size: int, mini_batch_s
 
 
 # The ranges of the flags the scripts share by name (a script checks those of its Args that appear here).
-POSITIVE_COUNTS = ["total_episodes", "rollout_batch_size", "mini_batch_size", "update_epochs", "total_steps",
-                   "batch_size", "rollout_forward_batch_size", "max_new_tokens", "max_prompt_length", "eval_every",
-                   "eval_size", "lora_r", "kl_horizon", "value_samples", "value_epochs", "log_every",
-                   "lr_warmup_steps"]  # fmt: skip
-NON_NEGATIVE = ["save_every", "micro_batch_size", "critic_warmup_steps", "missing_eos_penalty", "kl_coef", "kl_target",
-                "vf_coef", "max_weight", "kl_beta", "ptx_coef"]  # fmt: skip
-POSITIVE = ["temperature", "lr", "value_lr", "max_grad_norm", "reward_clip", "clip_eps", "value_clip", "lam", "beta"]
+POSITIVE_COUNTS = """total_episodes rollout_batch_size mini_batch_size update_epochs total_steps batch_size
+rollout_forward_batch_size max_new_tokens max_prompt_length eval_every eval_size lora_r kl_horizon value_samples
+value_epochs log_every lr_warmup_steps""".split()
+NON_NEGATIVE = """save_every micro_batch_size critic_warmup_steps missing_eos_penalty kl_coef kl_target vf_coef
+max_weight kl_beta ptx_coef""".split()
+POSITIVE = "temperature lr value_lr max_grad_norm reward_clip clip_eps value_clip lam beta".split()
 UNIT_INTERVAL = ["gamma", "gae_lambda"]
 
 
@@ -169,6 +154,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def now(device: torch.device) -> float:
     """Wall-clock time after the device has finished queued work (for the time split)."""
     if device.type == "cuda":
@@ -185,262 +174,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-# ---------------------------------------------------------------- loading
-def _load(loader, path: str, what: str, **kwargs):
-    try:
-        return loader.from_pretrained(resolve(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load {what} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tokenizer = _load(AutoTokenizer, path, "tokenizer", trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:  # e.g. Pythia/GPT-J tokenizers: pad with EOS, masks keep it out
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False, keep_generation_config=False):
-    """The model in eval mode (dropout off everywhere). Its generation_config.json keeps only its token ids unless
-    `keep_generation_config`: generate() fills every setting our GenerationConfig leaves unset from it
-    (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens, bad_words_ids, ...), and then the
-    sampled distribution is no longer softmax(logits / T), the one whose log-probs the losses use."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    model = _load(AutoModelForCausalLM, path, "--model", dtype=dtype, trust_remote_code=trust_remote_code)
-    if not keep_generation_config:
-        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-        model.checkpoint_generation_config = model.generation_config  # saved back with the final policy
-        model.generation_config = GenerationConfig(**{k: getattr(model.generation_config, k, None) for k in ids})
-    return model.eval()
-
-
-def add_lora(model, r: int, task_type: str):
-    """Freeze the base, add a LoRA adapter to every linear layer (plus the score head for SEQ_CLS)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
-    model = get_peft_model(model, config)
-    for p in model.parameters():
-        if p.requires_grad:  # trained weights in float32 even when the frozen base is bf16
-            p.data = p.data.float()
-    return model
-
-
-class ValueModel(nn.Module):
-    """Scalar head reading EVERY position's last hidden state of a `*ForSequenceClassification`
-    model (num_labels=1): values[:, t] is the value of the state before token t+1. The value network
-    (and PPO-max's critic, which starts from the reward model's weights)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,  # no KV cache outside generation (a cache would also break activation checkpointing)
-        ).last_hidden_state
-        head = self.model.score if hasattr(self.model, "score") else self.model.classifier
-        return head(hidden).float().sum(-1)  # (B, T): a sum over the one output, so a new tensor (FSDP2 warns on views)
-
-
-def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code: bool = False) -> ValueModel:
-    """A separate network: `path`'s backbone plus a scalar head (new unless `path` is a reward model)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = _load(
-        AutoModelForSequenceClassification, path, what, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
-    return ValueModel(model.eval())
-
-
-def is_scoring_function(spec: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec)) and not os.path.exists(spec)
-
-
-def load_scorer(
-    spec: str, device, dtype, batch_size: int, flag: str, trust_remote_code: bool = False, fsdp: bool = False,
-    append_eos: bool = True, truncate: bool = True,
-):  # fmt: skip
-    """Sequence-level scorer (prompts, responses, ended_with_eos=None) -> (N,) float tensor on `device`: either a
-    Python function `module:function` (given prompts and responses), or a reward model scoring the decoded text
-    re-tokenized with its own tokenizer, through its own forward (`.logits[:, 0]`: decoder, BERT-style pooler or
-    RoBERTa head alike). The reward model sees what it was trained on: a response that ended with EOS gets the
-    reward tokenizer's EOS appended (as TRL's RewardTrainer tokenizes; `append_eos`), and an input longer than the
-    model's maximum length is truncated from the left, after any leading BOS/CLS (`truncate`, counted in
-    `score.num_truncated`). A conversational prompt (a list of messages) is rendered with the reward tokenizer's
-    chat template, the response as the assistant's turn, or as HH text when it has none."""
-    if is_scoring_function(spec):
-        module, name = spec.split(":")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
-        return functools.partial(_call_scoring_function, fn, f"{flag} '{spec}'", device)
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = _load(AutoConfig, spec, flag, trust_remote_code=trust_remote_code)
-    if getattr(config, "num_labels", 1) != 1:
-        fail(f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)")
-    tokenizer = load_tokenizer(spec, trust_remote_code)
-    model = _load(AutoModelForSequenceClassification, spec, flag, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.config.pad_token_id = tokenizer.pad_token_id  # a decoder reads the last token that is not this padding
-    model = model.eval().requires_grad_(False)
-    model = shard_model(model, dtype) if fsdp else model.to(device)  # --fsdp: sharded, gathered once per call
-    positions = getattr(config, "max_position_embeddings", None) or 2**31
-    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
-    eos, leading = tokenizer.eos_token_id, {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
-
-    def encode(prompt, response: str, ended: bool) -> list[int]:
-        if not is_conversation(prompt):
-            ids = tokenizer(prompt + response)["input_ids"]
-        elif tokenizer.chat_template:  # the conversation as the reward model was trained on it, special tokens once
-            turns = prompt + [{"role": "assistant", "content": response}]
-            text = render_chat(tokenizer, turns, flag)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(render_plain(prompt) + response)["input_ids"]
-        if append_eos and ended and eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        if len(ids) > max_length:
-            if not truncate:
-                fail(f"a {flag} input has {len(ids)} tokens, more than its {max_length}; drop --no-reward-truncate")
-            head = 1 if ids[0] in leading else 0  # keep BOS/CLS, cut the start of the dialogue
-            ids = ids[:head] + ids[len(ids) - max_length + head :]
-            score.num_truncated += 1
-        return ids
-
-    @torch.no_grad()
-    def score(prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor | None = None) -> torch.Tensor:
-        ended = ended_with_eos.tolist() if ended_with_eos is not None else [False] * len(prompts)
-        encoded = [encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
-        scores = []
-        with gathered(model):
-            for i in range(0, len(encoded), batch_size):
-                chunk = encoded[i : i + batch_size]
-                width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
-                input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in chunk])
-                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
-                with autocast(device, dtype):
-                    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-                scores.append(logits[:, 0].float())
-        return torch.cat(scores)
-
-    score.num_truncated = 0
-    return score
-
-
-def load_scorers(args, device, dtype):
-    """(--reward-model's scorer, --eval-reward's or None), both with the scripts' scoring flags."""
-    options = dict(
-        trust_remote_code=args.trust_remote_code,
-        fsdp=args.fsdp,
-        append_eos=args.reward_append_eos,
-        truncate=args.reward_truncate,
-    )
-    chunk = args.rollout_forward_batch_size
-    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **options)
-    eval_score_fn = (
-        load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **options) if args.eval_reward else None
-    )
-    return score_fn, eval_score_fn
-
-
-def _call_scoring_function(fn, name: str, device, prompts: list[str], responses: list[str], ended_with_eos=None):
-    """A `module:function` scorer's floats as a tensor; anything else it does becomes one line naming it."""
-    try:
-        scores = fn(prompts, responses)
-    except Exception as e:  # noqa: BLE001 -- the user's function: whatever it raises becomes one line
-        fail(f"scoring function {name} raised {type(e).__name__}: {e}; fix the function")
-    try:
-        tensor = torch.as_tensor(scores, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError):
-        tensor = None
-    if tensor is None or tensor.shape != (len(prompts),):
-        got = f"a {type(scores).__name__}" if tensor is None else f"shape {tuple(tensor.shape)}"
-        fail(
-            f"scoring function {name} returned {got}; it must return a list of {len(prompts)} floats, one per response"
-        )
-    return tensor.to(device)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-# ---------------------------------------------------------------- scale: sharding, micro-batches, checkpointing
-def hf_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a wrapper (DDP, peft, ValueModel)."""
-    from transformers import PreTrainedModel
-
-    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (GPT-NeoX `layers`, GPT-2 `h`, LLaMA `layers`, ...): the longest ModuleList of
-    the classes the model names as `_no_split_modules`, else the longest ModuleList."""
-    block_names = set(getattr(hf_model(model), "_no_split_modules", None) or [])
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    blocks = [m for m in lists if all(type(layer).__name__ in block_names for layer in m)] or lists
-    if not blocks:
-        fail(f"cannot find the decoder layers of {type(hf_model(model)).__name__}; drop the scale flags for it")
-    return list(max(blocks, key=len))
-
-
-def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int):
-    """trlX's `num_layers_unfrozen` (the APA paper's HH runs unfreeze the last two layers): only the top N decoder
-    blocks and what follows them (final norm, LM head or value head) train; the embeddings and the blocks below stay
-    frozen. -1 trains everything. A head tied to the input embeddings stays frozen with them."""
-    if num_layers_unfrozen < 0:
-        return
-    layers = decoder_layers(model)
-    for module in [*layers[: max(len(layers) - num_layers_unfrozen, 0)], hf_model(model).get_input_embeddings()]:
-        module.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):  # e.g. GPT-2's learned position embeddings
-            module.requires_grad_(False)
-
-
-def _checkpointed(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():  # no-grad passes keep no activations anyway
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def checkpoint_layers(model: nn.Module):
-    """Activation checkpointing on every decoder layer: only each layer's input is kept, the rest is recomputed in
-    backward. (HF's gradient_checkpointing_enable() does nothing while the model is in .eval(), which these
-    scripts use to turn dropout off, so the layers' forward is wrapped directly.)"""
-    for layer in decoder_layers(model):
-        layer.forward = functools.partial(_checkpointed, layer.forward)
-
-
-def shard_model(model: nn.Module, dtype: torch.dtype):
-    """FSDP2: each decoder layer is one shard group, the rest (embeddings, norm, heads) the root's. Weights stay in
-    their own dtype at rest (float32 for trained ones); with a 16-bit --dtype they are all-gathered and computed in
-    it, and gradients are reduced in float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    # every group, the root too, frees its gathered weights after forward (gathered() restores this setting)
-    kwargs = {"reshard_after_forward": True}
-    if dtype != torch.float32:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    # the root is the module whose forward every call enters: a peft model's generate() enters the HF model
-    fully_shard(model if isinstance(model, ValueModel) else hf_model(model), **kwargs)
-    return model
-
-
+# ---------------------------------------------------------------- FSDP2 shards in no-grad passes, micro-batches
 def fsdp_modules(model) -> list[nn.Module]:
     """The FSDP2 shard groups inside `model` (none when FSDP was never imported: it costs a second at startup)."""
     if "torch.distributed.fsdp" not in sys.modules or not isinstance(model, nn.Module):
@@ -452,28 +186,6 @@ def fsdp_modules(model) -> list[nn.Module]:
 
 def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_modules(model))
-
-
-def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
-    """For a trained model --num-layers-unfrozen and --activation-checkpointing; then --fsdp shards it (frozen ones
-    too), moving one layer at a time to the device, or it is moved whole and, with several ranks, DDP wraps a
-    trained one."""
-    if train:
-        freeze_bottom_layers(model, args.num_layers_unfrozen)
-        if args.activation_checkpointing:
-            checkpoint_layers(model)
-    else:
-        model.requires_grad_(False)
-    if args.fsdp:
-        return shard_model(model, dtype)
-    model = model.to(device)
-    if train and world_size > 1:
-        return DDP(model)
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DDP) else model
 
 
 @contextlib.contextmanager
@@ -500,199 +212,7 @@ def micro_batches(minibatch: torch.Tensor, micro_batch_size: int):
         yield minibatch[start : start + size], start + size >= len(minibatch)
 
 
-@contextlib.contextmanager
-def gradient_sync(models: list[nn.Module], sync: bool):
-    """Accumulate gradients locally (no all-reduce) unless `sync`: DDP's no_sync, FSDP2's requires_gradient_sync."""
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            if isinstance(model, DDP) and not sync:
-                stack.enter_context(model.no_sync())
-            for module in fsdp_modules(model):
-                module.set_requires_gradient_sync(sync, recurse=False)
-        yield
-
-
-# ---------------------------------------------------------------- data
-def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[list, list[str] | None]:
-    """(prompts, responses of `response_column` or None) from a hub dataset, a local data dir, a jsonl/json/parquet
-    file or a `save_to_disk` dir. Plain text: Dahoas/rm-static (`prompt`, `chosen`), Anthropic/hh-rlhf (full
-    `chosen` dialogues) or plain `prompt`. Conversational (TRL's formats): a prompt is a list of
-    {"role", "content"} messages: `prompt` as messages, `messages` (the prompt is everything before the last
-    assistant turn, whose content is the response) or `chosen` given as messages (explicit `prompt` column, or the
-    whole conversation like `messages`); a response is then the assistant turn's content."""
-    import datasets
-
-    path = resolve(name)
-    try:
-        if os.path.isdir(path) and any(
-            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
-        ):
-            ds = datasets.load_from_disk(path)
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        elif os.path.isfile(path):
-            builder = "parquet" if path.endswith(".parquet") else "json"
-            ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
-        else:
-            ds = datasets.load_dataset(path, split=split)
-    except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line naming the dataset
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
-    if len(ds) == 0:
-        fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
-    where = f"split '{split}' of --dataset '{name}'"
-    columns = ds.column_names
-    if "prompt" not in columns and ("messages" in columns or response_column in columns):
-        column = "messages" if "messages" in columns else response_column
-        prompts, responses = zip(*(_split_dialogue(d, f"row {i} of {where}") for i, d in enumerate(ds[column])))
-        prompts, responses = list(prompts), None if all(r is None for r in responses) else list(responses)
-    elif "prompt" in columns:
-        prompts = list(ds["prompt"])
-        responses = list(ds[response_column]) if response_column in columns else None
-        if responses is not None:  # conversational `chosen`: the content of its (last) assistant message
-            responses = [_last_assistant(r) if isinstance(r, list) else r for r in responses]
-    else:
-        fail(
-            f"--dataset '{name}' has columns {columns}; expected 'prompt' (Dahoas/rm-static, plain or "
-            "conversational prompts), 'messages' (conversations) or 'chosen' dialogues (Anthropic/hh-rlhf)"
-        )
-    conversational = is_conversation(prompts[0])
-    for i, prompt in enumerate(prompts):
-        if conversational and not is_conversation(prompt):
-            fail(f"row {i} of {where} has a prompt that is not a list of {{'role', 'content'}} messages like row 0")
-        if not conversational and (not isinstance(prompt, str) or not prompt.strip()):
-            what = "an empty string" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not a string"
-            fail(f"row {i} of {where} has a prompt that is {what}; fix or drop that row")
-    return prompts, responses
-
-
-def is_conversation(x) -> bool:
-    """A non-empty list of {"role": str, "content": str} messages (TRL's conversational format)."""
-    return (
-        isinstance(x, list)
-        and len(x) > 0
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
-    )
-
-
-def _last_assistant(messages: list):
-    contents = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
-    return contents[-1] if contents else None
-
-
-def _split_dialogue(dialogue, where: str):
-    """(prompt, response) of one dialogue: hh-rlhf text splits at its last "\n\nAssistant:"; a message list at its
-    last assistant turn (the response is that turn's content)."""
-    if isinstance(dialogue, str):
-        marker = "\n\nAssistant:"
-        prompt = dialogue[: dialogue.rfind(marker) + len(marker)]
-        return prompt, dialogue[len(prompt) :]
-    if not is_conversation(dialogue):  # reported by the prompt check of load_rows
-        return dialogue, None
-    turns = [i for i, m in enumerate(dialogue) if m["role"] == "assistant"]
-    if not turns:
-        return dialogue, None
-    if turns[-1] == 0:
-        fail(f"{where} starts with its only assistant turn, so it has no prompt; put the user turn before it")
-    return dialogue[: turns[-1]], dialogue[turns[-1]]["content"]
-
-
-def render_plain(messages: list[dict]) -> str:
-    """A conversation as Anthropic HH text (for a tokenizer without a chat template, e.g. a plain-text reward model):
-    "\n\nHuman: ...\n\nAssistant: ..." ending with "\n\nAssistant:", the point where a response continues it."""
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    turns = "".join(f"\n\n{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
-    return turns + "\n\nAssistant:"
-
-
-def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[list[int]]:
-    """Token ids per prompt, left-truncated so the end of the dialogue (the last turn) is kept, after a leading BOS.
-    A conversation is rendered once with the tokenizer's chat template and the generation prompt, and tokenized
-    without adding special tokens again (the template writes any BOS itself)."""
-    if prompts and is_conversation(prompts[0]):
-        check_chat_template(tokenizer, "--model")
-        texts = [render_chat(tokenizer, p, "--model", add_generation_prompt=True) for p in prompts]
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        encoded = tokenizer(prompts)["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    truncated = []
-    for ids in encoded:
-        if len(ids) > max_prompt_length:
-            keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
-            ids = ids[:1] + ids[1 - max_prompt_length :] if keep_bos else ids[-max_prompt_length:]
-        truncated.append(ids)
-    return truncated
-
-
-def render_chat(tokenizer, messages: list[dict], flag: str, add_generation_prompt: bool = False) -> str:
-    """The conversation as text by the tokenizer's chat template; a template that rejects it (roles out of order, a
-    system turn it does not support, ...) stops the run with its own message."""
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    except Exception as e:  # noqa: BLE001 -- jinja's TemplateError or the template's raise_exception: one line
-        roles = [m["role"] for m in messages]
-        fail(f"the {flag} chat template rejects a conversation with roles {roles} ({e}); fix the data or the template")
-
-
-def check_chat_template(tokenizer, flag: str):
-    if not getattr(tokenizer, "chat_template", None):
-        fail(
-            f"the dataset is conversational but the {flag} tokenizer has no chat template; use a chat model's "
-            "tokenizer (or set its chat_template), or a dataset with plain-text prompts"
-        )
-
-
-def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids: list[int]) -> list[list[int]]:
-    """Token ids of each dataset response as the policy would generate it after its tokenized prompt, ending with
-    a stop token. Plain text: the response's own tokens (no special tokens: a LLaMA tokenizer would put a BOS
-    between prompt and response) + EOS. Conversational: what the chat template writes after the generation prompt
-    for the assistant turn, up to and including its first stop token (the end-of-turn token)."""
-    if not (prompts and is_conversation(prompts[0])):
-        return [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
-    out = []
-    for prompt, response in zip(prompts, responses):
-        head = render_chat(tokenizer, prompt, "--model", add_generation_prompt=True)
-        full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], "--model")
-        if not full.startswith(head):
-            fail("the --model chat template renders an assistant turn that does not continue its generation prompt")
-        ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
-        stops = [i for i, t in enumerate(ids) if t in stop_ids]
-        out.append(ids[: stops[0] + 1] if stops else ids + [tokenizer.eos_token_id])
-    return out
-
-
-def stop_token_ids(path: str, tokenizer) -> list[int]:
-    """Generation stops at EOS and at every id the checkpoint's generation_config.json lists as eos_token_id (a chat
-    model's end-of-turn token, such as <|im_end|> or <|eot_id|>)."""
-    from transformers import GenerationConfig
-
-    try:
-        listed = GenerationConfig.from_pretrained(resolve(path)).eos_token_id
-    except (OSError, ValueError):  # no generation_config.json: EOS only
-        listed = None
-    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
-
-
-def scoring_prompts(tokenizer, queries: torch.Tensor, rows: list) -> list:
-    """The prompts scorers get: a conversational dataset's messages, else the prompt text the policy saw (decoded,
-    so left-truncated like the policy's input)."""
-    if rows and is_conversation(rows[0]):
-        return list(rows)
-    return tokenizer.batch_decode(queries, skip_special_tokens=True)
-
-
-def prompt_indices(n: int, batch_size: int, iteration: int, seed: int, rank: int, world_size: int) -> list[int]:
-    """This rank's disjoint share of the global batch for `iteration`, from a stream of seeded
-    epoch permutations (stateless, so a resumed run sees the same prompts)."""
-    indices, start = [], iteration * batch_size
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        indices += perm[offset : offset + batch_size - len(indices)].tolist()
-    return indices[rank::world_size]
-
-
+# ---------------------------------------------------------------- rollout tensors and generation
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
@@ -751,16 +271,6 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
     ).logits
     # from the end: right whether or not the model honoured logits_to_keep (a model may return every position)
     return logits[:, -(response_length + 1) : -1].float() / temperature  # (B, R, V)
-
-
-@contextlib.contextmanager
-def reference_model(policy, ref_policy):
-    """The frozen pi_ref: its own copy, or (under LoRA, where `ref_policy` is None) the policy with its adapter off."""
-    if ref_policy is not None:
-        yield ref_policy
-    else:
-        with policy.disable_adapter():
-            yield policy
 
 
 @torch.no_grad()
@@ -837,6 +347,12 @@ class RunningMoments:
     def std(self) -> float:
         return max(self.var, 1e-8) ** 0.5
 
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict):
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
 
 def distinct_n(texts: list[str], n: int) -> float:
     """Unique n-grams / total n-grams over all responses (word level)."""
@@ -844,7 +360,23 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(ngrams)) / max(len(ngrams), 1)
 
 
-# ---------------------------------------------------------------- output directory, logging, checkpoints
+def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2)):
+    """The evaluation of held-out samples, every rank's together: eval/reward (--reward-model), eval/gold_reward
+    (--eval-reward, when given), eval/kl (k1 summed over the response), eval/response_length, eval/eos_rate, and
+    eval/distinct_n for n in `ns` over all ranks' responses."""
+    per_sequence = {
+        "eval/reward": score_fn(prompt_texts, response_texts, ended),
+        "eval/kl": kl.sum(1),
+        "eval/response_length": response_mask.sum(1),
+        "eval/eos_rate": ended,
+    }
+    if eval_score_fn:
+        per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
+    texts = all_gather_list(response_texts)
+    return {**global_means(per_sequence), **{f"eval/distinct_{n}": distinct_n(texts, n) for n in ns}}
+
+
+# ---------------------------------------------------------------- output directory, logging, checkpoint files
 def check_output_dir(output_dir: str, resume: bool):
     checkpoint = os.path.join(output_dir, "checkpoint.pt")
     if resume and not os.path.exists(checkpoint):
@@ -898,62 +430,6 @@ class Logger:
                 self.wandb.finish()
 
 
-def _full_state_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def trainable_state(model: nn.Module) -> dict:
-    """The parameters that training changes (all of them, or the adapter and head with LoRA), as full tensors on
-    rank 0 ({} elsewhere). Under --fsdp every rank must call it: the shards are gathered."""
-    model = unwrap(model)
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(model, options=_full_state_options())
-        return {name: t for name, t in state.items() if name in trained}
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return {}
-    return {name: p.detach().cpu() for name, p in model.named_parameters() if name in trained}
-
-
-def load_trainable_state(model: nn.Module, state: dict):
-    model = unwrap(model)
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        names = {name for name, _ in model.named_parameters()}
-        unexpected = [name for name in state if name not in names]
-        if not unexpected and state:  # each rank holds the full state: it keeps its own shard
-            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected or not state:
-        fail(
-            f"checkpoint does not match the model ({len(unexpected)} unknown tensors); use the run's --model/--use-lora"
-        )
-
-
-def optimizer_state(model: nn.Module, optimizer) -> dict:
-    """The optimizer's state (full tensors under --fsdp, gathered; every rank must call it), {} except on rank 0."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
-    return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
-
-
-def load_optimizer_state(model: nn.Module, optimizer, state: dict):
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
-
-
 def save_checkpoint(output_dir: str, state: dict):
     """Atomic: a killed save leaves the previous checkpoint intact. Rank 0 writes; every rank calls it."""
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -965,32 +441,3 @@ def save_checkpoint(output_dir: str, state: dict):
 
 def load_checkpoint(output_dir: str) -> dict:
     return torch.load(os.path.join(output_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
-
-
-def save_final_policy(policy, tokenizer, output_dir: str, args):
-    """`save_pretrained` of the policy (+ tokenizer) by rank 0; with LoRA the adapter and the merged model. Under
-    --fsdp the full weights are gathered on rank 0 into a fresh CPU copy of --model first. Every rank calls it."""
-    policy = unwrap(policy)
-    if is_sharded(policy):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(policy, options=_full_state_options())
-        if dist.get_rank() != 0:
-            return
-        policy = load_causal_lm(args.model, torch.float32, args.trust_remote_code)
-        if args.use_lora:
-            policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
-        policy.load_state_dict(state)
-    elif dist.is_initialized() and dist.get_rank() != 0:
-        return
-    model = hf_model(policy)
-    model.generation_config = getattr(model, "checkpoint_generation_config", model.generation_config)
-    if args.use_lora:
-        policy.save_pretrained(os.path.join(output_dir, "adapter"))
-        tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
-        policy = policy.merge_and_unload()
-    final, tmp = os.path.join(output_dir, "policy"), os.path.join(output_dir, "policy.tmp")
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, final)
-    print(f"saved the final policy to {final}")

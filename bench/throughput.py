@@ -35,6 +35,8 @@ import tyro
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (the repository is on the path now)
+import data  # noqa: E402
+import models  # noqa: E402
 
 ONLINE = {"ppo": [], "ppo_max": ["--critic-warmup-steps", "0"], "apa": [], "awr": []}  # extra flags per script
 # Pythia shapes (hidden size, layers, attention heads); intermediate size 4 x hidden, rotary on 25% of dims
@@ -95,7 +97,7 @@ def make_models(size: str, out: Path, device: torch.device) -> tuple[str, str]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     policy_dir, rm_dir = out / f"models_{size}" / "policy", out / f"models_{size}" / "reward_model"
-    tokenizer = common.load_tokenizer(common.resolve("toy/policy"))
+    tokenizer = models.load_tokenizer(common.resolve("toy/policy"))
     config = pythia_config(size, AutoConfig.from_pretrained(common.resolve("toy/policy")))
     for path, auto, extra in (
         (policy_dir, AutoModelForCausalLM, {}),
@@ -153,15 +155,15 @@ class Floor:
         from transformers import GenerationConfig
 
         self.args, self.device, self.dtype = args, device, common.resolve_dtype(args.dtype, device)
-        self.tokenizer = common.load_tokenizer(policy_path)
-        self.policy = common.load_causal_lm(policy_path, torch.float32).to(device)
-        self.reference = common.load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
-        self.value = common.load_value_model(policy_path, torch.float32, "--model").to(device)
+        self.tokenizer = models.load_tokenizer(policy_path)
+        self.policy = models.load_causal_lm(policy_path, torch.float32).to(device)
+        self.reference = models.load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
+        self.value = models.load_value_model(policy_path, torch.float32, "--model").to(device)
         # the reward is timed through the scripts' own scorer: decoded text re-tokenized, then the RM's forward
-        self.score = common.load_scorer(reward_path, device, self.dtype, args.forward_batch_size, "--reward-model")
+        self.score = models.load_scorer(reward_path, device, self.dtype, args.forward_batch_size, "--reward-model")
         self.optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-7) for m in (self.policy, self.value)]
-        prompts = common.load_rows("toy/data", "train")[0]
-        self.prompts = common.tokenize_prompts(self.tokenizer, prompts, args.max_prompt_length)
+        prompts = data.load_rows("toy/data", "train")[0]
+        self.prompts = data.tokenize_prompts(self.tokenizer, prompts, args.max_prompt_length)
         self.generation_config = GenerationConfig(  # EOS is suppressed until min_new_tokens = max_new_tokens
             do_sample=True, top_k=0, top_p=1.0, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -169,7 +171,7 @@ class Floor:
 
     def batch(self, iteration: int, decode_steps: int):
         """The prompts the script drew at `iteration` (left-padded) followed by `decode_steps` response tokens."""
-        indices = common.prompt_indices(
+        indices = data.prompt_indices(
             len(self.prompts), self.args.rollout_batch_size, iteration - 1, self.args.seed, 0, 1
         )
         queries, query_mask = common.left_pad(

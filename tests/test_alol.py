@@ -75,16 +75,9 @@ def test_value_head_beats_the_mean_on_unseen_prompts():
     """V_ref fit on pi_ref's sample rewards for 240 toy prompts predicts them on 260 others better than their mean."""
     from transformers import GenerationConfig
 
-    from common import (
-        generate,
-        left_pad,
-        load_causal_lm,
-        load_rows,
-        load_scorer,
-        load_tokenizer,
-        position_ids,
-        tokenize_prompts,
-    )
+    from common import generate, left_pad, position_ids
+    from data import load_rows, tokenize_prompts
+    from models import load_causal_lm, load_scorer, load_tokenizer
 
     tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
     policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)

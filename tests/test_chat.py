@@ -11,16 +11,9 @@ from conftest import FAST, REPO, read_metrics, run_script
 from test_real_checkpoints import save_classifier
 from transformers import AutoTokenizer, GenerationConfig
 
-from common import (
-    generate,
-    left_pad,
-    load_rows,
-    load_scorer,
-    render_plain,
-    stop_token_ids,
-    tokenize_prompts,
-    tokenize_responses,
-)
+from common import generate, left_pad
+from data import load_rows, render_plain, stop_token_ids, tokenize_prompts, tokenize_responses
+from models import load_scorer
 
 USER = {"role": "user", "content": "how do i get better at chess?"}
 ANSWER = {"role": "assistant", "content": "sure! watch the endgame first."}

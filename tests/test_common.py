@@ -11,13 +11,11 @@ from common import (
     gather_logprobs,
     generate,
     left_pad,
-    load_rows,
     masked_mean,
     masked_whiten,
-    prompt_indices,
     response_logits,
-    tokenize_prompts,
 )
+from data import load_rows, prompt_indices, tokenize_prompts
 
 
 def test_logprob_gather_matches_slow_loop_on_unpadded_rows(tiny_lm):
@@ -163,3 +161,57 @@ def test_pad_pairs_builds_the_rollout_layout():
     assert input_ids.tolist() == [[5, 6, 8, 0], [0, 7, 9, 1]]
     assert attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
     assert responses.tolist() == [[8, 0], [9, 1]] and response_mask.tolist() == [[True, False], [True, True]]
+
+
+def test_training_state_round_trip_restores_weights_optimizer_and_running_moments(tiny_lm):
+    """What a checkpoint saves of each trained (model, optimizer) and of RunningMoments, --resume restores exactly."""
+    from models import load_training_state, training_state
+
+    def one_step(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+        optimizer.step()
+        return optimizer
+
+    torch.manual_seed(0)
+    saved_optimizer = one_step(tiny_lm)
+    stats = RunningMoments()
+    stats.update(torch.tensor([1.0, 5.0, 9.0]))
+    checkpoint = {**training_state({"policy": (tiny_lm, saved_optimizer)}), "stats": stats.state_dict()}
+    assert set(checkpoint) == {"policy", "policy_optimizer", "stats"}
+
+    fresh = type(tiny_lm)(tiny_lm.config)  # other random weights
+    fresh_optimizer = one_step(fresh)
+    load_training_state(checkpoint, {"policy": (fresh, fresh_optimizer)})
+    for (name, a), b in zip(tiny_lm.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(saved_optimizer.state.values(), fresh_optimizer.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    restored = RunningMoments()
+    restored.load_state_dict(checkpoint["stats"])
+    assert (restored.mean, restored.std, restored.count) == (stats.mean, stats.std, stats.count) == (5.0, stats.std, 3)
+
+
+def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
+    from common import evaluation_metrics
+
+    kl = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    ended = torch.tensor([True, False])
+    metrics = evaluation_metrics(
+        lambda p, r, e: torch.tensor([1.0, 3.0]), None, ["p", "q"], ["a b a", "a b"], ended, kl, mask, ns=(1, 2)
+    )
+    assert metrics == pytest.approx(
+        {
+            "eval/reward": 2.0,
+            "eval/kl": 1.0,
+            "eval/response_length": 1.5,
+            "eval/eos_rate": 0.5,
+            "eval/distinct_1": 2 / 5,  # {a, b} of 5 words
+            "eval/distinct_2": 2 / 3,  # {(a, b), (b, a)} of 3 bigrams
+        }
+    )
+    with_gold = evaluation_metrics(
+        lambda p, r, e: torch.zeros(2), lambda p, r, e: torch.ones(2), ["p", "q"], ["x", "y"], ended, kl, mask
+    )
+    assert with_gold["eval/gold_reward"] == 1.0

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import FAST, REPO, read_metrics, run_script
 
-from common import RunningMoments, left_pad, load_scorer, load_tokenizer, load_value_model
+from common import RunningMoments, left_pad
+from models import load_scorer, load_tokenizer, load_value_model
 from ppo_max import lr_factor, normalize_scores, ptx_loss
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import FAST, REPO, run_script
 
-from common import RunningMoments, load_scorer, response_logits
+from common import RunningMoments, response_logits
+from models import load_scorer
 
 TEXTS = [
     ("\n\nHuman: what matters most in chess?\n\nAssistant:", " watch the bishop early, and castle before move ten."),
@@ -149,7 +150,7 @@ def test_out_of_range_flags_are_one_line_errors(overrides, expected):
 
 @pytest.mark.parametrize("prompt, expected", [("  ", "is an empty string"), (3, "is a int, not a string")])
 def test_empty_or_non_string_prompts_are_one_line_errors(prompt, expected, tmp_path):
-    from common import load_rows
+    from data import load_rows
 
     rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"prompt": prompt}]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -198,7 +199,8 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_lm, tmp_path, k
     the checkpoint's settings makes them differ (which is why it is off by default)."""
     from transformers import GenerationConfig
 
-    from common import gather_logprobs, load_causal_lm
+    from common import gather_logprobs
+    from models import load_causal_lm
 
     tiny_lm.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=12, do_sample=True)
     tiny_lm.save_pretrained(tmp_path / "policy")
@@ -221,7 +223,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_lm, tmp_path, k
 
 
 def test_hh_dialogue_that_is_not_a_string_is_named(tmp_path):
-    from common import load_rows
+    from data import load_rows
 
     rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello"}, {"chosen": [{"role": "user", "content": "hi"}]}]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -113,7 +113,8 @@ def test_activation_checkpointing_same_gradients_less_memory():
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from common import ValueModel, checkpoint_layers, gather_logprobs, response_logits
+    from common import gather_logprobs, response_logits
+    from models import ValueModel, checkpoint_layers
 
     config = GPTNeoXConfig(vocab_size=640, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                            intermediate_size=512, max_position_embeddings=512, pad_token_id=1)  # fmt: skip
@@ -146,7 +147,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
 def test_freeze_bottom_layers_leaves_top_layers_norm_and_head():
     from transformers import AutoModelForCausalLM
 
-    from common import freeze_bottom_layers
+    from models import freeze_bottom_layers
 
     policy = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy")
     n = policy.config.num_hidden_layers

@@ -5,7 +5,8 @@ import json
 import torch
 from conftest import REPO
 
-from common import load_causal_lm, load_rows, load_scorer, load_tokenizer
+from data import load_rows
+from models import load_causal_lm, load_scorer, load_tokenizer
 from toy.gold import score, score_one
 
 

@@ -1,0 +1,194 @@
+"""Datasets and prompt formats for the RLHF scripts: plain-text and conversational rows (TRL's formats), chat
+templates, tokenized prompts and responses, stop tokens, and the order prompts are drawn in."""
+
+import os
+
+import torch
+
+import common
+
+
+def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[list, list[str] | None]:
+    """(prompts, responses of `response_column` or None) from a hub dataset, a local data dir, a jsonl/json/parquet
+    file or a `save_to_disk` dir. Plain text: Dahoas/rm-static (`prompt`, `chosen`), Anthropic/hh-rlhf (full
+    `chosen` dialogues) or plain `prompt`. Conversational (TRL's formats): a prompt is a list of
+    {"role", "content"} messages: `prompt` as messages, `messages` (the prompt is everything before the last
+    assistant turn, whose content is the response) or `chosen` given as messages (explicit `prompt` column, or the
+    whole conversation like `messages`); a response is then the assistant turn's content."""
+    import datasets
+
+    path = common.resolve(name)
+    try:
+        if os.path.isdir(path) and any(
+            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
+        ):
+            ds = datasets.load_from_disk(path)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif os.path.isfile(path):
+            builder = "parquet" if path.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line naming the dataset
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        common.fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
+    if len(ds) == 0:
+        common.fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
+    where = f"split '{split}' of --dataset '{name}'"
+    columns = ds.column_names
+    if "prompt" not in columns and ("messages" in columns or response_column in columns):
+        column = "messages" if "messages" in columns else response_column
+        prompts, responses = zip(*(_split_dialogue(d, f"row {i} of {where}") for i, d in enumerate(ds[column])))
+        prompts, responses = list(prompts), None if all(r is None for r in responses) else list(responses)
+    elif "prompt" in columns:
+        prompts = list(ds["prompt"])
+        responses = list(ds[response_column]) if response_column in columns else None
+        if responses is not None:  # conversational `chosen`: the content of its (last) assistant message
+            responses = [_last_assistant(r) if isinstance(r, list) else r for r in responses]
+    else:
+        common.fail(
+            f"--dataset '{name}' has columns {columns}; expected 'prompt' (Dahoas/rm-static, plain or "
+            "conversational prompts), 'messages' (conversations) or 'chosen' dialogues (Anthropic/hh-rlhf)"
+        )
+    conversational = is_conversation(prompts[0])
+    for i, prompt in enumerate(prompts):
+        if conversational and not is_conversation(prompt):
+            common.fail(
+                f"row {i} of {where} has a prompt that is not a list of {{'role', 'content'}} messages like row 0"
+            )
+        if not conversational and (not isinstance(prompt, str) or not prompt.strip()):
+            what = "an empty string" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not a string"
+            common.fail(f"row {i} of {where} has a prompt that is {what}; fix or drop that row")
+    return prompts, responses
+
+
+def is_conversation(x) -> bool:
+    """A non-empty list of {"role": str, "content": str} messages (TRL's conversational format)."""
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+    )
+
+
+def _last_assistant(messages: list):
+    contents = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    return contents[-1] if contents else None
+
+
+def _split_dialogue(dialogue, where: str):
+    """(prompt, response) of one dialogue: hh-rlhf text splits at its last "\n\nAssistant:"; a message list at its
+    last assistant turn (the response is that turn's content)."""
+    if isinstance(dialogue, str):
+        marker = "\n\nAssistant:"
+        prompt = dialogue[: dialogue.rfind(marker) + len(marker)]
+        return prompt, dialogue[len(prompt) :]
+    if not is_conversation(dialogue):  # reported by the prompt check of load_rows
+        return dialogue, None
+    turns = [i for i, m in enumerate(dialogue) if m["role"] == "assistant"]
+    if not turns:
+        return dialogue, None
+    if turns[-1] == 0:
+        common.fail(f"{where} starts with its only assistant turn, so it has no prompt; put the user turn before it")
+    return dialogue[: turns[-1]], dialogue[turns[-1]]["content"]
+
+
+def render_plain(messages: list[dict]) -> str:
+    """A conversation as Anthropic HH text (for a tokenizer without a chat template, e.g. a plain-text reward model):
+    "\n\nHuman: ...\n\nAssistant: ..." ending with "\n\nAssistant:", the point where a response continues it."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    turns = "".join(f"\n\n{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+    return turns + "\n\nAssistant:"
+
+
+def render_chat(tokenizer, messages: list[dict], flag: str, add_generation_prompt: bool = False) -> str:
+    """The conversation as text by the tokenizer's chat template; a template that rejects it (roles out of order, a
+    system turn it does not support, ...) stops the run with its own message."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as e:  # noqa: BLE001 -- jinja's TemplateError or the template's raise_exception: one line
+        roles = [m["role"] for m in messages]
+        common.fail(
+            f"the {flag} chat template rejects a conversation with roles {roles} ({e}); fix the data or the template"
+        )
+
+
+def check_chat_template(tokenizer, flag: str):
+    if not getattr(tokenizer, "chat_template", None):
+        common.fail(
+            f"the dataset is conversational but the {flag} tokenizer has no chat template; use a chat model's "
+            "tokenizer (or set its chat_template), or a dataset with plain-text prompts"
+        )
+
+
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[list[int]]:
+    """Token ids per prompt, left-truncated so the end of the dialogue (the last turn) is kept, after a leading BOS.
+    A conversation is rendered once with the tokenizer's chat template and the generation prompt, and tokenized
+    without adding special tokens again (the template writes any BOS itself)."""
+    if prompts and is_conversation(prompts[0]):
+        check_chat_template(tokenizer, "--model")
+        texts = [render_chat(tokenizer, p, "--model", add_generation_prompt=True) for p in prompts]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        encoded = tokenizer(prompts)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    truncated = []
+    for ids in encoded:
+        if len(ids) > max_prompt_length:
+            keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
+            ids = ids[:1] + ids[1 - max_prompt_length :] if keep_bos else ids[-max_prompt_length:]
+        truncated.append(ids)
+    return truncated
+
+
+def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids: list[int]) -> list[list[int]]:
+    """Token ids of each dataset response as the policy would generate it after its tokenized prompt, ending with
+    a stop token. Plain text: the response's own tokens (no special tokens: a LLaMA tokenizer would put a BOS
+    between prompt and response) + EOS. Conversational: what the chat template writes after the generation prompt
+    for the assistant turn, up to and including its first stop token (the end-of-turn token)."""
+    if not (prompts and is_conversation(prompts[0])):
+        return [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    out = []
+    for prompt, response in zip(prompts, responses):
+        head = render_chat(tokenizer, prompt, "--model", add_generation_prompt=True)
+        full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], "--model")
+        if not full.startswith(head):
+            common.fail(
+                "the --model chat template renders an assistant turn that does not continue its generation prompt"
+            )
+        ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+        stops = [i for i, t in enumerate(ids) if t in stop_ids]
+        out.append(ids[: stops[0] + 1] if stops else ids + [tokenizer.eos_token_id])
+    return out
+
+
+def stop_token_ids(path: str, tokenizer) -> list[int]:
+    """Generation stops at EOS and at every id the checkpoint's generation_config.json lists as eos_token_id (a chat
+    model's end-of-turn token, such as <|im_end|> or <|eot_id|>)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(common.resolve(path)).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: EOS only
+        listed = None
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+def scoring_prompts(tokenizer, queries: torch.Tensor, rows: list) -> list:
+    """The prompts scorers get: a conversational dataset's messages, else the prompt text the policy saw (decoded,
+    so left-truncated like the policy's input)."""
+    if rows and is_conversation(rows[0]):
+        return list(rows)
+    return tokenizer.batch_decode(queries, skip_special_tokens=True)
+
+
+def prompt_indices(n: int, batch_size: int, iteration: int, seed: int, rank: int, world_size: int) -> list[int]:
+    """This rank's disjoint share of the global batch for `iteration`, from a stream of seeded
+    epoch permutations (stateless, so a resumed run sees the same prompts)."""
+    indices, start = [], iteration * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        indices += perm[offset : offset + batch_size - len(indices)].tolist()
+    return indices[rank::world_size]

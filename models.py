@@ -1,0 +1,438 @@
+"""Models for the RLHF scripts: loading checkpoints (policy, value network, reward models and scoring functions),
+LoRA, the scale options (layer freezing, activation checkpointing, FSDP2 / DDP), and saving trained weights."""
+
+import contextlib
+import functools
+import importlib
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+import data
+
+
+# ---------------------------------------------------------------- loading
+def _load(loader, path: str, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(common.resolve(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        common.fail(f"cannot load {what} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer, path, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # e.g. Pythia/GPT-J tokenizers: pad with EOS, masks keep it out
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False, keep_generation_config=False):
+    """The model in eval mode (dropout off everywhere). Its generation_config.json keeps only its token ids unless
+    `keep_generation_config`: generate() fills every setting our GenerationConfig leaves unset from it
+    (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens, bad_words_ids, ...), and then the
+    sampled distribution is no longer softmax(logits / T), the one whose log-probs the losses use."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = _load(AutoModelForCausalLM, path, "--model", dtype=dtype, trust_remote_code=trust_remote_code)
+    if not keep_generation_config:
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        model.checkpoint_generation_config = model.generation_config  # saved back with the final policy
+        model.generation_config = GenerationConfig(**{k: getattr(model.generation_config, k, None) for k in ids})
+    return model.eval()
+
+
+def add_lora(model, r: int, task_type: str):
+    """Freeze the base, add a LoRA adapter to every linear layer (plus the score head for SEQ_CLS)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:  # trained weights in float32 even when the frozen base is bf16
+            p.data = p.data.float()
+    return model
+
+
+class ValueModel(nn.Module):
+    """Scalar head reading EVERY position's last hidden state of a `*ForSequenceClassification`
+    model (num_labels=1): values[:, t] is the value of the state before token t+1. The value network
+    (and PPO-max's critic, which starts from the reward model's weights)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=common.position_ids(attention_mask),
+            use_cache=False,  # no KV cache outside generation (a cache would also break activation checkpointing)
+        ).last_hidden_state
+        head = self.model.score if hasattr(self.model, "score") else self.model.classifier
+        return head(hidden).float().sum(-1)  # (B, T): a sum over the one output, so a new tensor (FSDP2 warns on views)
+
+
+def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code: bool = False) -> ValueModel:
+    """A separate network: `path`'s backbone plus a scalar head (new unless `path` is a reward model)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load(
+        AutoModelForSequenceClassification, path, what, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return ValueModel(model.eval())
+
+
+# ---------------------------------------------------------------- scorers: reward models and scoring functions
+def is_scoring_function(spec: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec)) and not os.path.exists(spec)
+
+
+def load_scorer(
+    spec: str,
+    device,
+    dtype,
+    batch_size: int,
+    flag: str,
+    trust_remote_code: bool = False,
+    fsdp: bool = False,
+    append_eos: bool = True,
+    truncate: bool = True,
+):
+    """Sequence-level scorer (prompts, responses, ended_with_eos=None) -> (N,) float tensor on `device`: either a
+    Python function `module:function` (given prompts and responses), or a reward model scoring the decoded text
+    re-tokenized with its own tokenizer, through its own forward (`.logits[:, 0]`: decoder, BERT-style pooler or
+    RoBERTa head alike). The reward model sees what it was trained on: a response that ended with EOS gets the
+    reward tokenizer's EOS appended (as TRL's RewardTrainer tokenizes; `append_eos`), and an input longer than the
+    model's maximum length is truncated from the left, after any leading BOS/CLS (`truncate`, counted in
+    `score.num_truncated`). A conversational prompt (a list of messages) is rendered with the reward tokenizer's
+    chat template, the response as the assistant's turn, or as HH text when it has none."""
+    if is_scoring_function(spec):
+        module, name = spec.split(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            common.fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
+        return functools.partial(_call_scoring_function, fn, f"{flag} '{spec}'", device)
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = _load(AutoConfig, spec, flag, trust_remote_code=trust_remote_code)
+    if getattr(config, "num_labels", 1) != 1:
+        common.fail(
+            f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)"
+        )
+    tokenizer = load_tokenizer(spec, trust_remote_code)
+    model = _load(AutoModelForSequenceClassification, spec, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id  # a decoder reads the last token that is not this padding
+    model = model.eval().requires_grad_(False)
+    model = shard_model(model, dtype) if fsdp else model.to(device)  # --fsdp: sharded, gathered once per call
+    positions = getattr(config, "max_position_embeddings", None) or 2**31
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
+    eos, leading = tokenizer.eos_token_id, {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
+
+    def encode(prompt, response: str, ended: bool) -> list[int]:
+        if not data.is_conversation(prompt):
+            ids = tokenizer(prompt + response)["input_ids"]
+        elif tokenizer.chat_template:  # the conversation as the reward model was trained on it, special tokens once
+            turns = prompt + [{"role": "assistant", "content": response}]
+            text = data.render_chat(tokenizer, turns, flag)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(data.render_plain(prompt) + response)["input_ids"]
+        if append_eos and ended and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        if len(ids) > max_length:
+            if not truncate:
+                common.fail(
+                    f"a {flag} input has {len(ids)} tokens, more than its {max_length}; drop --no-reward-truncate"
+                )
+            head = 1 if ids[0] in leading else 0  # keep BOS/CLS, cut the start of the dialogue
+            ids = ids[:head] + ids[len(ids) - max_length + head :]
+            score.num_truncated += 1
+        return ids
+
+    @torch.no_grad()
+    def score(prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor | None = None) -> torch.Tensor:
+        ended = ended_with_eos.tolist() if ended_with_eos is not None else [False] * len(prompts)
+        encoded = [encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
+        scores = []
+        with common.gathered(model):
+            for i in range(0, len(encoded), batch_size):
+                chunk = encoded[i : i + batch_size]
+                width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
+                input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in chunk])
+                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
+                with common.autocast(device, dtype):
+                    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+                scores.append(logits[:, 0].float())
+        return torch.cat(scores)
+
+    score.num_truncated = 0
+    return score
+
+
+def load_scorers(args, device, dtype):
+    """(--reward-model's scorer, --eval-reward's or None), both with the scripts' scoring flags."""
+    options = dict(
+        trust_remote_code=args.trust_remote_code,
+        fsdp=args.fsdp,
+        append_eos=args.reward_append_eos,
+        truncate=args.reward_truncate,
+    )
+    chunk = args.rollout_forward_batch_size
+    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **options)
+    eval_score_fn = (
+        load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **options) if args.eval_reward else None
+    )
+    return score_fn, eval_score_fn
+
+
+def _call_scoring_function(fn, name: str, device, prompts: list[str], responses: list[str], ended_with_eos=None):
+    """A `module:function` scorer's floats as a tensor; anything else it does becomes one line naming it."""
+    try:
+        scores = fn(prompts, responses)
+    except Exception as e:  # noqa: BLE001 -- the user's function: whatever it raises becomes one line
+        common.fail(f"scoring function {name} raised {type(e).__name__}: {e}; fix the function")
+    try:
+        tensor = torch.as_tensor(scores, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or tensor.shape != (len(prompts),):
+        got = f"a {type(scores).__name__}" if tensor is None else f"shape {tuple(tensor.shape)}"
+        common.fail(
+            f"scoring function {name} returned {got}; it must return a list of {len(prompts)} floats, one per response"
+        )
+    return tensor.to(device)
+
+
+# ---------------------------------------------------------------- scale: freezing, checkpointing, sharding
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a wrapper (DDP, peft, ValueModel)."""
+    from transformers import PreTrainedModel
+
+    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (GPT-NeoX `layers`, GPT-2 `h`, LLaMA `layers`, ...): the longest ModuleList of
+    the classes the model names as `_no_split_modules`, else the longest ModuleList."""
+    block_names = set(getattr(hf_model(model), "_no_split_modules", None) or [])
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    blocks = [m for m in lists if all(type(layer).__name__ in block_names for layer in m)] or lists
+    if not blocks:
+        common.fail(f"cannot find the decoder layers of {type(hf_model(model)).__name__}; drop the scale flags for it")
+    return list(max(blocks, key=len))
+
+
+def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int):
+    """trlX's `num_layers_unfrozen` (the APA paper's HH runs unfreeze the last two layers): only the top N decoder
+    blocks and what follows them (final norm, LM head or value head) train; the embeddings and the blocks below stay
+    frozen. -1 trains everything. A head tied to the input embeddings stays frozen with them."""
+    if num_layers_unfrozen < 0:
+        return
+    layers = decoder_layers(model)
+    for module in [*layers[: max(len(layers) - num_layers_unfrozen, 0)], hf_model(model).get_input_embeddings()]:
+        module.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):  # e.g. GPT-2's learned position embeddings
+            module.requires_grad_(False)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # no-grad passes keep no activations anyway
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_layers(model: nn.Module):
+    """Activation checkpointing on every decoder layer: only each layer's input is kept, the rest is recomputed in
+    backward. (HF's gradient_checkpointing_enable() does nothing while the model is in .eval(), which these
+    scripts use to turn dropout off, so the layers' forward is wrapped directly.)"""
+    for layer in decoder_layers(model):
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+
+
+def shard_model(model: nn.Module, dtype: torch.dtype):
+    """FSDP2: each decoder layer is one shard group, the rest (embeddings, norm, heads) the root's. Weights stay in
+    their own dtype at rest (float32 for trained ones); with a 16-bit --dtype they are all-gathered and computed in
+    it, and gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # every group, the root too, frees its gathered weights after forward (common.gathered() restores this setting)
+    kwargs = {"reshard_after_forward": True}
+    if dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    # the root is the module whose forward every call enters: a peft model's generate() enters the HF model
+    fully_shard(model if isinstance(model, ValueModel) else hf_model(model), **kwargs)
+    return model
+
+
+def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
+    """For a trained model --num-layers-unfrozen and --activation-checkpointing; then --fsdp shards it (frozen ones
+    too), moving one layer at a time to the device, or it is moved whole and, with several ranks, DDP wraps a
+    trained one."""
+    if train:
+        freeze_bottom_layers(model, args.num_layers_unfrozen)
+        if args.activation_checkpointing:
+            checkpoint_layers(model)
+    else:
+        model.requires_grad_(False)
+    if args.fsdp:
+        return shard_model(model, dtype)
+    model = model.to(device)
+    if train and world_size > 1:
+        return DDP(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(trained: list[nn.Module], sync: bool):
+    """Accumulate gradients locally (no all-reduce) unless `sync`: DDP's no_sync, FSDP2's requires_gradient_sync."""
+    with contextlib.ExitStack() as stack:
+        for model in trained:
+            if isinstance(model, DDP) and not sync:
+                stack.enter_context(model.no_sync())
+            for module in common.fsdp_modules(model):
+                module.set_requires_gradient_sync(sync, recurse=False)
+        yield
+
+
+@contextlib.contextmanager
+def reference_model(policy, ref_policy):
+    """The frozen pi_ref: its own copy, or (under LoRA, where `ref_policy` is None) the policy with its adapter off."""
+    if ref_policy is not None:
+        yield ref_policy
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+# ---------------------------------------------------------------- trained weights in checkpoints and the final policy
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def trainable_state(model: nn.Module) -> dict:
+    """The parameters that training changes (all of them, or the adapter and head with LoRA), as full tensors on
+    rank 0 ({} elsewhere). Under --fsdp every rank must call it: the shards are gathered."""
+    model = unwrap(model)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if common.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=_full_state_options())
+        return {name: t for name, t in state.items() if name in trained}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if name in trained}
+
+
+def load_trainable_state(model: nn.Module, state: dict):
+    model = unwrap(model)
+    if common.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        names = {name for name, _ in model.named_parameters()}
+        unexpected = [name for name in state if name not in names]
+        if not unexpected and state:  # each rank holds the full state: it keeps its own shard
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected or not state:
+        common.fail(
+            f"checkpoint does not match the model ({len(unexpected)} unknown tensors); use the run's --model/--use-lora"
+        )
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's state (full tensors under --fsdp, gathered; every rank must call it), {} except on rank 0."""
+    if common.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict):
+    if common.is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def max_replica_difference(model: nn.Module) -> float:
+    """Largest difference between ranks of any parameter's checksum (0.0 when replicas agree)."""
+    if not dist.is_initialized() or common.is_sharded(model):
+        return 0.0  # under --fsdp each parameter exists once, as shards: there are no replicas to disagree
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return (hi - lo).abs().max().item()
+
+
+def training_state(trained: dict) -> dict:
+    """The checkpoint entries of `trained` ({name: (model, optimizer)}): `name` holds the model's trainable weights,
+    `name_optimizer` its optimizer's state. Full tensors on rank 0; under --fsdp every rank must call it."""
+    state = {}
+    for name, (model, optimizer) in trained.items():
+        state[name] = trainable_state(model)
+        state[f"{name}_optimizer"] = optimizer_state(model, optimizer)
+    return state
+
+
+def load_training_state(checkpoint: dict, trained: dict):
+    """Restore every (model, optimizer) of `trained` from the entries `training_state` wrote."""
+    for name, (model, optimizer) in trained.items():
+        load_trainable_state(model, checkpoint[name])
+        load_optimizer_state(model, optimizer, checkpoint[f"{name}_optimizer"])
+
+
+def save_final_policy(policy, tokenizer, output_dir: str, args):
+    """`save_pretrained` of the policy (+ tokenizer) by rank 0; with LoRA the adapter and the merged model. Under
+    --fsdp the full weights are gathered on rank 0 into a fresh CPU copy of --model first. Every rank calls it."""
+    policy = unwrap(policy)
+    if common.is_sharded(policy):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(policy, options=_full_state_options())
+        if dist.get_rank() != 0:
+            return
+        policy = load_causal_lm(args.model, torch.float32, args.trust_remote_code)
+        if args.use_lora:
+            policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
+        policy.load_state_dict(state)
+    elif dist.is_initialized() and dist.get_rank() != 0:
+        return
+    model = hf_model(policy)
+    model.generation_config = getattr(model, "checkpoint_generation_config", model.generation_config)
+    if args.use_lora:
+        policy.save_pretrained(os.path.join(output_dir, "adapter"))
+        tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
+        policy = policy.merge_and_unload()
+    final, tmp = os.path.join(output_dir, "policy"), os.path.join(output_dir, "policy.tmp")
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, final)
+    print(f"saved the final policy to {final}")
