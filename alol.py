@@ -291,8 +291,8 @@ def main():
         # ---- score every training pair once (this rank's block, then gathered)
         t0 = common.now(device)
         block = shard(len(train_prompts))
-        ended = train_ended[block].to(device)
-        rewards = rewards_of(train_prompts[block], train_rows[block], train_responses[block], ended)
+        pair_ended = train_ended[block].to(device)
+        rewards = rewards_of(train_prompts[block], train_rows[block], train_responses[block], pair_ended)
         rewards = torch.tensor(common.all_gather_list(rewards.tolist()))
         if not torch.isfinite(rewards).all():
             common.fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
@@ -304,8 +304,8 @@ def main():
         query_mask = query_mask.repeat(args.value_samples, 1)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model, common.autocast(device, dtype):
             responses, _ = common.generate(ref_model, queries, query_mask, generation_config, chunk)
-        ended = torch.isin(responses, stop_ids).any(1)
-        sample_scores = rewards_of(queries, value_rows[block] * args.value_samples, responses, ended)
+        sample_ended = torch.isin(responses, stop_ids).any(1)
+        sample_scores = rewards_of(queries, value_rows[block] * args.value_samples, responses, sample_ended)
         sample_scores = torch.tensor(common.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)
