@@ -118,6 +118,22 @@ def policy_loss(logprobs, ref_logprobs, mask, weights, variant: str, clip_eps: f
     return losses.mean(), {"policy/rho_mean": rho.mean(), "policy/rho_clipfrac": clipped.float().mean()}
 
 
+def rewards_from_scores(scores, ended, reward_transform: str, missing_eos_penalty: float):
+    """r(x, y): the reward model's score, through --reward-transform, less the missing-EOS penalty (the same for the
+    dataset's responses and for pi_ref's samples, the V_ref targets)."""
+    if reward_transform == "sigmoid":  # the A-LoL authors' choice (scores in (0, 1), hence all positive)
+        scores = torch.sigmoid(scores)
+    return common.penalize_missing_eos(scores, ended, missing_eos_penalty)
+
+
+def advantages_and_weights(rewards, ref_values, variant: str):
+    """A = r - V_ref, and each row's loss weight: A+ for the A-LoL variants, r+ for r-lol and wbc, 1 for nll. Rows
+    of weight 0 (A <= 0, or r <= 0) are dropped: they are never drawn."""
+    advantages = rewards - ref_values
+    weights = {"r-lol": rewards, "wbc": rewards, "nll": torch.ones_like(rewards)}.get(variant, advantages)
+    return advantages, weights.clamp(min=0)
+
+
 def sample_rows(weights: torch.Tensor, n: int, priority: bool, generator: torch.Generator) -> torch.Tensor:
     """Indices of n training rows among those with weight > 0, with replacement: proportional to the
     weight (priority sampling) or uniform."""
@@ -268,14 +284,11 @@ def main():
         return torch.cat(features)
 
     def rewards_of(prompts, rows, responses, ended) -> torch.Tensor:
-        """r(x, y): the reward model's score (ALGO LOGIC: through --reward-transform) less the missing-EOS penalty,
-        the same for the dataset's responses and for pi_ref's samples (the V_ref targets)."""
+        """r(x, y) of (prompt, response) token ids (ALGO LOGIC: rewards_from_scores)."""
         prompt_texts = data.scoring_prompts(tokenizer, prompts, rows)
         response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = score_fn(prompt_texts, response_texts, ended)
-        if args.reward_transform == "sigmoid":  # the A-LoL authors' choice (scores in (0, 1), hence all positive)
-            scores = torch.sigmoid(scores)
-        return scores - args.missing_eos_penalty * (~ended).float()
+        return rewards_from_scores(scores, ended, args.reward_transform, args.missing_eos_penalty)
 
     def shard(n: int) -> slice:  # a contiguous block per rank, so gathered results keep the row order
         return slice(rank * n // world_size, (rank + 1) * n // world_size)
@@ -294,8 +307,6 @@ def main():
         pair_ended = train_ended[block].to(device)
         rewards = rewards_of(train_prompts[block], train_rows[block], train_responses[block], pair_ended)
         rewards = torch.tensor(common.all_gather_list(rewards.tolist()))
-        if not torch.isfinite(rewards).all():
-            common.fail("the reward model returned NaN/inf scores for the training data; check --reward-model")
         # ---- fit V_ref on the rewards of pi_ref's own samples for the held-out prompts
         t1 = common.now(device)
         block = shard(len(value_prompts))
@@ -316,18 +327,17 @@ def main():
         block = shard(len(train_prompts))
         ref_values = torch.tensor(common.all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
         setup_metrics["time/score_dataset"], setup_metrics["time/fit_value"] = t1 - t0, common.now(device) - t1
-    # ALGO LOGIC: advantages and the sampling weights of each variant
-    advantages = rewards - ref_values
-    weights = {"r-lol": rewards, "wbc": rewards, "nll": torch.ones_like(rewards)}.get(args.variant, advantages)
+    # ALGO LOGIC: advantages and the loss (and sampling) weights of each variant
+    advantages, sampling_weights = advantages_and_weights(rewards, ref_values, args.variant)  # on the host: no sync
     priority = args.sampling == "priority" or (args.sampling == "auto" and args.variant != "nll")
-    kept = weights > 0
+    kept = sampling_weights > 0
     if not kept.any():
         common.fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
     setup_metrics.update(
         {"train/kept_fraction": kept.float().mean().item(), "train/advantage_mean": advantages.mean().item()}
     )
-    sampling_weights = weights.clamp(min=0)  # on the host: drawing rows needs no device sync per iteration
     weights = sampling_weights.to(device)
+    row_counts = torch.ones(len(train_prompts), device=device)  # every example counts once in a batch's mean
 
     common.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
@@ -345,7 +355,8 @@ def main():
         batch_rows = sample_rows(sampling_weights, args.batch_size, priority, generator)[rank::world_size]
         policy_optimizer.zero_grad(set_to_none=True)
         step_stats_sum = 0.0
-        for micro_rows, sync in common.micro_batches(batch_rows, args.micro_batch_size):
+        # the loss is a mean over the global batch's examples: each micro-batch's is weighted by its share of them
+        for micro_rows, example_share, sync in common.micro_batches(batch_rows, row_counts, args.micro_batch_size):
             rows = micro_rows.tolist()
             input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
@@ -355,7 +366,6 @@ def main():
                 ref_logprobs = common.chunked_logprobs(
                     ref_model, input_ids, attention_mask, responses, 1.0, chunk, dtype
                 )
-            example_share = len(rows) * world_size / args.batch_size  # a mean over the global batch's examples
             with models.gradient_sync([policy], sync):
                 with common.autocast(device, dtype):  # offline: T = 1
                     logits = common.response_logits(policy, input_ids, attention_mask, context_length, 1.0)

@@ -100,7 +100,23 @@ def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
     return torch.where(mask, advantages, 0.0), torch.where(mask, advantages + values, 0.0)
 
 
+def compute_advantages(rewards, values, mask, gamma: float, gae_lambda: float):
+    """GAE advantages whitened over the whole rollout batch (every rank's real tokens), and the returns."""
+    advantages, returns = compute_gae(rewards, values, mask, gamma, gae_lambda)
+    return common.masked_whiten(advantages, mask), returns
+
+
 # ALGO LOGIC: the pieces of AWR, as plain functions the tests import
+def compute_rewards(scores, mask, score_stats, reward_clip: float):
+    """No KL penalty (the loss keeps the policy near pi_ref): only the score divided by the running std of the
+    scores (updated with this batch first), clipped, at the last real token (the EOS when there is one)."""
+    score_stats.update(scores)
+    scaled_scores = (scores / score_stats.std).clamp(-reward_clip, reward_clip)
+    rewards = torch.zeros(mask.shape, device=mask.device)
+    rewards[torch.arange(len(scores), device=mask.device), mask.sum(1) - 1] += scaled_scores
+    return rewards
+
+
 def policy_loss(logprobs, advantages, mask, beta: float, max_weight: float):
     """Advantage-weighted log-likelihood with detached, clipped weights; returns (loss, stats)."""
     weights = torch.exp(advantages / beta)
@@ -238,7 +254,7 @@ def main():
         indices = data.prompt_indices(
             len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
         )
-        input_ids, attention_mask, responses, response_mask, contains_eos, prompt_texts, response_texts = rollout(
+        input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
             [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
         )
         context_length = input_ids.shape[1] - responses.shape[1]
@@ -246,27 +262,19 @@ def main():
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
         logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses)
-        last_index = response_mask.sum(1) - 1  # the last real token (the EOS when there is one)
-        scores = (
-            score_fn(prompt_texts, response_texts, contains_eos) - args.missing_eos_penalty * (~contains_eos).float()
-        )
-        if not torch.isfinite(common.all_reduce_sum(scores.sum())):
-            common.fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
+        scores = score_fn(prompt_texts, response_texts, ended)
+        scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
-        # ALGO LOGIC: score / running std, clipped, at the last token; no KL penalty (the loss is the KL control)
-        score_stats.update(scores)
-        scaled_scores = (scores / score_stats.std).clamp(-args.reward_clip, args.reward_clip)
-        rewards = torch.zeros_like(kl)
-        rewards[torch.arange(local_batch, device=device), last_index] += scaled_scores
-        advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
-        advantages = common.masked_whiten(advantages, response_mask)
+        # ALGO LOGIC: no KL penalty (the loss is the KL control): score / running std at the last token
+        rewards = compute_rewards(scores, response_mask, score_stats, args.reward_clip)
+        advantages, returns = compute_advantages(rewards, values, response_mask, args.gamma, args.gae_lambda)
         rollout_stats = common.global_means(
             {
                 "train/reward": scores,
                 "train/kl": kl.sum(1),
                 "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
                 "train/response_length": response_mask.sum(1),
-                "train/missing_eos_rate": ~contains_eos,
+                "train/missing_eos_rate": ~ended,
             }
         )
         t_score = common.now(device)
@@ -276,14 +284,12 @@ def main():
         permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         for minibatch in schedule:
-            num_tokens = common.all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
-            for mb, sync in common.micro_batches(minibatch, args.micro_batch_size):
+            # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
+            for mb, token_share, sync in common.micro_batches(minibatch, response_mask, args.micro_batch_size):
                 mb_mask = response_mask[mb]
-                # losses are token means over the whole minibatch on all ranks: one update for any split
-                token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
                         new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]

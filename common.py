@@ -205,11 +205,17 @@ def gathered(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def micro_batches(minibatch: torch.Tensor, micro_batch_size: int):
-    """(rows, sync) per micro-batch of a minibatch's rows: gradients are synchronised on the last one only."""
+def micro_batches(minibatch: torch.Tensor, mask: torch.Tensor, micro_batch_size: int):
+    """(rows, share, sync) per micro-batch of a minibatch's rows. A loss is a mean over the minibatch's tokens on all
+    ranks (`mask`: the (B, R) tokens, or (B,) ones for a mean over rows): each micro-batch's mean is weighted by its
+    `share` of them, times the world size as DDP and FSDP average gradients over ranks, so any split into ranks and
+    micro-batches gives the same update. Gradients are synchronised (`sync`) on the last micro-batch only."""
+    total = all_reduce_sum(mask[minibatch].sum())  # of the minibatch on all ranks
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     size = micro_batch_size or len(minibatch)
     for start in range(0, len(minibatch), size):
-        yield minibatch[start : start + size], start + size >= len(minibatch)
+        rows = minibatch[start : start + size]
+        yield rows, mask[rows].sum() * world_size / total, start + size >= len(minibatch)
 
 
 # ---------------------------------------------------------------- rollout tensors and generation
@@ -305,6 +311,14 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def penalize_missing_eos(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The scores less `penalty` where a response never emitted a stop token (cut at --max-new-tokens). NaN/inf
+    scores on any rank stop the run, before anything is saved."""
+    if not torch.isfinite(all_reduce_sum(scores.sum())):
+        fail("the reward model returned NaN/inf scores; check --reward-model")
+    return scores - penalty * (~ended).float()
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

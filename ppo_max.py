@@ -111,6 +111,13 @@ def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
     return torch.where(mask, advantages, 0.0), torch.where(mask, advantages + values, 0.0)
 
 
+def compute_advantages(rewards, values, mask, gamma: float, gae_lambda: float, norm_adv: bool):
+    """GAE advantages (ALGO LOGIC: not whitened unless --norm-adv; when whitened, over every rank's real tokens),
+    and the returns."""
+    advantages, returns = compute_gae(rewards, values, mask, gamma, gae_lambda)
+    return (common.masked_whiten(advantages, mask) if norm_adv else advantages), returns
+
+
 # ALGO LOGIC: the pieces of PPO-max, as plain functions the tests import
 def normalize_scores(scores, score_stats, recipe: str, reward_clip: float):
     """Paper eq. (18): running statistics updated with this batch first, then normalise and clip."""
@@ -118,6 +125,15 @@ def normalize_scores(scores, score_stats, recipe: str, reward_clip: float):
     if recipe == "released":  # the MOSS-RLHF scripts: no mean, no clip
         return scores / score_stats.std
     return ((scores - score_stats.mean) / score_stats.std).clamp(-reward_clip, reward_clip)
+
+
+def compute_rewards(scores, kl, mask, score_stats, kl_coef: float, recipe: str, reward_clip: float):
+    """A FIXED token-level KL penalty -eta k1 on every response token, plus the normalised score at the last real
+    token (the EOS when there is one)."""
+    rewards = torch.where(mask, -kl_coef * kl, 0.0)
+    scaled_scores = normalize_scores(scores, score_stats, recipe, reward_clip)
+    rewards[torch.arange(len(scores), device=mask.device), mask.sum(1) - 1] += scaled_scores
+    return rewards
 
 
 def lr_factor(step: int, recipe: str, warmup: int) -> float:
@@ -303,7 +319,7 @@ def main():
         indices = data.prompt_indices(
             len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
         )
-        input_ids, attention_mask, responses, response_mask, contains_eos, prompt_texts, response_texts = rollout(
+        input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
             [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
         )
         context_length = input_ids.shape[1] - responses.shape[1]
@@ -311,27 +327,21 @@ def main():
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
         logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses)
-        last_index = response_mask.sum(1) - 1  # the last real token (the EOS when there is one)
-        scores = (
-            score_fn(prompt_texts, response_texts, contains_eos) - args.missing_eos_penalty * (~contains_eos).float()
-        )
-        if not torch.isfinite(common.all_reduce_sum(scores.sum())):
-            common.fail(f"the reward model returned NaN/inf scores at iteration {iteration}; check --reward-model")
+        scores = score_fn(prompt_texts, response_texts, ended)
+        scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
-        # ALGO LOGIC: PPO-max reward: normalised, clipped score at the last token; fixed KL penalty on every token
-        scaled_scores = normalize_scores(scores, score_stats, args.recipe, args.reward_clip)
-        rewards = -kl_coef * kl
-        rewards[torch.arange(local_batch, device=device), last_index] += scaled_scores
-        advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
-        if args.norm_adv:  # ALGO LOGIC
-            advantages = common.masked_whiten(advantages, response_mask)
+        # ALGO LOGIC: PPO-max reward: fixed KL penalty on every token, normalised, clipped score at the last one
+        rewards = compute_rewards(scores, kl, response_mask, score_stats, kl_coef, args.recipe, args.reward_clip)
+        advantages, returns = compute_advantages(
+            rewards, values, response_mask, args.gamma, args.gae_lambda, args.norm_adv
+        )
         rollout_stats = common.global_means(
             {
                 "train/reward": scores,
                 "train/kl": kl.sum(1),
                 "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
                 "train/response_length": response_mask.sum(1),
-                "train/missing_eos_rate": ~contains_eos,
+                "train/missing_eos_rate": ~ended,
             }
         )
         train_policy = iteration > critic_warmup_steps  # ALGO LOGIC: critic warm-up first
@@ -342,14 +352,12 @@ def main():
         permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         for minibatch in schedule:
-            num_tokens = common.all_reduce_sum(response_mask[minibatch].sum())  # of the minibatch on all ranks
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
-            for mb, sync in common.micro_batches(minibatch, args.micro_batch_size):
+            # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
+            for mb, token_share, sync in common.micro_batches(minibatch, response_mask, args.micro_batch_size):
                 mb_mask = response_mask[mb]
-                # losses are token means over the whole minibatch on all ranks: one update for any split
-                token_share = mb_mask.sum() * world_size / num_tokens  # (DDP and FSDP average over ranks)
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
                         new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
