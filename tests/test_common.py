@@ -215,3 +215,33 @@ def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
         lambda p, r, e: torch.zeros(2), lambda p, r, e: torch.ones(2), ["p", "q"], ["x", "y"], ended, kl, mask
     )
     assert with_gold["eval/gold_reward"] == 1.0
+
+
+def test_statistics_over_the_whole_batch_on_two_ranks(tmp_path):
+    """tests/dist_checks.py under torchrun: each rank holds other data; the running score statistics, each
+    micro-batch's share of the minibatch's tokens and the whitening statistics are over both ranks' data."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29700 + os.getpid() % 200), str(REPO / "tests" / "dist_checks.py"), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    scores = np.concatenate([np.arange(4.0) * (r + 1) + s * 10 - r for s in range(3) for r in range(2)])
+    for out in ranks:
+        assert out["moments"]["mean"] == pytest.approx(scores.mean(), rel=1e-5)
+        assert out["moments"]["std"] == pytest.approx(scores.std(), rel=1e-4)
+    # minibatch rows [0, 3, 1]: tokens 3 + 2 + 1 on rank 0, 1 + 5 + 1 on rank 1 (13 in all); shares x world size 2
+    for out, tokens in zip(ranks, [(5, 1), (6, 1)]):
+        assert out["micro_batches"] == [[[0, 3], pytest.approx(tokens[0] * 2 / 13), False],
+                                        [[1], pytest.approx(tokens[1] * 2 / 13), True]]  # fmt: skip
+    masks = [np.array(out["mask"]) for out in ranks]
+    real = np.concatenate([np.array(out["values"])[m] for out, m in zip(ranks, masks)])
+    for out, m in zip(ranks, masks):
+        expected = np.where(m, (np.array(out["values"]) - real.mean()) / real.std(), 0.0)
+        assert np.array(out["whitened"]) == pytest.approx(expected, abs=1e-4)

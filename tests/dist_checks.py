@@ -1,0 +1,37 @@
+"""Run under torchrun (2 ranks) by test_common.py: each rank holds different data; every statistic that must be
+over the whole batch on all ranks is computed here and written to rank<r>.json for the test to check."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from common import RunningMoments, masked_whiten, micro_batches
+from ppo_max import normalize_scores
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+out = {"rank": rank}
+
+# PPO-max's score normaliser: running statistics over both ranks' scores, three batches
+stats = RunningMoments()
+for step in range(3):
+    scores = torch.arange(4.0) * (rank + 1) + step * 10 - rank
+    normalize_scores(scores, stats, "paper", 0.8)
+out["moments"] = {"mean": stats.mean, "std": stats.std}
+
+# a minibatch of rows [0, 3, 1] with responses of different lengths on each rank, micro-batches of 2 rows
+lengths = [[3, 1, 4, 2], [1, 1, 2, 5]][rank]
+mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
+out["micro_batches"] = [(rows.tolist(), share.item(), sync) for rows, share, sync in micro_batches(
+    torch.tensor([0, 3, 1]), mask, 2)]  # fmt: skip
+
+# whitening over both ranks' real tokens
+values = torch.arange(20.0).view(4, 5) * (1 + rank) - 3 * rank
+out["whitened"] = masked_whiten(values, mask).tolist()
+out["mask"], out["values"] = mask.tolist(), values.tolist()
+
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()

@@ -1,0 +1,158 @@
+"""Invariants of a real run, checked on what each script's main() passes to its tested functions
+(tests/record_run.py records every call): the rollout tensors reach the reward, advantage and loss functions as
+the algorithm says (pi_old vs pi_ref log-probs, advantages vs returns, the missing-EOS penalty, the rollout values);
+on the first minibatch of every iteration the ratio is 1 and the value net's outputs equal the rollout values; and
+the logged losses are the tested loss functions' outputs, weighted by each micro-batch's share of the tokens."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, THREADS, read_metrics
+
+import apa
+import awr
+import ppo
+import ppo_max
+
+ONLINE = {"ppo": ppo, "apa": apa, "awr": awr, "ppo_max": ppo_max}
+# two iterations of 8 rollouts: two minibatches of 4, each in two micro-batches of 2
+FLAGS = ["--total-episodes", "16", "--rollout-batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size", "2",
+         "--update-epochs", "1", "--max-new-tokens", "16", "--eval-size", "8", "--eval-every", "100",
+         "--save-every", "0"]  # fmt: skip
+EXTRA = {"ppo_max": ["--critic-warmup-steps", "0"]}
+EOS = 0  # the toy tokenizer's <|endoftext|>
+
+
+def record(script: str, runs: list[list[str]]) -> list[list[tuple]]:
+    """The events of each run of `script` (one process), as tests/record_run.py saves them."""
+    out = runs[0][runs[0].index("--output-dir") + 1] + ".events.pt"
+    cmd = [sys.executable, str(REPO / "tests" / "record_run.py"), script, out, json.dumps(runs)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={"OMP_NUM_THREADS": THREADS, "PATH": "", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def last(events, name: str, before: int, n: int = 1) -> list[tuple]:
+    return [e for e in events[:before] if e[0] == name][-n:]
+
+
+def between(events, name: str, start: int, end: int) -> list[tuple]:
+    return [e for e in events[start:end] if e[0] == name]
+
+
+@pytest.mark.parametrize("script", list(ONLINE))
+def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_path):
+    module = ONLINE[script]
+    (events,) = record(script, [[*FLAGS, *EXTRA.get(script, []), "--output-dir", str(tmp_path / "run")]])
+    rows = read_metrics(tmp_path / "run")[1:]
+    starts = [i for i, e in enumerate(events) if e[0] == "compute_rewards"]
+    assert len(starts) == len(rows) == 2
+    for iteration, (start, end, row) in enumerate(zip(starts, starts[1:] + [len(events)], rows), 1):
+        # ---- the rollout: pi_old and pi_ref log-probs, values and scores of the same sequences
+        (_, (_, input_ids, attention_mask, responses, *_), _, logprobs), (*_, ref_logprobs) = last(
+            events, "chunked_logprobs", start, 2
+        )
+        values = last(events, "chunked_values", start)[0][3]
+        (_, (_, _, ended), _, raw_scores) = last(events, "score", start)[0]
+        mask = attention_mask[:, -responses.shape[1] :].bool()
+        assert torch.equal(ended, (mask & (responses == EOS)).any(1))  # stopped by itself, not cut
+        scores = raw_scores - 1.0 * (~ended).float()  # the missing-EOS penalty (default 1.0)
+        kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
+        if iteration == 2:  # the policy has moved: pi_old and pi_ref differ, so passing one for the other shows
+            assert kl.abs().max() > 1e-3
+
+        # ---- reward and advantages: the rollout tensors, in the right places
+        (_, reward_args, _, rewards) = events[start]
+        ppo_like = script in ("ppo", "ppo_max")  # a KL penalty in the reward, clipped losses
+        assert torch.equal(reward_args[0], scores) and torch.equal(reward_args[2 if ppo_like else 1], mask)
+        if ppo_like:
+            assert torch.equal(reward_args[1], kl)
+            assert reward_args[4] == pytest.approx(row["train/kl_coef"])
+        (_, advantage_args, _, (advantages, returns)) = between(events, "compute_advantages", start, end)[0]
+        assert torch.equal(advantage_args[0], rewards) and torch.equal(advantage_args[1], values)
+        assert torch.equal(advantage_args[2], mask) and advantage_args[3:5] == (1.0, 0.95)
+        if script == "ppo_max":
+            assert advantage_args[5] is False  # --norm-adv off by default
+
+        # ---- the first micro-batch: ratio 1, the value net re-computes the rollout values, the right tensors
+        mb = between(events, "micro_batch", start, end)[0][3][0]
+        (_, policy_args, _, (policy_loss, _)) = between(events, "policy_loss", start, end)[0]
+        (_, value_args, _, (value_loss, _)) = between(events, "value_loss", start, end)[0]
+        assert torch.allclose(policy_args[0], logprobs[mb], atol=1e-5)  # pi / pi_old = 1
+        assert torch.allclose(value_args[0], values[mb], atol=1e-5)
+        anchor = {"ppo": logprobs, "ppo_max": logprobs, "apa": ref_logprobs}.get(script)  # AWR: none
+        loss_args = [logprobs[mb]] + ([anchor[mb]] if anchor is not None else []) + [advantages[mb], mask[mb]]
+        assert all(torch.equal(a, b) for a, b in zip(policy_args[1:], loss_args[1:]))
+        assert policy_loss == pytest.approx(module.policy_loss(*loss_args, *policy_args[len(loss_args) :])[0].item())
+        if ppo_like:  # clipped value loss around the rollout values
+            assert torch.equal(value_args[1], values[mb]) and torch.equal(value_args[2], returns[mb])
+        else:
+            assert torch.equal(value_args[1], returns[mb])
+        assert torch.equal(value_args[-2 if ppo_like else -1], mask[mb])
+
+        # ---- the logged row: the rollout's means, and the losses as the functions computed them
+        assert row["train/reward"] == pytest.approx(scores.mean().item(), abs=1e-6)
+        assert row["train/kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-6)
+        assert row["policy/ratio_first_mb"] == pytest.approx(1.0, abs=1e-5)
+        shares = [e[3][1].item() for e in between(events, "micro_batch", start, end)]
+        for key, name in [("loss/policy", "policy_loss"), ("loss/value", "value_loss")]:
+            losses = [e[3][0].item() for e in between(events, name, start, end)]
+            per_minibatch = [shares[i] * losses[i] + shares[i + 1] * losses[i + 1] for i in (0, 2)]
+            assert row[key] == pytest.approx(sum(per_minibatch) / 2, rel=1e-5)
+        assert [sum(shares[i : i + 2]) for i in (0, 2)] == pytest.approx([1.0, 1.0])
+        # ---- one gradient-norm clip per network, or (PPO-max) one over policy and value net together
+        clips = [e[1][0] for e in between(events, "clip_grad_norm_", start, end)]
+        assert len(clips) == (2 if script == "ppo_max" else 4)
+        if script == "ppo_max":
+            assert clips[0] > 100  # every parameter of both networks in one norm
+    if script == "ppo":  # the trlX controller: fed the batch's mean sequence KL once per rollout batch
+        expected = ppo.adaptive_kl_update(rows[0]["train/kl_coef"], rows[0]["train/kl"], 6.0, 8, 10000)
+        assert rows[1]["train/kl_coef"] == pytest.approx(expected, rel=1e-9) and expected != rows[0]["train/kl_coef"]
+
+
+ALOL_FLAGS = ["--total-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--log-every", "2",
+              "--eval-size", "16", "--eval-every", "100", "--save-every", "0", "--value-samples", "2",
+              "--value-epochs", "2"]  # fmt: skip
+# each A-LoL variant once (one process), with the --sampling and --reward-transform choices spread over them
+ALOL_RUNS = {"a-lol": [], "a-lol-ref-free": [], "a-lol-seq": ["--sampling", "uniform"], "a-lol-kl": [],
+             "r-lol": ["--reward-transform", "sigmoid"], "wbc": [], "nll": []}  # fmt: skip
+
+
+def test_alol_variants_train_on_the_weights_they_define(small_toy_data, tmp_path):
+    """Every variant end to end: r(x, y) from the scores (sigmoid first when asked, then the missing-EOS penalty),
+    A = r - V_ref, the variant's weights, rows drawn only among positive weights (in proportion to them unless
+    uniform or nll), the loss given the drawn rows' weights; at the first step pi = pi_ref; the logged loss is the
+    tested loss weighted by each micro-batch's share of the examples."""
+    runs = [[*ALOL_FLAGS, "--dataset", small_toy_data, "--variant", variant, *flags, "--output-dir",
+             str(tmp_path / variant)] for variant, flags in ALOL_RUNS.items()]  # fmt: skip
+    for (variant, flags), events in zip(ALOL_RUNS.items(), record("alol", runs)):
+        (_, (_, _, ended), _, raw_scores) = next(e for e in events if e[0] == "score")  # the training pairs first
+        transform = "sigmoid" in flags
+        rewards = (torch.sigmoid(raw_scores) if transform else raw_scores) - 1.0 * (~ended).float()
+        (_, (got_rewards, ref_values, got_variant), _, (advantages, weights)) = next(
+            e for e in events if e[0] == "advantages_and_weights"
+        )
+        assert torch.allclose(got_rewards, rewards) and got_variant == variant
+        assert torch.equal(advantages, rewards - ref_values)
+        draws = [e for e in events if e[0] == "sample_rows"]
+        assert len(draws) == 2
+        for _, (drawn_from, n, priority, _), _, rows in draws:
+            assert torch.equal(drawn_from, weights) and n == 4 and (weights[rows] > 0).all()
+            assert priority == (variant != "nll" and "uniform" not in flags)
+        losses = [e for e in events if e[0] == "policy_loss"]
+        micro = [e[3] for e in events if e[0] == "micro_batch"]
+        assert len(losses) == len(micro) == 4
+        for (_, args, _, _), (micro_rows, share, _) in zip(losses, micro):
+            assert torch.equal(args[3], weights[micro_rows]) and args[4] == variant and share == pytest.approx(0.5)
+        first = losses[0][1]
+        assert torch.allclose(first[0], first[1], atol=1e-5)  # the first step: pi = pi_ref
+        assert first[0].abs().sum() > 0  # (log-probs of real tokens)
+        setup, row = read_metrics(tmp_path / variant)
+        assert setup["train/kept_fraction"] == pytest.approx((weights > 0).float().mean().item())
+        per_step = [sum(0.5 * e[3][0].item() for e in losses[i : i + 2]) for i in (0, 2)]
+        assert row["loss/policy"] == pytest.approx(sum(per_step) / 2, rel=1e-5)
+        assert (tmp_path / variant / "policy" / "config.json").exists()
