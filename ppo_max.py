@@ -14,6 +14,7 @@ README "PPO-max: paper vs released recipe" lists what still differs and why):
 `diff ppo.py ppo_max.py` shows only the `# ALGO LOGIC:` lines: the components above.
 """
 
+import itertools
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -202,10 +203,12 @@ def main():
             common.fail(
                 f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column or assistant turn"
             )
+        # one longer than --max-new-tokens is cut there and keeps no stop token, like a sample cut there
         sft_responses = [
-            ids if len(ids) <= args.max_new_tokens else ids[: args.max_new_tokens - 1] + ids[-1:]
+            ids[: args.max_new_tokens]
             for ids in data.tokenize_responses(tokenizer, train_rows, sft_responses, stop_ids.tolist())
         ]
+        sft_lengths = torch.tensor([len(ids) for ids in sft_responses], device=device)
     # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
@@ -355,8 +358,15 @@ def main():
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
+            ptx_micro_batches = itertools.repeat((None, 0.0, None))
+            if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx rows for this step, drawn the same for any number of ranks
+                generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration + len(stats))
+                ptx_rows = torch.randint(len(sft_responses), (args.mini_batch_size,), generator=generator)
+                ptx_micro_batches = common.micro_batches(ptx_rows[rank::world_size], sft_lengths, args.micro_batch_size)
             # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
-            for mb, token_share, sync in common.micro_batches(minibatch, response_mask, args.micro_batch_size):
+            for (mb, token_share, sync), (ptx_mb, ptx_share, _) in zip(
+                common.micro_batches(minibatch, response_mask, args.micro_batch_size), ptx_micro_batches
+            ):
                 mb_mask = response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
@@ -369,17 +379,18 @@ def main():
                     # ALGO LOGIC: clipped surrogate (+ PPO-ptx) and clipped value loss; one gradient clip over both
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
                     vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
-                    if args.ptx_coef > 0:  # weighted by the micro-batch's share of the rollout tokens, as the rest
-                        k = torch.randint(len(train_prompts), (len(mb),)).tolist()  # random rows of the SFT data
+                    ptx = 0.0
+                    if args.ptx_coef > 0:  # a token mean over the step's SFT rows: weighted by its own share of them
+                        k = ptx_mb.tolist()
                         ptx_ids, ptx_attention, ptx_context, ptx_tokens, ptx_mask = common.pad_pairs(
                             [train_prompts[i] for i in k], [sft_responses[i] for i in k], tokenizer.pad_token_id, device
                         )
                         with common.autocast(device, dtype), torch.set_grad_enabled(train_policy):  # T = 1: SFT NLL
                             ptx_logits = common.response_logits(policy, ptx_ids, ptx_attention, ptx_context, 1.0)
-                        pg_stats["loss/ptx"] = ptx_loss(common.gather_logprobs(ptx_logits, ptx_tokens), ptx_mask)
-                        pg_stats["loss/clipped_surrogate"] = pg_loss
-                        pg_loss = pg_loss + args.ptx_coef * pg_stats["loss/ptx"]
-                    (((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * token_share).backward()
+                        ptx = ptx_loss(common.gather_logprobs(ptx_logits, ptx_tokens), ptx_mask)
+                        pg_stats["loss/ptx"] = ptx * ptx_share / token_share  # (logged weighted by token_share)
+                    loss = ((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * token_share
+                    (loss + args.ptx_coef * ptx * ptx_share).backward()
                 with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {

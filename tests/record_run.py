@@ -79,10 +79,10 @@ if __name__ == "__main__":
     name, out, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     script = importlib.import_module(name)
     for fn in ("compute_rewards", "compute_advantages", "policy_loss", "value_loss", "rewards_from_scores",
-               "advantages_and_weights", "sample_rows"):  # fmt: skip
+               "advantages_and_weights", "sample_rows", "ptx_loss"):  # fmt: skip
         if hasattr(script, fn):
             setattr(script, fn, recorded(fn, getattr(script, fn)))
-    for fn in ("chunked_logprobs", "chunked_values", "penalize_missing_eos"):
+    for fn in ("chunked_logprobs", "chunked_values", "penalize_missing_eos", "pad_pairs"):
         setattr(common, fn, recorded(fn, getattr(common, fn)))
     common.micro_batches = recorded_generator("micro_batch", common.micro_batches)
     models.load_scorers = recorded_scorers(models.load_scorers)

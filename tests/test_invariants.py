@@ -98,7 +98,9 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
         assert row["train/reward"] == pytest.approx(scores.mean().item(), abs=1e-6)
         assert row["train/kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-6)
         assert row["policy/ratio_first_mb"] == pytest.approx(1.0, abs=1e-5)
-        shares = [e[3][1].item() for e in between(events, "micro_batch", start, end)]
+        micro_batches = [e[3] for e in between(events, "micro_batch", start, end)]
+        assert sorted(i for rows, _, _ in micro_batches for i in rows.tolist()) == list(range(8))  # one epoch
+        shares = [share.item() for _, share, _ in micro_batches]
         for key, name in [("loss/policy", "policy_loss"), ("loss/value", "value_loss")]:
             losses = [e[3][0].item() for e in between(events, name, start, end)]
             per_minibatch = [shares[i] * losses[i] + shares[i + 1] * losses[i + 1] for i in (0, 2)]
@@ -112,6 +114,77 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
     if script == "ppo":  # the trlX controller: fed the batch's mean sequence KL once per rollout batch
         expected = ppo.adaptive_kl_update(rows[0]["train/kl_coef"], rows[0]["train/kl"], 6.0, 8, 10000)
         assert rows[1]["train/kl_coef"] == pytest.approx(expected, rel=1e-9) and expected != rows[0]["train/kl_coef"]
+
+
+def test_apa_authors_controller_input_and_schedule(tmp_path):
+    """--kl-control apa-authors: the controller is fed the mean over every position of prompt + response (padding
+    counted as 0) of k3 = exp(d) - 1 - d, d = log pi_old - log pi_ref, after every minibatch (n = the minibatch),
+    and the update epochs are consecutive steps on one minibatch."""
+    flags = [*FLAGS, "--update-epochs", "2", "--kl-control", "apa-authors", "--kl-target", "0.5", "--kl-horizon", "64"]
+    (events,) = record("ppo", [[*flags, "--output-dir", str(tmp_path / "run")]])
+    rows = read_metrics(tmp_path / "run")[1:]
+    starts = [i for i, e in enumerate(events) if e[0] == "compute_rewards"]
+    kl_coef = 0.05
+    for start, end, row in zip(starts, starts[1:] + [len(events)], rows):
+        (_, (_, input_ids, attention_mask, tokens, *_), _, all_logprobs), (*_, all_ref) = between(
+            events, "chunked_logprobs", start, end
+        )[:2]
+        assert torch.equal(tokens, input_ids[:, 1:])  # every position after the first, prompt included
+        d = (all_logprobs - all_ref) * attention_mask[:, :-1]  # masked by the predicting position, as theirs
+        assert row["train/kl_control_input"] == pytest.approx((d.exp() - 1 - d).mean().item(), rel=1e-5)
+        assert row["train/kl_coef"] == pytest.approx(kl_coef, rel=1e-9)
+        for _ in range(2):  # two minibatches of 4 per rollout batch
+            kl_coef = ppo.adaptive_kl_update(kl_coef, row["train/kl_control_input"], 0.5, 4, 64)
+        steps = [e[3][0].tolist() for e in between(events, "micro_batch", start, end)]  # 2 micro-batches a step
+        steps = [steps[i] + steps[i + 1] for i in range(0, len(steps), 2)]
+        assert len(steps) == 4 and steps[0] == steps[1] and steps[2] == steps[3]  # each minibatch twice in a row
+        assert sorted(steps[0] + steps[2]) == list(range(8))
+    assert rows[1]["train/kl_control_input"] > 0
+
+
+def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(tmp_path):
+    """PPO-ptx: each step's SFT rows are the dataset's chosen responses as the policy would write them (cut at
+    --max-new-tokens without a stop token), scored at T = 1 by the policy being trained, and their NLL is a mean over
+    the step's SFT tokens (each micro-batch weighted by its share of them, not of the rollout tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from data import load_rows, tokenize_prompts, tokenize_responses
+    from models import load_tokenizer
+
+    flags = [*FLAGS, "--critic-warmup-steps", "0", "--ptx-coef", "0.5", "--output-dir", str(tmp_path / "run")]
+    (events,) = record("ppo_max", [flags])
+    tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
+    prompts, chosen = load_rows(str(REPO / "toy" / "data"), "train")
+    prompt_ids = tokenize_prompts(tokenizer, prompts, 128)
+    sft = [ids[:16] for ids in tokenize_responses(tokenizer, prompts, chosen, [EOS])]
+    assert any(len(ids) == 16 and ids[-1] != EOS for ids in sft) and any(len(ids) < 16 for ids in sft)
+    ptx_micro_batches = [e[3] for e in events if e[0] == "micro_batch"][1::2]  # (rollout, ptx) in turn
+    pads = [e for e in events if e[0] == "pad_pairs"]
+    losses = [e for e in events if e[0] == "ptx_loss"]
+    assert len(ptx_micro_batches) == len(pads) == len(losses) == 8  # 2 iterations x 2 steps x 2 micro-batches
+    for (rows, _, _), (_, (got_prompts, got_responses, *_), _, _) in zip(ptx_micro_batches, pads):
+        assert got_prompts == [prompt_ids[i] for i in rows.tolist()] and got_responses == [
+            sft[i] for i in rows.tolist()
+        ]
+    for step in range(4):  # the shares of a step's two micro-batches are their shares of its SFT tokens
+        tokens = [sum(len(sft[i]) for i in rows.tolist()) for rows, _, _ in ptx_micro_batches[2 * step : 2 * step + 2]]
+        shares = [share.item() for _, share, _ in ptx_micro_batches[2 * step : 2 * step + 2]]
+        assert shares == pytest.approx([t / sum(tokens) for t in tokens])
+    # the first micro-batch, before any update: the SFT policy's log-probs at T = 1, one row at a time
+    policy = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32).eval()
+    (_, (logprobs, mask), _, _) = losses[0]
+    for row, i in enumerate(ptx_micro_batches[0][0].tolist()):
+        with torch.no_grad():
+            logits = policy(torch.tensor([prompt_ids[i] + sft[i]])).logits[0, len(prompt_ids[i]) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sft[i])[:, None]).squeeze(-1)
+        assert mask[row].sum() == len(sft[i]) and torch.allclose(logprobs[row, : len(sft[i])], expected, atol=1e-5)
+    rows = read_metrics(tmp_path / "run")[1:]
+    for iteration, row in enumerate(rows):
+        steps = []
+        for step in (2 * iteration, 2 * iteration + 1):
+            parts = zip(ptx_micro_batches[2 * step : 2 * step + 2], losses[2 * step : 2 * step + 2])
+            steps.append(sum(share.item() * loss[3].item() for (_, share, _), loss in parts))
+        assert row["loss/ptx"] == pytest.approx(sum(steps) / 2, rel=1e-5)
 
 
 ALOL_FLAGS = ["--total-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--log-every", "2",

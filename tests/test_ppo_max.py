@@ -68,21 +68,24 @@ def test_critic_warmup_leaves_the_policy_unchanged(tmp_path):
     rm = load_value_model(str(REPO / "toy" / "reward_model"), torch.float32, "rm").state_dict()
     assert any(not torch.equal(critic[k], rm[k]) for k in critic)  # the critic did train
     assert read_metrics(out)[-1]["eval/kl"] == 0.0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)  # the paper recipe's AdamW
+    assert optimizer_settings(checkpoint, "policy") == optimizer_settings(checkpoint, "value_model") == (1e-8, 0.01)
 
 
-def test_ptx_and_released_recipe_end_to_end(tmp_path):
-    run_script(
-        "ppo_max.py", *FAST, "--ptx-coef", "0.5", "--critic-warmup-steps", "0", "--output-dir", str(tmp_path / "a")
-    )
-    for row in read_metrics(tmp_path / "a")[1:]:
-        assert row["loss/ptx"] > 0
-        assert row["loss/policy"] == pytest.approx(row["loss/clipped_surrogate"] + 0.5 * row["loss/ptx"], abs=1e-5)
-    # the MOSS-RLHF release: no critic warm-up (the policy moves at iteration 1), LR warm-up then 1/sqrt decay
-    run_script(
-        "ppo_max.py", *FAST, "--recipe", "released", "--lr-warmup-steps", "2", "--output-dir", str(tmp_path / "b")
-    )
-    rows = [row for row in read_metrics(tmp_path / "b") if "train/lr" in row]
+def optimizer_settings(checkpoint: dict, name: str) -> tuple[float, float]:
+    group = checkpoint[f"{name}_optimizer"]["param_groups"][0]
+    return group["eps"], group["weight_decay"]
+
+
+def test_released_recipe_end_to_end(tmp_path):
+    """The MOSS-RLHF release: no critic warm-up (the policy moves at iteration 1), KL coefficient 0.01, LR warm-up
+    then 1/sqrt decay, AdamW eps 1e-6 (the critic's 1e-8) and no weight decay."""
+    run_script("ppo_max.py", *FAST, "--recipe", "released", "--lr-warmup-steps", "2", "--output-dir", str(tmp_path))
+    rows = [row for row in read_metrics(tmp_path) if "train/lr" in row]
     assert rows[-1]["train/kl_coef"] == 0.01
     # two minibatches per iteration: optimizer steps 0, 1 then 2, 3; the logged LR is the last step's
     assert [row["train/lr"] for row in rows] == pytest.approx([3e-4 * 0.5, 3e-4 * (2 / 3) ** 0.5])
     assert rows[0]["eval/kl"] != 0.0  # the policy moved (with a critic warm-up it is exactly 0)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert optimizer_settings(checkpoint, "policy") == (1e-6, 0.0)
+    assert optimizer_settings(checkpoint, "value_model") == (1e-8, 0.0)

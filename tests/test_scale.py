@@ -41,16 +41,29 @@ def assert_same_training(reference_dir, other_dir, keys: tuple[str, ...], lr: fl
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_ppo_one_update_for_one_rank_two_ranks_with_micro_batches_and_fsdp(tmp_path):
+# each script against itself on one rank: two ranks with DDP or FSDP2, and micro-batches
+SPLITS = {
+    "ppo": {"ddp": ["--micro-batch-size", "2"], "fsdp": ["--fsdp"]},
+    "apa": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
+    "awr": {"ddp": ["--micro-batch-size", "2"]},
+    "ppo_max": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
+}
+KEYS = ("loss/policy", "loss/value", "train/kl")
+# AWR: the largest weight over the whole batch on both ranks; PPO-max: the PPO-ptx NLL, a mean over the SFT tokens
+EXTRA_KEYS = {"awr": ("policy/weight_max",), "ppo_max": ("loss/ptx",)}
+EXTRA_FLAGS = {"ppo_max": ["--critic-warmup-steps", "0", "--ptx-coef", "0.5"]}
+
+
+@pytest.mark.parametrize("script", list(SPLITS))
+def test_one_update_for_any_split_into_ranks_and_micro_batches(script, tmp_path):
     """Responses of different lengths on the two ranks: per-rank token means would differ by ~1e-3 here."""
-    run_fixed("ppo", [*EQUIVALENCE, "--output-dir", str(tmp_path / "one")])
-    configs = {
-        "ddp": (2, ["--micro-batch-size", "2"]),
-        "fsdp": (2, ["--fsdp"]),
-    }
-    for name, (nproc, flags) in configs.items():
-        run_fixed("ppo", [*EQUIVALENCE, *flags, "--output-dir", str(tmp_path / name)], nproc=nproc)
-        assert_same_training(tmp_path / "one", tmp_path / name, ("loss/policy", "loss/value", "train/kl"), lr=5e-5)
+    flags = [*EQUIVALENCE, *EXTRA_FLAGS.get(script, [])]
+    run_fixed(script, [*flags, "--output-dir", str(tmp_path / "one")])
+    for name, split in SPLITS[script].items():
+        run_fixed(script, [*flags, *split, "--output-dir", str(tmp_path / name)], nproc=2)
+        assert_same_training(tmp_path / "one", tmp_path / name, KEYS + EXTRA_KEYS.get(script, ()), lr=5e-5)
+        if name == "ddp":
+            assert read_metrics(tmp_path / name)[-1]["dist/max_param_difference"] == 0.0
 
 
 def test_alol_one_update_for_one_rank_and_fsdp_micro_batches(small_toy_data, tmp_path):
