@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pytest-xdist (pyproject: -n 2) runs two tests at once: one torch thread per process then, as two single-threaded
 # processes on 2 cores do more work than one with 2 threads (these models are too small to use 2 threads well)
-THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+# (bench/mutants.py runs two test processes at once and sets RLHF_TEST_THREADS=1)
+THREADS = os.environ.get("RLHF_TEST_THREADS") or ("1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 torch.set_num_threads(int(THREADS))
 os.environ["OMP_NUM_THREADS"] = THREADS  # the scripts the tests start (bench/ starts them itself) inherit it
 

@@ -72,14 +72,23 @@ def test_extra_flags_for_the_scripts_parse_as_one_value():
     assert args.extra == "--lam 1.0 --model x" and args.algorithms == ("apa",)
 
 
-def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path):
+def final_row(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path, small_toy_data):
     algorithms = ["ppo", "a-lol"]  # one online, one offline (tests/test_e2e.py runs every script)
     sys.argv = ["compare.py", "--mode", "smoke", "--seeds", "1", "--output-dir", str(tmp_path), "--algorithms",
-                *algorithms]  # fmt: skip
+                *algorithms, f"--extra=--dataset {small_toy_data}"]  # fmt: skip
     compare.main()
     table = (tmp_path / "results.md").read_text()
-    for name in algorithms:
-        assert f"| {name} | 1 |" in table
+    for name in algorithms:  # each run's final evaluation, as its metrics.jsonl has it
+        final = final_row(tmp_path / "runs" / f"{name}__1")
+        assert final["iteration"] == 2
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} | 1 |"))
+        cells = dict(zip([c for c, _ in compare.TABLE], [c.strip() for c in row.strip("|").split("|")][2:]))
+        assert cells["gold reward"] == f"{final['eval/gold_reward']:.2f} ± 0.00"
+        assert cells["KL to ref"] == f"{final['eval/kl']:.2f} ± 0.00"
     for plot in ("reward", "gold_reward", "kl", "response_length", "gold_vs_kl"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="unknown --algorithms"):
@@ -122,12 +131,30 @@ def test_frontier_smoke_writes_table_json_and_plot(tmp_path):
     frontier.main()
     rows = json.loads((tmp_path / "frontier_toy.json").read_text())
     assert [(r["algorithm"], r["value"], r["seeds"]) for r in rows] == [("ppo", 0.1, 1), ("ppo", 0.05, 1)]
+    for row in rows:  # each point is its run's final evaluation
+        final = final_row(tmp_path / "runs" / f"toy__ppo__{row['value']}__1")
+        assert (row["eval/kl"], row["eval/gold_reward"]) == (final["eval/kl"], final["eval/gold_reward"])
     assert "on frontier" in (tmp_path / "frontier_toy.md").read_text()
     assert (tmp_path / "frontier_toy.png").stat().st_size > 1000
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/wall_time.json")}
     sys.argv += ["--reuse"]  # nothing re-runs: the finished runs are kept and re-plotted
     frontier.main()
     assert len(stamps) == 2 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+# ---------------------------------------------------------------- bench/mutants.py
+import mutants  # noqa: E402
+
+
+def test_every_mutant_changes_one_existing_line_and_names_existing_tests():
+    """bench/mutants.py stays in step with the code: each mutated line occurs exactly once, and its tests exist."""
+    assert len(mutants.MUTANTS) >= 40 and len({m.name for m in mutants.MUTANTS}) == len(mutants.MUTANTS)
+    for m in mutants.MUTANTS:
+        assert (REPO / m.file).read_text().count(m.original) == 1, m.name
+        assert m.original != m.mutated
+        for target in m.tests:
+            path, _, name = target.partition("::")
+            assert (REPO / path).exists() and f"def {name.split('[')[0]}(" in (REPO / path).read_text(), target
 
 
 # ---------------------------------------------------------------- bench/throughput.py

@@ -18,8 +18,17 @@ from common import (
 from data import load_rows, prompt_indices, tokenize_prompts
 
 
-def test_logprob_gather_matches_slow_loop_on_unpadded_rows(tiny_lm):
-    """Left-padded batch + position ids + the one shift == each row alone, token by token."""
+@pytest.mark.parametrize("architecture", ["gpt-neox", "gpt2"])
+def test_logprob_gather_matches_slow_loop_on_unpadded_rows(tiny_lm, architecture):
+    """Left-padded batch + position ids + the one shift == each row alone, token by token. (GPT-NeoX's rotary
+    positions are relative, so only GPT-2's learned absolute positions show missing position ids.)"""
+    if architecture == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0)  # fmt: skip
+        tiny_lm = GPT2LMHeadModel(config).eval()
     torch.manual_seed(1)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     responses = torch.randint(2, 64, (3, 4))
