@@ -47,6 +47,7 @@ class Args:
     output_dir: str = ""  # metrics, TensorBoard, checkpoints and the final policy (default runs/<exp>__<seed>__<time>)
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
+    chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
     # ---- budget and batch sizes
@@ -56,18 +57,25 @@ class Args:
     # ---- sampling and scoring
     max_new_tokens: int = 48  # training responses are cut to this many tokens; evaluation generates at most this many
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
+    stop_strings: tuple[str, ...] = ()  # trlX's stop sequences, e.g. "Human:": a sample is cut at the first (README)
     temperature: float = 1.0  # sampling temperature of evaluation and of pi_ref's samples for V_ref
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
     distribution whose log-probs the losses use"""
-    reward_append_eos: bool = True
-    """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
-    reward models (the toy's too); --no-reward-append-eos for a reward model trained on text without it"""
+    reward_append_eos: Literal["ended", "always", "never"] = "ended"
+    """append the reward tokenizer's EOS to the text of a response that ended with a stop token (TRL's RewardTrainer
+    trains on text + EOS; the toy's reward model too), to every response (trlX's HH reward function), or never; not
+    after a chat template's own end-of-turn"""
+    reward_input: Literal["auto", "text", "pair"] = "auto"
+    """text: the reward model reads prompt + response as one sequence; pair: tokenizer(prompt, response), two segments
+    (OpenAssistant's DeBERTa reward models); auto: pair when its tokenizer has CLS and SEP tokens (an encoder's)"""
+    reward_score_at: Literal["last", "first-eos"] = "last"  # read a decoder RM at its last token, or first EOS (trlX)
     reward_truncate: bool = True  # left-truncate reward-model inputs over its max length; off: stop with an error
     missing_eos_penalty: float = 1.0  # subtracted from the score of a sampled response that never emits EOS (0 = off)
     # ---- optimisation
     lr: float = 1e-4  # policy learning rate (toy default; the authors: 2e-4 with QLoRA on LLaMA-7B)
     adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default; the APA authors: 1e-6)
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     # ---- ALGO LOGIC: A-LoL's hyper-parameters
     reward_transform: Literal["none", "sigmoid"] = "none"
@@ -79,6 +87,7 @@ class Args:
     sampling: Literal["auto", "priority", "uniform"] = "auto"
     """priority: with replacement, proportional to A+ (r for r-lol/wbc); auto = priority except for nll"""
     value_samples: int = 8  # pi_ref samples per held-out prompt to fit V_ref on
+    value_greedy: bool = False  # pi_ref's V_ref samples greedy (the A-LoL authors: one per prompt), not sampled
     value_epochs: int = 30  # epochs of V_ref fitting (the epoch with the best held-out loss is kept)
     value_lr: float = 3e-3  # V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)
     # ---- LoRA and scale (README: Scaling to real models)
@@ -188,6 +197,8 @@ def main():
     common.check_flags(args, args.batch_size // world_size, world_size)
     if args.batch_size % world_size:
         common.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
+    if args.value_greedy and args.value_samples != 1:
+        common.fail(f"--value-greedy gives one sample per prompt; pass --value-samples 1 (not {args.value_samples})")
     output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     common.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
@@ -195,7 +206,7 @@ def main():
     chunk = args.rollout_forward_batch_size  # rows per no-grad forward pass (scoring, V_ref, evaluation, pi_ref)
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
-    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code, args.chat_template)
     train_rows, response_texts = data.load_rows(args.dataset, args.train_split, args.response_column)
     if response_texts is None or None in response_texts:
         common.fail(
@@ -238,9 +249,16 @@ def main():
         top_p=1.0,
         eos_token_id=stop_ids.tolist(),
         pad_token_id=tokenizer.pad_token_id,
+        stop_strings=args.stop_strings or None,
     )
+    # pi_ref's samples for V_ref: sampled like the evaluation, or greedy (the A-LoL authors': one per prompt)
+    greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None} if args.value_greedy else {}
+    value_generation_config = GenerationConfig(**{**generation_config.to_dict(), **greedy})
     policy_optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=args.lr, betas=args.adam_betas
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=args.lr,
+        betas=args.adam_betas,
+        weight_decay=args.weight_decay,
     )
     trained = {"policy": (policy, policy_optimizer)}  # saved in every checkpoint, restored by --resume
 
@@ -250,7 +268,11 @@ def main():
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         queries, query_mask = common.left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
         with common.autocast(device, dtype):
-            responses, response_mask = common.generate(unwrapped_policy, queries, query_mask, generation_config, chunk)
+            responses, response_mask = common.generate(
+                unwrapped_policy, queries, query_mask, generation_config, chunk, tokenizer
+            )
+        if args.stop_strings:  # trlX's stop sequences: cut at the first, stripped, ended with EOS, re-tokenized
+            responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
         input_ids = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, response_mask], 1)
         logprobs = common.chunked_logprobs(
@@ -262,7 +284,7 @@ def main():
             )
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = data.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
-        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        response_texts = data.response_texts(tokenizer, queries, responses)
         ended = torch.isin(responses, stop_ids).any(1)
         return common.evaluation_metrics(
             score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3)
@@ -286,7 +308,7 @@ def main():
     def rewards_of(prompts, rows, responses, ended) -> torch.Tensor:
         """r(x, y) of (prompt, response) token ids (ALGO LOGIC: rewards_from_scores)."""
         prompt_texts = data.scoring_prompts(tokenizer, prompts, rows)
-        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        response_texts = data.response_texts(tokenizer, prompts, responses)
         scores = score_fn(prompt_texts, response_texts, ended)
         return rewards_from_scores(scores, ended, args.reward_transform, args.missing_eos_penalty)
 
@@ -314,7 +336,12 @@ def main():
         queries = queries.repeat(args.value_samples, 1)  # row s * prompts + i: sample s of prompt i
         query_mask = query_mask.repeat(args.value_samples, 1)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model, common.autocast(device, dtype):
-            responses, _ = common.generate(ref_model, queries, query_mask, generation_config, chunk)
+            responses, response_mask = common.generate(
+                ref_model, queries, query_mask, value_generation_config, chunk, tokenizer
+            )
+        if args.stop_strings:
+            responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
+        responses = torch.where(response_mask, responses, tokenizer.pad_token_id)  # nothing after the stop token
         sample_ended = torch.isin(responses, stop_ids).any(1)
         sample_scores = rewards_of(queries, value_rows[block] * args.value_samples, responses, sample_ended)
         sample_scores = torch.tensor(common.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))

@@ -115,7 +115,7 @@ POSITIVE_COUNTS = """total_episodes rollout_batch_size mini_batch_size update_ep
 rollout_forward_batch_size max_new_tokens max_prompt_length eval_every eval_size lora_r kl_horizon value_samples
 value_epochs log_every lr_warmup_steps""".split()
 NON_NEGATIVE = """save_every micro_batch_size critic_warmup_steps missing_eos_penalty kl_coef kl_target vf_coef
-max_weight kl_beta ptx_coef""".split()
+max_weight kl_beta ptx_coef weight_decay""".split()
 POSITIVE = "temperature lr value_lr max_grad_norm reward_clip clip_eps value_clip lam beta".split()
 UNIT_INTERVAL = ["gamma", "gae_lambda"]
 
@@ -243,9 +243,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, queries, query_mask, generation_config, chunk_size: int):
-    """Sample responses with the KV cache in chunks of `chunk_size` prompts. Returns responses
-    (B, R) and response_mask (B, R): 1 on real tokens up to and including the first stop token."""
+def generate(model, queries, query_mask, generation_config, chunk_size: int, tokenizer=None):
+    """Sample responses with the KV cache in chunks of `chunk_size` prompts (a row stops at a stop token, or at a
+    stop string of the generation config, which needs the `tokenizer`). Returns responses (B, R) and response_mask
+    (B, R): 1 on real tokens up to and including the first stop token."""
     context_length = queries.shape[1]
     with gathered(model):  # under --fsdp: one all-gather for the whole generation, none per decode step
         chunks = [
@@ -253,6 +254,7 @@ def generate(model, queries, query_mask, generation_config, chunk_size: int):
                 input_ids=queries[i : i + chunk_size],
                 attention_mask=query_mask[i : i + chunk_size],
                 generation_config=generation_config,
+                tokenizer=tokenizer,
             )[:, context_length:]
             for i in range(0, len(queries), chunk_size)
         ]

@@ -175,6 +175,35 @@ def stop_token_ids(path: str, tokenizer) -> list[int]:
     return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
 
 
+def cut_at_stop_strings(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor, stop_strings: list[str]):
+    """trlX's stop sequences: a response whose text holds one of `stop_strings` is cut at the first occurrence of any,
+    its trailing white space stripped, and re-tokenized with the EOS appended (every later pass, the reward and the
+    loss see that response); the others stay as generated. Returns (responses, response_mask), right-padded."""
+    rows, eos = [], tokenizer.eos_token_id
+    for ids, mask in zip(responses.tolist(), response_mask.tolist()):
+        ids = [t for t, m in zip(ids, mask) if m]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+        if cuts:
+            ids = tokenizer(text[: min(cuts)].rstrip(), add_special_tokens=False)["input_ids"] + [eos]
+        rows.append(ids)
+    width = max(len(ids) for ids in rows)
+    padded = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in rows])
+    mask = torch.tensor([[True] * len(ids) + [False] * (width - len(ids)) for ids in rows])
+    return padded.to(responses.device), mask.to(responses.device)
+
+
+def response_texts(tokenizer, queries, responses) -> list[str]:
+    """Each response's text as it continues its prompt (token ids, padded tensors or lists): decoded with the prompt,
+    less the prompt's text. (A SentencePiece tokenizer, LLaMA's, drops the leading space of a text's first word:
+    decoded alone, " Sure" would reach the reward model as "Assistant:Sure".)"""
+    queries, responses = (x.tolist() if isinstance(x, torch.Tensor) else x for x in (queries, responses))
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    full = tokenizer.batch_decode([q + r for q, r in zip(queries, responses)], skip_special_tokens=True)
+    alone = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [f[len(p) :] if f.startswith(p) else a for p, f, a in zip(prompts, full, alone)]
+
+
 def scoring_prompts(tokenizer, queries: torch.Tensor, rows: list) -> list:
     """The prompts scorers get: a conversational dataset's messages, else the prompt text the policy saw (decoded,
     so left-truncated like the policy's input)."""

@@ -25,12 +25,17 @@ def _load(loader, path: str, what: str, **kwargs):
         common.fail(f"cannot load {what} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = ""):
+    """The checkpoint's tokenizer; `chat_template`: a .jinja file replacing its chat template (or giving it one)."""
     from transformers import AutoTokenizer
 
     tokenizer = _load(AutoTokenizer, path, "tokenizer", trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # e.g. Pythia/GPT-J tokenizers: pad with EOS, masks keep it out
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        if not os.path.isfile(common.resolve(chat_template)):
+            common.fail(f"--chat-template {chat_template} is not a file; pass a .jinja file")
+        tokenizer.chat_template = open(common.resolve(chat_template)).read()
     return tokenizer
 
 
@@ -71,14 +76,15 @@ class ValueModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        backbone = getattr(self.model, self.model.base_model_prefix)
+        model = hf_model(self.model)  # the *ForSequenceClassification, also inside a peft wrapper (whose LoRA layers
+        backbone = getattr(model, model.base_model_prefix)  # are in it): its backbone, `gpt_neox`, `model`, ...
         hidden = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=common.position_ids(attention_mask),
             use_cache=False,  # no KV cache outside generation (a cache would also break activation checkpointing)
         ).last_hidden_state
-        head = self.model.score if hasattr(self.model, "score") else self.model.classifier
+        head = model.score if hasattr(model, "score") else model.classifier
         return head(hidden).float().sum(-1)  # (B, T): a sum over the one output, so a new tensor (FSDP2 warns on views)
 
 
@@ -107,17 +113,26 @@ def load_scorer(
     flag: str,
     trust_remote_code: bool = False,
     fsdp: bool = False,
-    append_eos: bool = True,
+    append_eos: str = "ended",
     truncate: bool = True,
+    input_format: str = "auto",
+    score_at: str = "last",
 ):
     """Sequence-level scorer (prompts, responses, ended_with_eos=None) -> (N,) float tensor on `device`: either a
     Python function `module:function` (given prompts and responses), or a reward model scoring the decoded text
     re-tokenized with its own tokenizer, through its own forward (`.logits[:, 0]`: decoder, BERT-style pooler or
-    RoBERTa head alike). The reward model sees what it was trained on: a response that ended with EOS gets the
-    reward tokenizer's EOS appended (as TRL's RewardTrainer tokenizes; `append_eos`), and an input longer than the
-    model's maximum length is truncated from the left, after any leading BOS/CLS (`truncate`, counted in
-    `score.num_truncated`). A conversational prompt (a list of messages) is rendered with the reward tokenizer's
-    chat template, the response as the assistant's turn, or as HH text when it has none."""
+    RoBERTa head alike). The reward model sees what it was trained on:
+    - `input_format`: "text", prompt + response as one sequence; "pair", `tokenizer(prompt, response)`, two segments
+      (OpenAssistant's DeBERTa reward models); "auto", pair when the tokenizer has CLS and SEP tokens (an encoder's),
+      else text. A conversational prompt (a list of messages) is rendered with the reward tokenizer's chat template,
+      the response as the assistant's turn, or as HH text when it has none.
+    - `append_eos`: the reward tokenizer's EOS is appended to the text of a response that "ended" with a stop token
+      (TRL's RewardTrainer tokenizes text + EOS), to "always" every response (trlX's HH reward function), or
+      "never"; never after a chat template, which writes its own end-of-turn, nor to a pair.
+    - An input longer than the model's maximum length is truncated from the left, after any leading BOS/CLS
+      (`truncate`, counted in `score.num_truncated`).
+    - A decoder's score is read at the last real token, whatever its padding token (an EOS that is also the pad
+      token included), or with `score_at` "first-eos" at the first EOS of the input (trlX's reward models)."""
     if is_scoring_function(spec):
         module, name = spec.split(":")
         try:
@@ -134,23 +149,31 @@ def load_scorer(
         )
     tokenizer = load_tokenizer(spec, trust_remote_code)
     model = _load(AutoModelForSequenceClassification, spec, flag, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.config.pad_token_id = tokenizer.pad_token_id  # a decoder reads the last token that is not this padding
     model = model.eval().requires_grad_(False)
     model = shard_model(model, dtype) if fsdp else model.to(device)  # --fsdp: sharded, gathered once per call
     positions = getattr(config, "max_position_embeddings", None) or 2**31
     max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
     eos, leading = tokenizer.eos_token_id, {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
+    if input_format == "auto":
+        input_format = "pair" if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None else "text"
+    tokenizer.truncation_side = "left"  # a pair too long for the model loses the start of its prompt
 
     def encode(prompt, response: str, ended: bool) -> list[int]:
-        if not data.is_conversation(prompt):
+        templated = data.is_conversation(prompt) and tokenizer.chat_template
+        if input_format == "pair":  # [CLS] prompt [SEP] response [SEP]
+            prompt_text = data.render_plain(prompt) if data.is_conversation(prompt) else prompt
+            ids = tokenizer(prompt_text, response, truncation="only_first", max_length=max_length)["input_ids"]
+        elif not data.is_conversation(prompt):
             ids = tokenizer(prompt + response)["input_ids"]
-        elif tokenizer.chat_template:  # the conversation as the reward model was trained on it, special tokens once
+        elif templated:  # the conversation as the reward model was trained on it, special tokens once
             turns = prompt + [{"role": "assistant", "content": response}]
             text = data.render_chat(tokenizer, turns, flag)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(data.render_plain(prompt) + response)["input_ids"]
-        if append_eos and ended and eos is not None and (not ids or ids[-1] != eos):
+        wants_eos = append_eos == "always" or (append_eos == "ended" and ended)
+        closed = bool(ids) and ids[-1] in (eos, tokenizer.sep_token_id)  # already ends with EOS, or an encoder's SEP
+        if wants_eos and not templated and input_format == "text" and eos is not None and not closed:
             ids.append(eos)
         if len(ids) > max_length:
             if not truncate:
@@ -160,6 +183,8 @@ def load_scorer(
             head = 1 if ids[0] in leading else 0  # keep BOS/CLS, cut the start of the dialogue
             ids = ids[:head] + ids[len(ids) - max_length + head :]
             score.num_truncated += 1
+        if score_at == "first-eos" and eos in ids:  # a causal model's score there sees nothing after it
+            ids = ids[: ids.index(eos) + 1]
         return ids
 
     @torch.no_grad()
@@ -171,15 +196,24 @@ def load_scorer(
             for i in range(0, len(encoded), batch_size):
                 chunk = encoded[i : i + batch_size]
                 width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
-                input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in chunk])
+                # a decoder reads the last token that is not its pad_token_id: pad with an id no row holds, so that
+                # an EOS that is also the tokenizer's pad token (GPT-2, Pythia, LLaMA) is read, not skipped
+                used = {t for ids in chunk for t in ids}
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in used else _unused_id(used)
+                model.config.pad_token_id = pad
+                input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
                 mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
                 with common.autocast(device, dtype):
                     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
                 scores.append(logits[:, 0].float())
         return torch.cat(scores)
 
-    score.num_truncated = 0
+    score.num_truncated, score.encode = 0, encode  # (encode: the token ids the model reads, for the tests)
     return score
+
+
+def _unused_id(used: set[int]) -> int:
+    return min(set(range(len(used) + 1)) - used)
 
 
 def load_scorers(args, device, dtype):
@@ -189,6 +223,8 @@ def load_scorers(args, device, dtype):
         fsdp=args.fsdp,
         append_eos=args.reward_append_eos,
         truncate=args.reward_truncate,
+        input_format=args.reward_input,
+        score_at=args.reward_score_at,
     )
     chunk = args.rollout_forward_batch_size
     score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **options)

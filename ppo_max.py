@@ -43,6 +43,7 @@ class Args:
     output_dir: str = ""  # metrics, TensorBoard, checkpoints and the final policy (default runs/<exp>__<seed>__<time>)
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
+    chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
     # ---- budget and batch sizes
@@ -54,19 +55,26 @@ class Args:
     # ---- sampling and scoring
     max_new_tokens: int = 48  # longest response; a response without EOS by then is truncated and penalised
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
+    stop_strings: tuple[str, ...] = ()  # trlX's stop sequences, e.g. "Human:": a response is cut at the first (README)
     temperature: float = 1.0  # sampling temperature; every log-prob is computed from logits / temperature
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
     distribution whose log-probs the losses use"""
-    reward_append_eos: bool = True
-    """score a response that ended with EOS with the reward tokenizer's EOS appended, as TRL's RewardTrainer trains
-    reward models (the toy's too); --no-reward-append-eos for a reward model trained on text without it"""
+    reward_append_eos: Literal["ended", "always", "never"] = "ended"
+    """append the reward tokenizer's EOS to the text of a response that ended with a stop token (TRL's RewardTrainer
+    trains on text + EOS; the toy's reward model too), to every response (trlX's HH reward function), or never; not
+    after a chat template's own end-of-turn"""
+    reward_input: Literal["auto", "text", "pair"] = "auto"
+    """text: the reward model reads prompt + response as one sequence; pair: tokenizer(prompt, response), two segments
+    (OpenAssistant's DeBERTa reward models); auto: pair when its tokenizer has CLS and SEP tokens (an encoder's)"""
+    reward_score_at: Literal["last", "first-eos"] = "last"  # read a decoder RM at its last token, or first EOS (trlX)
     reward_truncate: bool = True  # left-truncate reward-model inputs over its max length (train/reward_truncated)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits EOS (0 = off)
     # ---- optimisation
     lr: float = 3e-4  # policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)
     value_lr: float = 3e-4  # value network learning rate
     adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default; the released recipe: 0)
     max_grad_norm: float = 1.0  # gradient clipping by global norm, one norm over policy and critic together
     gamma: float = 1.0  # discount
     gae_lambda: float = 0.95  # GAE lambda
@@ -189,7 +197,7 @@ def main():
     num_iterations = args.total_episodes // args.rollout_batch_size
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
-    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code, args.chat_template)
     critic_path = args.critic_model or args.reward_model  # ALGO LOGIC: the critic starts as the reward model
     check_same_tokenizer(tokenizer, critic_path, "--critic-model", args.trust_remote_code)
     train_rows, sft_responses = data.load_rows(args.dataset, args.train_split)  # strings, or message lists
@@ -234,6 +242,7 @@ def main():
         top_p=1.0,
         eos_token_id=stop_ids.tolist(),
         pad_token_id=tokenizer.pad_token_id,
+        stop_strings=args.stop_strings or None,
     )
 
     released = args.recipe == "released"  # ALGO LOGIC: the release's AdamW: eps 1e-6 (critic 1e-8), no weight decay
@@ -242,13 +251,13 @@ def main():
         lr=args.lr,
         betas=args.adam_betas,
         eps=1e-6 if released else 1e-8,
-        weight_decay=0.0 if released else 0.01,
+        weight_decay=0.0 if released else args.weight_decay,
     )
     value_optimizer = torch.optim.AdamW(
         [p for p in value_model.parameters() if p.requires_grad],
         lr=args.value_lr,
         betas=args.adam_betas,
-        weight_decay=0.0 if released else 0.01,
+        weight_decay=0.0 if released else args.weight_decay,
     )
     # the trained (model, optimizer) pairs: saved in every checkpoint, restored by --resume
     trained = {"policy": (policy, policy_optimizer), "value_model": (value_model, value_optimizer)}
@@ -289,13 +298,15 @@ def main():
         queries, query_mask = common.left_pad(prompts, tokenizer.pad_token_id, device)  # (B, P), left-padded
         with common.autocast(device, dtype):
             responses, response_mask = common.generate(
-                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size
+                unwrapped_policy, queries, query_mask, generation_config, args.rollout_forward_batch_size, tokenizer
             )  # (B, R), right-padded; the mask is 1 up to and including the first stop token
+        if args.stop_strings:  # trlX's stop sequences: cut at the first, stripped, ended with EOS, re-tokenized
+            responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
         input_ids = torch.cat([queries, responses], 1)  # (B, P + R): the sequences every later pass reads
         attention_mask = torch.cat([query_mask, response_mask], 1)
         ended = torch.isin(responses, stop_ids).any(1)  # (B,): stopped by itself, not cut at --max-new-tokens
         prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
-        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        response_texts = data.response_texts(tokenizer, queries, responses)
         return input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts
 
     @torch.no_grad()

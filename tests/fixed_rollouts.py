@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def fixed_generate(model, queries, query_mask, generation_config, chunk_size):
+def fixed_generate(model, queries, query_mask, generation_config, chunk_size, tokenizer=None):
     """Random response tokens seeded by the prompt's ids: lengths 1..max_new_tokens, half of them ending in EOS."""
     eos, pad, width = generation_config.eos_token_id, generation_config.pad_token_id, generation_config.max_new_tokens
     eos = eos[0] if isinstance(eos, list) else eos  # the scripts pass every stop id
@@ -28,6 +28,17 @@ def fixed_generate(model, queries, query_mask, generation_config, chunk_size):
     responses = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=queries.device)
     mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], device=queries.device)
     return responses, mask.bool()
+
+
+def next_turn_generate(model, queries, query_mask, generation_config, chunk_size, tokenizer=None):
+    """Every row writes its answer and then the next turn itself (no EOS): what --stop-strings cuts."""
+    from transformers import AutoTokenizer
+
+    toy = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "toy" / "policy")
+    ids = toy(" sure! watch the bishop.\n\nHuman: and more", add_special_tokens=False)["input_ids"]
+    ids = ids[: generation_config.max_new_tokens]
+    responses = torch.tensor([ids] * len(queries), device=queries.device)
+    return responses, torch.ones_like(responses, dtype=torch.bool)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run an algorithm script with its algorithm functions and the shared passes wrapped, recording what each call was
 given and returned, for the invariant tests (tests/test_invariants.py). Usage:
-    python tests/record_run.py SCRIPT OUT.pt '[[flags of run 1...], [flags of run 2...], ...]'
+    python tests/record_run.py SCRIPT OUT.pt '[[flags of run 1...], [flags of run 2...], ...]' [module:generate]
 runs SCRIPT's main() once per flag list in this one process and saves, per run, the list of events
 (name, args, kwargs, output) in call order."""
 
@@ -78,6 +78,9 @@ def clip_grad_norm_(original):
 if __name__ == "__main__":
     name, out, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     script = importlib.import_module(name)
+    if len(sys.argv) > 4:  # module:function replacing common.generate (fixed rollouts)
+        module, function = sys.argv[4].split(":")
+        common.generate = getattr(importlib.import_module(module), function)
     for fn in ("compute_rewards", "compute_advantages", "policy_loss", "value_loss", "rewards_from_scores",
                "advantages_and_weights", "sample_rows", "ptx_loss"):  # fmt: skip
         if hasattr(script, fn):

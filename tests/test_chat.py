@@ -126,13 +126,17 @@ def test_reward_model_sees_its_own_chat_template_or_plain_text(tmp_path):
     tokenizer.save_pretrained(tmp_path / "rm")
     score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm")
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
-    eos, response = tokenizer.eos_token_id, ANSWER["content"]
-    text = f"<user>{USER['content']}<assistant>{response}"
+    response = ANSWER["content"]
+    # exactly the template's rendering of the conversation with the response as the assistant's turn: the template
+    # ends the turn its own way, so no EOS is added after it (TRL's RewardTrainer adds one to plain text only)
+    expected = tokenizer.apply_chat_template([USER, {"role": "assistant", "content": response}], tokenize=False)
+    expected = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert expected == tokenizer(f"<user>{USER['content']}<assistant>{response}")["input_ids"]
+    assert score.encode([USER], response, True) == score.encode([USER], response, False) == expected
     with torch.no_grad():
-        expected = [model(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"] + tail])).logits[0, 0]
-                    for tail in ([eos], [])]  # fmt: skip
+        alone = model(torch.tensor([expected])).logits[0, 0]
     got = score([[USER], [USER]], [response, response], torch.tensor([True, False]))
-    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+    assert torch.allclose(got, alone.expand(2), atol=1e-5)
     # a reward model without a template reads the conversation as HH text
     (tmp_path / "rm" / "chat_template.jinja").unlink()
     plain = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm")

@@ -26,10 +26,18 @@ EXTRA = {"ppo_max": ["--critic-warmup-steps", "0"]}
 EOS = 0  # the toy tokenizer's <|endoftext|>
 
 
-def record(script: str, runs: list[list[str]]) -> list[list[tuple]]:
-    """The events of each run of `script` (one process), as tests/record_run.py saves them."""
+def record(script: str, runs: list[list[str]], generate: str = "") -> list[list[tuple]]:
+    """The events of each run of `script` (one process), as tests/record_run.py saves them; `generate`: a
+    module:function replacing common.generate."""
     out = runs[0][runs[0].index("--output-dir") + 1] + ".events.pt"
-    cmd = [sys.executable, str(REPO / "tests" / "record_run.py"), script, out, json.dumps(runs)]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "record_run.py"),
+        script,
+        out,
+        json.dumps(runs),
+        *([generate] * bool(generate)),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                             env={"OMP_NUM_THREADS": THREADS, "PATH": "", "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,12 +17,12 @@ TEXTS = [
 ]
 
 
-def save_classifier(kind: str, path, padding_side: str):
+def save_classifier(kind: str, path, padding_side: str, tokenizer=None):
     """A small randomly initialised DeBERTa-v2 / BERT / RoBERTa / GPT-NeoX classifier (num_labels=1) with the toy
     tokenizer (a tokenizer only maps text to ids; the model type does not care which one made them)."""
     import transformers as tf
 
-    tokenizer = tf.AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer")
+    tokenizer = tokenizer or tf.AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer")
     tokenizer.padding_side = padding_side
     common = dict(vocab_size=640, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   num_labels=1, pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0,
@@ -61,7 +61,7 @@ def test_reward_model_input_gets_eos_and_is_left_truncated(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = save_classifier("gpt-neox", tmp_path / "rm", "right")
-    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", append_eos=True)
+    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", append_eos="ended")
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     (prompt, response), eos = TEXTS[0], tokenizer.eos_token_id
     ids = tokenizer(prompt + response)["input_ids"]
@@ -81,6 +81,46 @@ def test_reward_model_input_gets_eos_and_is_left_truncated(tmp_path):
     no_truncation = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", truncate=False)
     with pytest.raises(SystemExit, match="more than its 128"):
         no_truncation([long_prompt], [response])
+
+
+def encoder_tokenizer(path):
+    """The toy tokenizer made BERT-like: [CLS] a [SEP], and for a pair [CLS] a [SEP] b [SEP] (DeBERTa's layout)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer")
+    tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
+    special = [("[CLS]", tokenizer.cls_token_id), ("[SEP]", tokenizer.sep_token_id)]
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=special
+    )
+    tokenizer.model_max_length = 40
+    tokenizer.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_encoder_reward_model_reads_prompt_and_response_as_a_pair(tmp_path):
+    """OpenAssistant's DeBERTa reward models were trained on tokenizer(question, answer): an encoder's tokenizer (CLS
+    and SEP) gets the pair by default, truncated from the start of the prompt; --reward-input text keeps one segment."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = save_classifier("deberta-v2", tmp_path / "rm", "right", encoder_tokenizer(tmp_path / "rm"))
+    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    (prompt, response), ended = TEXTS[1], torch.tensor([True])
+    pair = tokenizer(prompt, response)["input_ids"]
+    assert score.encode(prompt, response, True) == pair and pair.count(tokenizer.sep_token_id) == 2
+    with torch.no_grad():
+        expected = model(**tokenizer(prompt, response, return_tensors="pt")).logits[0, 0]
+    assert torch.allclose(score([prompt], [response], ended), expected.unsqueeze(0), atol=1e-5)
+    long_prompt = "\n\nHuman: tell me more." * 10 + prompt  # over the 40 tokens: the prompt's start is cut
+    ids = score.encode(long_prompt, response, True)
+    assert (
+        len(ids) == 40
+        and ids[-len(pair) + pair.index(tokenizer.sep_token_id) :] == pair[pair.index(tokenizer.sep_token_id) :]
+    )
+    text = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", input_format="text")
+    assert text.encode(prompt, response, True) == tokenizer(prompt + response)["input_ids"]
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6])
@@ -229,3 +269,33 @@ def test_hh_dialogue_that_is_not_a_string_is_named(tmp_path):
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit, match="row 1 of split 'train' .* is a list, not a string"):
         load_rows(str(tmp_path / "data.jsonl"), "train")
+
+
+def sentencepiece_tokenizer():
+    """A LLaMA-like tokenizer (Metaspace: a word's leading space is part of its token, and the first token of a
+    decoded text loses it), trained here on a few toy lines."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    texts = [p + r for p, r in TEXTS] * 20
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_response_text_keeps_its_leading_space_with_a_sentencepiece_tokenizer():
+    from data import response_texts
+
+    tokenizer = sentencepiece_tokenizer()
+    prompt, response = TEXTS[0]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(prompt + response)["input_ids"][len(prompt_ids) :]
+    assert tokenizer.decode(prompt_ids + response_ids) == prompt + response
+    assert tokenizer.decode(response_ids) == response.lstrip()  # the premise: decoded alone, the space is lost
+    (text,) = response_texts(tokenizer, [prompt_ids], [response_ids + [tokenizer.eos_token_id]])
+    assert text == response  # so the reward model reads "Assistant: watch", not "Assistant:watch"
+    padded = torch.tensor([[tokenizer.eos_token_id] * 2 + prompt_ids]), torch.tensor([response_ids])
+    assert response_texts(tokenizer, *padded) == [response]  # left-padded tensors too
