@@ -79,9 +79,10 @@ class Args:
     kl_target: float = 6.0  # target sequence KL of the adaptive controller; 0 keeps beta fixed
     kl_horizon: int = 10000  # horizon of the adaptive KL controller, in episodes
     kl_control: Literal["trlx", "apa-authors"] = "trlx"
-    """trlx: the controller sees the batch's mean sequence KL (k1 summed over the response) once per rollout batch;
-    apa-authors: the APA authors' trlX fork (their PPO baseline): k3 averaged over every position of prompt + response
-    (padding counted as 0), fed after every minibatch, and --update-epochs consecutive steps on each minibatch"""
+    """trlx: the controller sees the batch's mean sequence KL (k1 summed over the response) once per rollout batch, as
+    Ziegler et al. (2019) define it (trlX itself, at the version the APA fork forked, fed k3 = exp(d) - 1 - d over
+    prompt + response positions); apa-authors: the APA authors' trlX fork (their PPO baseline): k3 averaged over every
+    position of prompt + response (padding counted as 0), fed after every minibatch, --update-epochs steps in a row"""
     reward_clip: float = 10.0  # scores divided by their running std are clipped to +-reward_clip
     clip_eps: float = 0.2  # policy ratio clip range
     value_clip: float = 0.2  # value clip range around the rollout-time values

@@ -34,6 +34,13 @@ TWO_RANKS = "tests/test_common.py::test_statistics_over_the_whole_batch_on_two_r
 SPLITS = "tests/test_scale.py::test_one_update_for_any_split_into_ranks_and_micro_batches"
 RELEASED = "tests/test_ppo_max.py::test_released_recipe_end_to_end"
 ALOL_RUNS = "tests/test_invariants.py::test_alol_variants_train_on_the_weights_they_define"
+ARCHITECTURES = "tests/test_architectures.py::test_policy_value_net_lora_and_layers_on_each_architecture"
+CHAT_RM = "tests/test_chat.py::test_reward_model_sees_its_own_chat_template_or_plain_text"
+PAIR = "tests/test_real_checkpoints.py::test_encoder_reward_model_reads_prompt_and_response_as_a_pair"
+SENTENCEPIECE = "tests/test_real_checkpoints.py::test_response_text_keeps_its_space_with_sentencepiece"
+TRLX = "tests/test_recipes.py::test_trlx_reward_checkpoint_converted_scores_as_the_authors_model"
+STOP_CUT = "tests/test_recipes.py::test_stop_strings_cut_at_the_first_one_strip_and_end_with_one_eos"
+STOP_RUN = "tests/test_recipes.py::test_stop_string_rollout_trains_on_the_cut_response"
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,21 @@ MUTANTS = [
            "losses = weights * nll - kl_beta * seq_log_ratio", ALOL),
     Mutant("alol-main-always-priority", "alol.py", 'priority = args.sampling == "priority" or (',
            "priority = True or (", (ALOL_RUNS,)),
+    # ---- real checkpoints: reward-model input, stop strings, architectures
+    Mutant("value-net-lora-backbone", "models.py", "model = hf_model(self.model)  #", "model = self.model  #",
+           (ARCHITECTURES,)),
+    Mutant("chat-rm-extra-eos", "models.py", "if wants_eos and not templated and", "if wants_eos and", (CHAT_RM,)),
+    Mutant("encoder-pair-ignored", "models.py", 'input_format = "pair" if tokenizer.cls_token_id',
+           'input_format = "text" if tokenizer.cls_token_id', (PAIR,)),
+    Mutant("pad-eos-read-before-eos", "models.py", "pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in used",
+           "pad = tokenizer.pad_token_id if True", (TRLX,)),
+    Mutant("first-eos-ignored", "models.py", "ids = ids[: ids.index(eos) + 1]", "ids = ids", (TRLX,)),
+    Mutant("response-text-decoded-alone", "data.py", "return [f[len(p) :] if f.startswith(p) else a",
+           "return [a if f.startswith(p) else a", (SENTENCEPIECE,)),
+    Mutant("stop-string-not-stripped", "data.py", "text[: min(cuts)].rstrip()", "text[: min(cuts)]", (STOP_CUT,)),
+    Mutant("stop-string-no-eos", "data.py", '["input_ids"] + [eos]', '["input_ids"]', (STOP_CUT,)),
+    Mutant("stop-strings-not-applied", "ppo.py", "if args.stop_strings:  # trlX's", "if False:  # trlX's",
+           (STOP_RUN,)),
 ]  # fmt: skip
 
 

@@ -112,7 +112,7 @@ def test_value_head_beats_the_mean_on_unseen_prompts():
     policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)
     score = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 512, "rm")
     prompts = tokenize_prompts(tokenizer, load_rows(str(REPO / "toy" / "data"), "test")[0], 128)
-    samples = 8
+    samples = 4
     torch.manual_seed(0)
     queries, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -138,7 +138,8 @@ def test_value_head_beats_the_mean_on_unseen_prompts():
     assert head_mse < mean_mse * 0.99
 
 
-def test_lora_and_two_ranks(small_toy_data, tmp_path):
+def test_lora_saves_adapter_and_merged_model(small_toy_data, tmp_path):
+    """(Two ranks, FSDP and micro-batches: tests/test_scale.py checks they give the one-rank update.)"""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -149,8 +150,8 @@ def test_lora_and_two_ranks(small_toy_data, tmp_path):
     merged = PeftModel.from_pretrained(base, tmp_path / "lora" / "adapter").merge_and_unload().state_dict()
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "policy").state_dict()
     assert all(torch.allclose(merged[k], saved[k].float(), atol=1e-3) for k in saved)
-    run_script("alol.py", *small_run(small_toy_data), "--output-dir", str(tmp_path / "ddp"), nproc=2)
-    assert read_metrics(tmp_path / "ddp")[-1]["dist/max_param_difference"] == 0.0
+    initial = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32).state_dict()
+    assert any(not torch.allclose(initial[k], saved[k].float()) for k in saved)  # it trained
 
 
 def test_kill_and_resume_continues_exactly(small_toy_data, tmp_path):

@@ -75,7 +75,7 @@ def test_generate_samples_from_the_distribution_our_logprobs_describe(tiny_lm):
 
 def test_generate_response_mask_covers_up_to_first_eos():
     class Fake:
-        def generate(self, input_ids, attention_mask, generation_config):
+        def generate(self, input_ids, attention_mask, generation_config, tokenizer=None):
             table = {3: [4, 1, 0, 0], 4: [4, 5, 6, 7], 5: [1, 1]}  # chunks may come back shorter
             responses = torch.tensor([table[q] for q in input_ids[:, -1].tolist()])
             return torch.cat([input_ids, responses], 1)

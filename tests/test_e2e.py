@@ -30,13 +30,13 @@ def tensorboard_scalars(path) -> dict[str, dict[int, float]]:
 
 @pytest.mark.parametrize("script", ONLINE)
 def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_path):
-    args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "64"]  # 4 iterations, a checkpoint after each
+    args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "48"]  # 3 iterations, a checkpoint after each
     straight = tmp_path / "straight"
     run_script(script, *args, "--output-dir", str(straight))
     sft, *rows = read_metrics(straight)
     # the row of iteration 0 evaluates the initial policy, which is the reference: KL exactly 0
     assert sft["iteration"] == sft["episodes"] == 0 and sft["eval/kl"] == 0.0 and "eval/gold_reward" in sft
-    assert [(r["iteration"], r["episodes"], r["eval/iteration"]) for r in rows] == [(i, 16 * i, i) for i in range(1, 5)]
+    assert [(r["iteration"], r["episodes"], r["eval/iteration"]) for r in rows] == [(i, 16 * i, i) for i in range(1, 4)]
     assert rows[0]["train/kl"] == 0.0  # iteration 1 samples from pi_ref itself
     for row in rows:
         assert set(CONTRACT) <= set(row), set(CONTRACT) - set(row)
@@ -55,7 +55,7 @@ def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_pa
     # the saved policy is the last checkpoint's trained weights, with the checkpoint's generation_config.json
     trained = load_policy_params(straight / "policy")
     checkpoint = torch.load(straight / "checkpoint.pt", weights_only=True)
-    assert checkpoint["iteration"] == 4 and all(torch.equal(trained[k], v) for k, v in checkpoint["policy"].items())
+    assert checkpoint["iteration"] == 3 and all(torch.equal(trained[k], v) for k, v in checkpoint["policy"].items())
     initial = load_policy_params(REPO / "toy" / "policy")
     assert trained.keys() == initial.keys() and any(not torch.equal(trained[k], initial[k]) for k in trained)
     generation = json.loads((straight / "policy" / "generation_config.json").read_text())
@@ -63,10 +63,10 @@ def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_pa
 
     # killed after its first checkpoint, then --resume: the same rows and the same final policy
     killed = tmp_path / "killed"
-    assert kill_at_first_checkpoint(script, args, killed)["iteration"] < 4, "the run finished before it was killed"
+    assert kill_at_first_checkpoint(script, args, killed)["iteration"] < 3, "the run finished before it was killed"
     run_script(script, *args, "--output-dir", str(killed), "--resume")
     resumed = read_metrics(killed)
-    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]
     for a, b in zip(rows, resumed[1:]):
         assert a["train/reward"] == pytest.approx(b["train/reward"], abs=1e-6)
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-5)
@@ -74,7 +74,7 @@ def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_pa
     assert all(torch.allclose(trained[k], final[k], atol=1e-5) for k in trained)
 
 
-@pytest.mark.parametrize("script", ONLINE)
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py"])  # (apa.py and awr.py share ppo.py's LoRA lines)
 def test_lora_saves_adapter_and_merged_model(script, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

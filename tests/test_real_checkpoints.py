@@ -286,7 +286,7 @@ def sentencepiece_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def test_response_text_keeps_its_leading_space_with_a_sentencepiece_tokenizer():
+def test_response_text_keeps_its_space_with_sentencepiece():
     from data import response_texts
 
     tokenizer = sentencepiece_tokenizer()

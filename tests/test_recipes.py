@@ -293,9 +293,9 @@ def test_alol_recipe_runs_on_stand_ins(tmp_path):
     adapter.save_pretrained(tmp_path / "sft-adapter")
     test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path)  # writes tmp_path / "oasst"
     variables = {"BASE_MODEL": base, "SFT_ADAPTER": str(tmp_path / "sft-adapter"), "POLICY": str(tmp_path / "sft"),
-                 "DATASET": hh_dataset(tmp_path / "hh", rows=64), "DATA_DIR": str(tmp_path / "hh-messages"),
+                 "DATASET": hh_dataset(tmp_path / "hh", rows=32), "DATA_DIR": str(tmp_path / "hh-messages"),
                  "REWARD_CHECKPOINT": str(tmp_path / "oasst"), "REWARD_DIR": str(tmp_path / "rm-small"),
-                 "EVAL_REWARD_CHECKPOINT": str(tmp_path / "oasst"), "EVAL_REWARD_DIR": str(tmp_path / "rm-large"),
+                 "EVAL_REWARD_CHECKPOINT": str(tmp_path / "oasst"), "EVAL_REWARD_DIR": str(tmp_path / "rm-small"),
                  "OUT": str(tmp_path / "run")}  # fmt: skip
     flags = ["--total-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--log-every", "1",
              "--value-epochs", "1", "--lora-r", "4"]  # fmt: skip

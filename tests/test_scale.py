@@ -43,7 +43,7 @@ def assert_same_training(reference_dir, other_dir, keys: tuple[str, ...], lr: fl
 
 # each script against itself on one rank: two ranks with DDP or FSDP2, and micro-batches
 SPLITS = {
-    "ppo": {"ddp": ["--micro-batch-size", "2"], "fsdp": ["--fsdp"]},
+    "ppo": {"fsdp": ["--fsdp"]},
     "apa": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
     "awr": {"ddp": ["--micro-batch-size", "2"]},
     "ppo_max": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
