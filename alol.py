@@ -94,6 +94,7 @@ class Args:
     use_lora: bool = False  # train a LoRA adapter on the frozen base; the reference is the policy with its adapter off
     lora_r: int = 16  # LoRA rank
     micro_batch_size: int = 0  # rows per forward/backward on each rank; a step's gradients add up over them (0 = all)
+    dist_timeout: float = 60  # minutes a rank waits for the others in a collective (a 6.9B save takes minutes)
     fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
     activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
     num_layers_unfrozen: int = -1  # train only the top N decoder layers, the final norm and the LM head; -1 = all
@@ -193,7 +194,7 @@ def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: 
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup_distributed(args.dist_timeout)
     common.check_flags(args, args.batch_size // world_size, world_size)
     if args.batch_size % world_size:
         common.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
@@ -259,6 +260,7 @@ def main():
         lr=args.lr,
         betas=args.adam_betas,
         weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
     )
     trained = {"policy": (policy, policy_optimizer)}  # saved in every checkpoint, restored by --resume
 
@@ -450,7 +452,7 @@ def main():
 
     models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    common.barrier()
+    common.close_distributed()
 
 
 if __name__ == "__main__":

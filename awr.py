@@ -83,6 +83,7 @@ class Args:
     use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
     lora_r: int = 16  # LoRA rank
     micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)
+    dist_timeout: float = 60  # minutes a rank waits for the others in a collective (a 6.9B save takes minutes)
     fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
     activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
     num_layers_unfrozen: int = -1  # train only the top N decoder layers, final norm and heads (APA paper: 2); -1 = all
@@ -142,7 +143,7 @@ def value_loss(values, returns, mask):
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup_distributed(args.dist_timeout)
     common.check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size, args)
     output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     common.check_output_dir(output_dir, args.resume)
@@ -192,12 +193,14 @@ def main():
         lr=args.lr,
         betas=args.adam_betas,
         weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
     )
     value_optimizer = torch.optim.AdamW(
         [p for p in value_model.parameters() if p.requires_grad],
         lr=args.value_lr,
         betas=args.adam_betas,
         weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
     )
     # the trained (model, optimizer) pairs: saved in every checkpoint, restored by --resume
     trained = {"policy": (policy, policy_optimizer), "value_model": (value_model, value_optimizer)}
@@ -395,7 +398,7 @@ def main():
 
     models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    common.barrier()
+    common.close_distributed()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ log-probs and masked statistics, logging and checkpoint files. Loading models an
 `data.py`. No algorithm logic lives in any of them: what each algorithm optimises is written out in its own script."""
 
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -41,8 +42,9 @@ def resolve(path: str) -> str:
 
 
 # ---------------------------------------------------------------- distributed
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU)."""
+def setup_distributed(timeout_minutes: float = 60) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU). A rank waits
+    up to `timeout_minutes` in a collective (NCCL's default 10 would stop a run while rank 0 writes a 6.9B save)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     quiet_libraries()
@@ -50,8 +52,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
+
+
+def close_distributed():
+    """Every rank has finished (rank 0's final save included); leave the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +126,7 @@ rollout_forward_batch_size max_new_tokens max_prompt_length eval_every eval_size
 value_epochs log_every lr_warmup_steps""".split()
 NON_NEGATIVE = """save_every micro_batch_size critic_warmup_steps missing_eos_penalty kl_coef kl_target vf_coef
 max_weight kl_beta ptx_coef weight_decay""".split()
-POSITIVE = "temperature lr value_lr max_grad_norm reward_clip clip_eps value_clip lam beta".split()
+POSITIVE = "temperature lr value_lr max_grad_norm reward_clip clip_eps value_clip lam beta dist_timeout".split()
 UNIT_INTERVAL = ["gamma", "gae_lambda"]
 
 
@@ -281,11 +291,20 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
     return logits[:, -(response_length + 1) : -1].float() / temperature  # (B, R, V)
 
 
+def rows_per_forward(model, length: int, chunk_size: int, budget: int = 2**26) -> int:
+    """Rows per no-grad forward that returns logits: `chunk_size`, or fewer where their float32 logits (rows x length
+    x vocabulary) would pass `budget` elements (256 MB): a 152k-token vocabulary's logits are 240x a toy's."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config.get_text_config(), "vocab_size", 1) if config is not None else 1
+    return max(1, min(chunk_size, budget // (length * vocab)))
+
+
 @torch.no_grad()
 def chunked_logprobs(model, input_ids, attention_mask, responses, temperature: float, chunk_size: int, dtype):
-    """log pi(response tokens) (B, R) of `responses` = input_ids[:, -R:]: no grad, `chunk_size` rows at a time, the
-    weights gathered once for the whole pass under --fsdp."""
+    """log pi(response tokens) (B, R) of `responses` = input_ids[:, -R:]: no grad, `chunk_size` rows at a time (fewer
+    for a large vocabulary: `rows_per_forward`), the weights gathered once for the whole pass under --fsdp."""
     context_length = input_ids.shape[1] - responses.shape[1]
+    chunk_size = rows_per_forward(model, responses.shape[1] + 1, chunk_size)
     logprobs = []
     with gathered(model), autocast(input_ids.device, dtype):
         for i in range(0, len(input_ids), chunk_size):
@@ -307,12 +326,18 @@ def chunked_values(value_model, input_ids, attention_mask, response_length: int,
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[token] as logit - logsumexp: no (B, R, V) log-softmax kept for the backward pass."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, rows: int = 4) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, a few rows at a time (a large vocabulary's copies stay small)."""
+    chunks = []
+    for part in logits.split(rows):
+        logp = torch.log_softmax(part, dim=-1)
+        chunks.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(chunks)
 
 
 def penalize_missing_eos(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -133,7 +133,9 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[l
         encoded = tokenizer(prompts)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     truncated = []
-    for ids in encoded:
+    for i, ids in enumerate(encoded):
+        if not ids:
+            common.fail(f"prompt {i} tokenizes to no tokens with the --model tokenizer; check the tokenizer or data")
         if len(ids) > max_prompt_length:
             keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
             ids = ids[:1] + ids[1 - max_prompt_length :] if keep_bos else ids[-max_prompt_length:]

@@ -329,8 +329,8 @@ def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size
     if args.fsdp:
         return shard_model(model, dtype)
     model = model.to(device)
-    if train and world_size > 1:
-        return DDP(model)
+    if train and world_size > 1:  # gradients are views into the all-reduce buckets: no second copy
+        return DDP(model, gradient_as_bucket_view=True)
     return model
 
 
@@ -340,13 +340,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(trained: list[nn.Module], sync: bool):
-    """Accumulate gradients locally (no all-reduce) unless `sync`: DDP's no_sync, FSDP2's requires_gradient_sync."""
+    """DDP: accumulate gradients locally (no all-reduce) unless `sync`. FSDP2 reduce-scatters every micro-batch's
+    gradients into the sharded ones: skipping that would keep each rank's UNSHARDED float32 gradients of the whole
+    model until the last micro-batch (+4 bytes x all parameters per rank), the memory FSDP is there to save."""
     with contextlib.ExitStack() as stack:
         for model in trained:
             if isinstance(model, DDP) and not sync:
                 stack.enter_context(model.no_sync())
-            for module in common.fsdp_modules(model):
-                module.set_requires_gradient_sync(sync, recurse=False)
         yield
 
 
