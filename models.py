@@ -85,7 +85,31 @@ class ValueModel(nn.Module):
             use_cache=False,  # no KV cache outside generation (a cache would also break activation checkpointing)
         ).last_hidden_state
         head = model.score if hasattr(model, "score") else model.classifier
-        return head(hidden).float().sum(-1)  # (B, T): a sum over the one output, so a new tensor (FSDP2 warns on views)
+        with torch.autocast(hidden.device.type, enabled=False):  # float32: a bf16 head keeps ~3 digits, GAE sums them
+            return head(hidden.float()).sum(
+                -1
+            )  # (B, T): a sum over the one output: a new tensor (FSDP2 warns on views)
+
+
+class Float32Head(nn.Module):
+    """A reward model's classification head in float32, run outside autocast on float32 inputs (its score in bf16
+    would keep ~3 significant digits)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head.float()
+
+    def forward(self, features, *args, **kwargs):
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features.float(), *args, **kwargs)
+
+
+def heads(model: nn.Module) -> list[nn.Module]:
+    """The classification heads (`score` of a decoder, `classifier` of an encoder) of a model, if it has any."""
+    inner = hf_model(model)
+    return [
+        getattr(inner, name) for name in ("score", "classifier") if isinstance(getattr(inner, name, None), nn.Module)
+    ]
 
 
 def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code: bool = False) -> ValueModel:
@@ -149,6 +173,8 @@ def load_scorer(
         )
     tokenizer = load_tokenizer(spec, trust_remote_code)
     model = _load(AutoModelForSequenceClassification, spec, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    name = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
+    setattr(model, name, Float32Head(getattr(model, name)))
     model = model.eval().requires_grad_(False)
     model = shard_model(model, dtype) if fsdp else model.to(device)  # --fsdp: sharded, gathered once per call
     positions = getattr(config, "max_position_embeddings", None) or 2**31
@@ -208,7 +234,7 @@ def load_scorer(
                 scores.append(logits[:, 0].float())
         return torch.cat(scores)
 
-    score.num_truncated, score.encode = 0, encode  # (encode: the token ids the model reads, for the tests)
+    score.num_truncated, score.encode, score.model = 0, encode, model  # (encode, model: for the tests)
     return score
 
 
@@ -311,6 +337,10 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    if dtype != torch.float32:  # value and reward heads gathered and computed in float32 (their own group)
+        for head in heads(model):
+            float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            fully_shard(head, reshard_after_forward=True, mp_policy=float32)
     # the root is the module whose forward every call enters: a peft model's generate() enters the HF model
     fully_shard(model if isinstance(model, ValueModel) else hf_model(model), **kwargs)
     return model
@@ -352,12 +382,22 @@ def gradient_sync(trained: list[nn.Module], sync: bool):
 
 @contextlib.contextmanager
 def reference_model(policy, ref_policy):
-    """The frozen pi_ref: its own copy, or (under LoRA, where `ref_policy` is None) the policy with its adapter off."""
+    """The frozen pi_ref: its own copy, or (under LoRA, where `ref_policy` is None) the policy with its adapter off.
+    (Each LoRA layer's own switch, not peft's disable_adapter(), which also turns the adapter's requires_grad off and
+    on: under FSDP2 that leaves the gathered parameters out of step with their shards, and the next backward fails.)"""
     if ref_policy is not None:
         yield ref_policy
-    else:
-        with policy.disable_adapter():
-            yield policy
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield policy
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 # ---------------------------------------------------------------- trained weights in checkpoints and the final policy

@@ -180,7 +180,8 @@ def main():
     stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
     # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
-    weights_dtype = dtype if args.use_lora else torch.float32  # trained weights in float32; LoRA's frozen base in dtype
+    # trained weights in float32; LoRA's frozen base in dtype (float32 too under --fsdp: one dtype per shard group)
+    weights_dtype = dtype if args.use_lora and not args.fsdp else torch.float32
     policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
         policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")

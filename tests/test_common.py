@@ -75,7 +75,7 @@ def test_generate_samples_from_the_distribution_our_logprobs_describe(tiny_lm):
 
 def test_generate_response_mask_covers_up_to_first_eos():
     class Fake:
-        def generate(self, input_ids, attention_mask, generation_config, tokenizer=None):
+        def generate(self, input_ids, attention_mask, generation_config, **kwargs):
             table = {3: [4, 1, 0, 0], 4: [4, 5, 6, 7], 5: [1, 1]}  # chunks may come back shorter
             responses = torch.tensor([table[q] for q in input_ids[:, -1].tolist()])
             return torch.cat([input_ids, responses], 1)
@@ -254,3 +254,26 @@ def test_statistics_over_the_whole_batch_on_two_ranks(tmp_path):
     for out, m in zip(ranks, masks):
         expected = np.where(m, (np.array(out["values"]) - real.mean()) / real.std(), 0.0)
         assert np.array(out["whitened"]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_generation_keeps_a_16_bit_kv_cache_under_autocast_with_the_same_samples():
+    """From float32 weights under bf16 autocast the KV cache would hold float32 keys and values (twice the memory);
+    common.kv_cache stores bf16, and the samples are bit-identical (attention casts to bf16 anyway)."""
+    from common import kv_cache
+    from models import load_causal_lm
+
+    policy = load_causal_lm("toy/policy", torch.float32)
+    queries = torch.randint(3, 600, (4, 10), generator=torch.Generator().manual_seed(0))
+    config = GenerationConfig(max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, eos_token_id=None,
+                              pad_token_id=1, return_dict_in_generate=True)  # fmt: skip
+    outputs = []
+    for cache in (True, False):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            kwargs = {"past_key_values": kv_cache(policy, queries.device)} if cache else {}
+            outputs.append(policy.generate(input_ids=queries, attention_mask=torch.ones_like(queries),
+                                           generation_config=config, **kwargs))  # fmt: skip
+    assert outputs[0].past_key_values.layers[0].keys.dtype == torch.bfloat16
+    assert outputs[1].past_key_values.layers[0].keys.dtype == torch.float32  # what it would hold otherwise
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert kv_cache(policy, queries.device) is None  # no autocast: the model's own cache

@@ -299,3 +299,31 @@ def test_response_text_keeps_its_space_with_sentencepiece():
     assert text == response  # so the reward model reads "Assistant: watch", not "Assistant:watch"
     padded = torch.tensor([[tokenizer.eos_token_id] * 2 + prompt_ids]), torch.tensor([response_ids])
     assert response_texts(tokenizer, *padded) == [response]  # left-padded tensors too
+
+
+def test_value_and_reward_heads_compute_in_float32_under_bf16_autocast():
+    """Under bf16 autocast the backbones run in bf16 but the scalar heads in float32: a bf16 head would keep ~3
+    significant digits of every value GAE sums."""
+    from common import position_ids
+    from models import load_value_model
+
+    ids = torch.randint(3, 600, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    value_model = load_value_model(str(REPO / "toy" / "policy"), torch.float32, "--model")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values = value_model(ids, mask)
+        hidden = value_model.model.gpt_neox(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        bf16_head = value_model.model.score(hidden.last_hidden_state).float()[..., 0]
+    expected = torch.nn.functional.linear(hidden.last_hidden_state.float(), value_model.model.score.weight)[..., 0]
+    assert values.dtype == torch.float32 and torch.allclose(values, expected, atol=1e-6)
+    assert (values - bf16_head).abs().max() > 1e-4  # what a bf16 head would have given
+    score = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.bfloat16, 8, "rm")
+    prompt, response = TEXTS[0]
+    ids = torch.tensor([score.encode(prompt, response, True)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 reward model's last hidden state
+        last = score.model.gpt_neox(input_ids=ids).last_hidden_state[:, -1]
+    head = score.model.score.head
+    assert head.weight.dtype == torch.float32
+    assert torch.allclose(
+        score([prompt], [response], torch.tensor([True])), last.float() @ head.weight.T[:, 0], atol=1e-6
+    )

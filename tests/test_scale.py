@@ -99,7 +99,19 @@ def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = [*FAST, "--total-episodes", "48", "--fsdp", "--use-lora", "--lora-r", "4", "--lr", "1e-3"]
+    args = [
+        *FAST,
+        "--total-episodes",
+        "48",
+        "--fsdp",
+        "--use-lora",
+        "--lora-r",
+        "4",
+        "--lr",
+        "1e-3",
+        "--dtype",
+        "bfloat16",
+    ]
     run_script("ppo.py", *args, "--output-dir", str(tmp_path / "straight"), nproc=2)
     out = tmp_path / "killed"
     assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 3, "the run finished before it could be killed"
