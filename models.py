@@ -346,6 +346,24 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
     return model
 
 
+def frozen_linears_to(model: nn.Module, dtype: torch.dtype):
+    """Under 16-bit autocast, frozen Linear layers keep their weights in that dtype: autocast caches the cast only of
+    weights that train, so a frozen float32 layer would be cast again at every call (every decode step). Linear
+    layers only (and not a head tied to the embeddings): autocast computes norms and embeddings from float32 weights,
+    which stay float32 so that the reference computes exactly what the policy computes."""
+    if dtype == torch.float32:
+        return
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        weights = list(module.parameters(recurse=False))
+        if (
+            isinstance(module, nn.Linear)
+            and id(module.weight) not in embeddings
+            and not any(w.requires_grad for w in weights)
+        ):
+            module.to(dtype)
+
+
 def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
     """For a trained model --num-layers-unfrozen and --activation-checkpointing; then --fsdp shards it (frozen ones
     too), moving one layer at a time to the device, or it is moved whole and, with several ranks, DDP wraps a
@@ -358,6 +376,7 @@ def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size
         model.requires_grad_(False)
     if args.fsdp:
         return shard_model(model, dtype)
+    frozen_linears_to(model, dtype)
     model = model.to(device)
     if train and world_size > 1:  # gradients are views into the all-reduce buckets: no second copy
         return DDP(model, gradient_as_bucket_view=True)

@@ -196,13 +196,34 @@ def test_num_layers_unfrozen_trains_only_those_parameters(tmp_path):
     assert any(k.startswith("lm_head.") for k in changed) and any(".layers." in k for k in changed)
 
 
-def test_bf16_reference_computes_what_the_policy_computes(tmp_path):
-    """Under bf16 autocast the fp32 policy and its reference give KL exactly 0 before the first update."""
+@pytest.mark.parametrize("flags", [[], ["--num-layers-unfrozen", "2"]], ids=["full", "unfrozen-2"])
+def test_bf16_reference_computes_what_the_policy_computes(flags, tmp_path):
+    """Under bf16 autocast the fp32 policy and its reference (whose Linear weights are stored in bf16, as are the
+    policy's frozen ones) give KL exactly 0 before the first update."""
     out = tmp_path / "run"
-    run_script("ppo.py", *FAST, "--total-episodes", "16", "--dtype", "bfloat16", "--output-dir", str(out))
+    run_script("ppo.py", *FAST, "--total-episodes", "16", "--dtype", "bfloat16", *flags, "--output-dir", str(out))
     sft, first = read_metrics(out)
     assert sft["eval/kl"] == 0.0 and first["train/kl"] == 0.0
     assert first["policy/abs_log_ratio_first_mb"] == 0.0
+
+
+def test_frozen_linear_weights_are_stored_in_the_compute_dtype():
+    """autocast re-casts a float32 weight that does not train at every call: frozen Linear layers are kept in bf16;
+    trained ones, norms, embeddings and a head tied to the embeddings stay float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXForCausalLM
+
+    from models import freeze_bottom_layers, frozen_linears_to
+
+    policy = GPTNeoXForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32)
+    freeze_bottom_layers(policy, 2)
+    frozen_linears_to(policy, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in policy.named_parameters()}
+    assert dtypes["gpt_neox.layers.0.attention.dense.weight"] == torch.bfloat16
+    assert dtypes["gpt_neox.layers.4.attention.dense.weight"] == torch.float32  # trains
+    assert dtypes["gpt_neox.layers.0.input_layernorm.weight"] == dtypes["gpt_neox.embed_in.weight"] == torch.float32
+    tied = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).requires_grad_(False)
+    frozen_linears_to(tied, torch.bfloat16)
+    assert tied.lm_head.weight.dtype == tied.transformer.wte.weight.dtype == torch.float32
 
 
 def test_fsdp_keeps_gradients_sharded_through_micro_batches(tmp_path):
