@@ -391,6 +391,7 @@ def main():
             input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
             )
+            common.count_padding("update", attention_mask.sum(), attention_mask.numel())
             # offline: T = 1; no grad, so DDP's module is not used here
             with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
                 ref_logprobs = common.chunked_logprobs(
@@ -431,6 +432,7 @@ def main():
                 "time/update": elapsed / len(stats),
                 "time/samples_per_s": len(stats) * args.batch_size / elapsed,
                 "time/peak_memory_gb": common.peak_memory_gb(device),
+                **common.padding_fractions(),  # padding / computed tokens (each micro-batch padded to its own rows)
             }
             if iteration % args.eval_every == 0 or iteration == args.total_steps:
                 eval_metrics = {"eval/iteration": iteration, **evaluate()}

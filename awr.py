@@ -309,14 +309,17 @@ def main():
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
             # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
-            for mb, token_share, sync in common.micro_batches(minibatch, response_mask, args.micro_batch_size):
+            # (mb: its rows and response columns; seq: its rows and the columns they use, context of them the prompt's)
+            for mb, seq, context, token_share, sync in common.token_micro_batches(
+                minibatch, attention_mask, context_length, args.micro_batch_size
+            ):
                 mb_mask = response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
-                        new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                        new_values = value_model(input_ids[seq], attention_mask[seq])[:, context - 1 : -1]
                     with common.autocast(device, dtype):
                         logits = common.response_logits(
-                            policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
+                            policy, input_ids[seq], attention_mask[seq], context, args.temperature
                         )
                     new_logprobs = common.gather_logprobs(logits, responses[mb])
                     # ALGO LOGIC: advantage-weighted regression, unclipped value loss
@@ -380,6 +383,7 @@ def main():
             "time/samples_per_s": n / (t_end - t_start),
             "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
             "time/peak_memory_gb": common.peak_memory_gb(device),
+            **common.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}

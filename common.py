@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parent
@@ -215,17 +214,106 @@ def gathered(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def micro_batches(minibatch: torch.Tensor, mask: torch.Tensor, micro_batch_size: int):
-    """(rows, share, sync) per micro-batch of a minibatch's rows. A loss is a mean over the minibatch's tokens on all
-    ranks (`mask`: the (B, R) tokens, or (B,) ones for a mean over rows): each micro-batch's mean is weighted by its
-    `share` of them, times the world size as DDP and FSDP average gradients over ranks, so any split into ranks and
-    micro-batches gives the same update. Gradients are synchronised (`sync`) on the last micro-batch only."""
+# ---------------------------------------------------------------- padding: sorted rows, trimmed columns, a meter
+PADDING = {"generate": [0, 0], "passes": [0, 0], "update": [0, 0]}  # (padding tokens, computed tokens) this iteration
+
+
+def count_padding(kind: str, real_tokens, computed_tokens):
+    PADDING[kind][0] += int(computed_tokens) - int(real_tokens)
+    PADDING[kind][1] += int(computed_tokens)
+
+
+def padding_fractions() -> dict[str, float]:
+    """time/padding_fraction_{generate,passes,update} since the last call, over all ranks: padding / computed tokens
+    (generate: prefill columns and the decode steps of rows that had stopped)."""
+    totals = all_reduce_sum(torch.tensor([v for pair in PADDING.values() for v in pair], dtype=torch.float64))
+    out = {f"time/padding_fraction_{k}": (totals[2 * i] / totals[2 * i + 1].clamp(min=1)).item()
+           for i, k in enumerate(PADDING)}  # fmt: skip
+    for pair in PADDING.values():
+        pair[0] = pair[1] = 0
+    return out
+
+
+# a forward call costs as much as MIN_CALL_TOKENS tokens even when it has fewer (a GPU is not faster on less): rows
+# are split into more calls only where that saves computed tokens
+MIN_CALL_TOKENS = 256
+
+
+def length_groups(prompt_lengths: list[int], response_lengths: list[int], max_rows: int, max_tokens: int):
+    """Rows grouped for passes with little padding: sorted by length (longest first), cut into consecutive groups,
+    each padded to its own longest prompt and response, of at most `max_rows` rows and `max_tokens` padded tokens
+    (the memory budget), so that the tokens computed, at least MIN_CALL_TOKENS per group, are fewest (dynamic
+    programming over the cut points). Returns lists of row indices."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: -(prompt_lengths[i] + response_lengths[i]))
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        prompt_width = response_width = 0
+        for start in range(end - 1, max(end - max_rows, 0) - 1, -1):  # the group order[start:end]
+            prompt_width = max(prompt_width, prompt_lengths[order[start]])
+            response_width = max(response_width, response_lengths[order[start]])
+            tokens = (end - start) * (prompt_width + response_width)
+            if tokens > max_tokens and end - start > 1:
+                break
+            cost = best[start] + max(tokens, MIN_CALL_TOKENS)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def sorted_chunks(attention_mask: torch.Tensor, context_length: int, chunk_size: int):
+    """(rows, columns) per chunk of at most `chunk_size` rows of a (left-padded prompt, right-padded response) batch:
+    rows of similar length together (`length_groups`), and only the columns some row of the chunk uses (at least
+    one column before `context_length`, for the logit of the first response token)."""
+    prompt_lengths = attention_mask[:, :context_length].sum(1).tolist()
+    response_lengths = attention_mask[:, context_length:].sum(1).tolist()
+    width = attention_mask.shape[1]
+    for group in length_groups(prompt_lengths, response_lengths, chunk_size, chunk_size * width):
+        rows = torch.tensor(group, device=attention_mask.device)
+        p, r = max(max(prompt_lengths[i] for i in group), 1), max(response_lengths[i] for i in group)
+        yield rows, slice(context_length - p, context_length + max(r, 1))
+
+
+def micro_batches(minibatch: torch.Tensor, mask: torch.Tensor, micro_batch_size: int = 0, parts: int = 0):
+    """(rows, share, sync) per micro-batch of a minibatch's rows (`micro_batch_size` rows each, or `parts` equal
+    parts). A loss is a mean over the minibatch's tokens on all ranks (`mask`: the (B, R) tokens, or (B,) counts per
+    row): each micro-batch's mean is weighted by its `share` of them, times the world size as DDP and FSDP average
+    gradients over ranks, so any split into ranks and micro-batches gives the same update. Gradients are
+    synchronised (`sync`) on the last micro-batch only."""
     total = all_reduce_sum(mask[minibatch].sum())  # of the minibatch on all ranks
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    size = micro_batch_size or len(minibatch)
-    for start in range(0, len(minibatch), size):
-        rows = minibatch[start : start + size]
-        yield rows, mask[rows].sum() * world_size / total, start + size >= len(minibatch)
+    groups = minibatch.tensor_split(parts) if parts else minibatch.split(micro_batch_size or len(minibatch))
+    for i, rows in enumerate(groups):
+        yield rows, mask[rows].sum() * world_size / total, i == len(groups) - 1
+
+
+def token_micro_batches(minibatch: torch.Tensor, attention_mask: torch.Tensor, context_length: int, size: int):
+    """The update's micro-batches of a minibatch's rows (B, P + R, left-padded prompts then responses): rows of
+    similar length together (`length_groups`: at most `size` rows, --micro-batch-size, 0 = the whole minibatch, and
+    as many tokens as `size` rows of the full width), and only the columns some row of it uses. The same number of
+    them on every rank (FSDP2 reduce-scatters after each). Yields (mb, seq, context, share, sync):
+    `mb` = (rows, response columns) indexes the (B, R) rollout tensors, `seq` = (rows, columns) input_ids and
+    attention_mask, `context` = the prompt columns kept; `share` and `sync` as `micro_batches` gives them."""
+    prompt_lengths = attention_mask[minibatch, :context_length].sum(1).tolist()
+    response_lengths = attention_mask[minibatch, context_length:].sum(1).tolist()
+    rows = size or len(minibatch)
+    groups = length_groups(prompt_lengths, response_lengths, rows, rows * attention_mask.shape[1])
+    parts = int(all_reduce_max(torch.tensor(len(groups), device=attention_mask.device)))
+    while len(groups) < parts:  # another rank needs more: split the largest
+        k = max(range(len(groups)), key=lambda g: len(groups[g]))
+        groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
+    response_mask = attention_mask[:, context_length:]
+    total = all_reduce_sum(response_mask[minibatch].sum())
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    for n, group in enumerate(groups):
+        rows = minibatch[group]
+        p, r = max(prompt_lengths[i] for i in group), max(response_lengths[i] for i in group)
+        mb, seq = (rows, slice(0, r)), (rows, slice(context_length - p, context_length + r))
+        count_padding("update", attention_mask[seq].sum(), len(group) * (p + r))
+        yield mb, seq, p, response_mask[mb].sum() * world_size / total, n == len(groups) - 1
 
 
 # ---------------------------------------------------------------- rollout tensors and generation
@@ -270,26 +358,38 @@ def kv_cache(model, device: torch.device):
 
 @torch.no_grad()
 def generate(model, queries, query_mask, generation_config, chunk_size: int, tokenizer=None):
-    """Sample responses with the KV cache (16-bit under autocast: `kv_cache`) in chunks of `chunk_size` prompts (a row
-    stops at a stop token, or at a stop string of the generation config, which needs the `tokenizer`). Returns
-    responses (B, R) and response_mask (B, R): 1 on real tokens up to and including the first stop token."""
-    context_length = queries.shape[1]
+    """Sample responses with the KV cache (16-bit under autocast: `kv_cache`) in chunks of `chunk_size` prompts of
+    similar length, each left-padded only to its own longest (a row stops at a stop token, or at a stop string of the
+    generation config, which needs the `tokenizer`). Returns responses (B, R) and response_mask (B, R): 1 on real
+    tokens up to and including the first stop token."""
+    lengths = query_mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    stops = torch.tensor(generation_config.eos_token_id, device=queries.device)
+    chunks = []
     with gathered(model):  # under --fsdp: one all-gather for the whole generation, none per decode step
-        chunks = [
-            model.generate(
-                input_ids=queries[i : i + chunk_size],
-                attention_mask=query_mask[i : i + chunk_size],
+        for start in range(0, len(order), chunk_size):
+            rows = order[start : start + chunk_size]
+            width = int(lengths[rows].max())
+            out = model.generate(
+                input_ids=queries[rows, -width:],
+                attention_mask=query_mask[rows, -width:],
                 generation_config=generation_config,
                 tokenizer=tokenizer,
                 past_key_values=kv_cache(model, queries.device),
-            )[:, context_length:]
-            for i in range(0, len(queries), chunk_size)
-        ]
-    width = max(c.shape[1] for c in chunks)
-    responses = torch.cat([F.pad(c, (0, width - c.shape[1]), value=generation_config.pad_token_id) for c in chunks])
-    is_eos = torch.isin(responses, torch.tensor(generation_config.eos_token_id, device=responses.device))
-    after_first_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return responses, ~after_first_eos
+            )[:, width:]
+            chunks.append((rows, out))
+            real = lengths[rows].sum() + response_mask_of(out, stops).sum()
+            count_padding("generate", real, len(rows) * (width + out.shape[1]))
+    responses = queries.new_full((len(queries), max(out.shape[1] for _, out in chunks)), generation_config.pad_token_id)
+    for rows, out in chunks:
+        responses[rows, : out.shape[1]] = out
+    return responses, response_mask_of(responses, stops)
+
+
+def response_mask_of(responses: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """1 on the tokens up to and including the first stop token of each row."""
+    is_stop = torch.isin(responses, stops)
+    return (is_stop.cumsum(1) - is_stop.long()) == 0
 
 
 # ---------------------------------------------------------------- log-probs and masked statistics
@@ -322,24 +422,30 @@ def chunked_logprobs(model, input_ids, attention_mask, responses, temperature: f
     for a large vocabulary: `rows_per_forward`), the weights gathered once for the whole pass under --fsdp."""
     context_length = input_ids.shape[1] - responses.shape[1]
     chunk_size = rows_per_forward(model, responses.shape[1] + 1, chunk_size)
-    logprobs = []
+    logprobs = torch.zeros(responses.shape, device=input_ids.device)  # padding stays 0
     with gathered(model), autocast(input_ids.device, dtype):
-        for i in range(0, len(input_ids), chunk_size):
-            rows = slice(i, i + chunk_size)
-            logits = response_logits(model, input_ids[rows], attention_mask[rows], context_length, temperature)
-            logprobs.append(gather_logprobs(logits, responses[rows]))
-    return torch.cat(logprobs)
+        for rows, columns in sorted_chunks(attention_mask, context_length, chunk_size):
+            ids, mask = input_ids[rows, columns], attention_mask[rows, columns]
+            context, width = context_length - columns.start, columns.stop - context_length
+            count_padding("passes", mask.sum(), mask.numel())
+            logits = response_logits(model, ids, mask, context, temperature)
+            logprobs[rows, :width] = gather_logprobs(logits, responses[rows, :width])
+    return logprobs
 
 
 @torch.no_grad()
 def chunked_values(value_model, input_ids, attention_mask, response_length: int, chunk_size: int, dtype):
-    """V(s_t) (B, R) for each of the last R tokens, read at the token before it: no grad, in chunks, gathered once."""
-    values = []
+    """V(s_t) (B, R) for each of the last R tokens, read at the token before it: no grad, in sorted, trimmed chunks
+    (`sorted_chunks`), the weights gathered once."""
+    context_length = input_ids.shape[1] - response_length
+    values = torch.zeros((len(input_ids), response_length), device=input_ids.device)  # padding stays 0
     with gathered(value_model), autocast(input_ids.device, dtype):
-        for i in range(0, len(input_ids), chunk_size):
-            rows = slice(i, i + chunk_size)
-            values.append(value_model(input_ids[rows], attention_mask[rows])[:, -response_length - 1 : -1])
-    return torch.cat(values)
+        for rows, columns in sorted_chunks(attention_mask, context_length, chunk_size):
+            mask = attention_mask[rows, columns]
+            count_padding("passes", mask.sum(), mask.numel())
+            width = columns.stop - context_length
+            values[rows, :width] = value_model(input_ids[rows, columns], mask)[:, -width - 1 : -1]
+    return values
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

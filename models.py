@@ -217,10 +217,11 @@ def load_scorer(
     def score(prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor | None = None) -> torch.Tensor:
         ended = ended_with_eos.tolist() if ended_with_eos is not None else [False] * len(prompts)
         encoded = [encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
-        scores = []
-        with common.gathered(model):
-            for i in range(0, len(encoded), batch_size):
-                chunk = encoded[i : i + batch_size]
+        lengths, width = [len(ids) for ids in encoded], max(len(ids) for ids in encoded)
+        scores = torch.zeros(len(encoded), device=device)
+        with common.gathered(model):  # chunks of similar length (common.length_groups): little padding
+            for rows in common.length_groups(lengths, [0] * len(encoded), batch_size, batch_size * width):
+                chunk = [encoded[j] for j in rows]
                 width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
                 # a decoder reads the last token that is not its pad_token_id: pad with an id no row holds, so that
                 # an EOS that is also the tokenizer's pad token (GPT-2, Pythia, LLaMA) is read, not skipped
@@ -229,10 +230,11 @@ def load_scorer(
                 model.config.pad_token_id = pad
                 input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
                 mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
+                common.count_padding("passes", mask.sum(), mask.numel())
                 with common.autocast(device, dtype):
                     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-                scores.append(logits[:, 0].float())
-        return torch.cat(scores)
+                scores[rows] = logits[:, 0].float()
+        return scores
 
     score.num_truncated, score.encode, score.model = 0, encode, model  # (encode, model: for the tests)
     return score

@@ -373,22 +373,22 @@ def main():
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
+            micro = list(common.token_micro_batches(minibatch, attention_mask, context_length, args.micro_batch_size))
             ptx_micro_batches = itertools.repeat((None, 0.0, None))
             if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx rows for this step, drawn the same for any number of ranks
                 generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration + len(stats))
                 ptx_rows = torch.randint(len(sft_responses), (args.mini_batch_size,), generator=generator)
-                ptx_micro_batches = common.micro_batches(ptx_rows[rank::world_size], sft_lengths, args.micro_batch_size)
+                ptx_micro_batches = common.micro_batches(ptx_rows[rank::world_size], sft_lengths, parts=len(micro))
             # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
-            for (mb, token_share, sync), (ptx_mb, ptx_share, _) in zip(
-                common.micro_batches(minibatch, response_mask, args.micro_batch_size), ptx_micro_batches
-            ):
+            # (mb: its rows and response columns; seq: its rows and the columns they use, context of them the prompt's)
+            for (mb, seq, context, token_share, sync), (ptx_mb, ptx_share, _) in zip(micro, ptx_micro_batches):
                 mb_mask = response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
-                        new_values = value_model(input_ids[mb], attention_mask[mb])[:, context_length - 1 : -1]
+                        new_values = value_model(input_ids[seq], attention_mask[seq])[:, context - 1 : -1]
                     with common.autocast(device, dtype), torch.set_grad_enabled(train_policy):  # ALGO LOGIC
                         logits = common.response_logits(
-                            policy, input_ids[mb], attention_mask[mb], context_length, args.temperature
+                            policy, input_ids[seq], attention_mask[seq], context, args.temperature
                         )
                     new_logprobs = common.gather_logprobs(logits, responses[mb])
                     # ALGO LOGIC: clipped surrogate (+ PPO-ptx) and clipped value loss; one gradient clip over both
@@ -469,6 +469,7 @@ def main():
             "time/samples_per_s": n / (t_end - t_start),
             "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
             "time/peak_memory_gb": common.peak_memory_gb(device),
+            **common.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}

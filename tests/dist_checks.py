@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import RunningMoments, masked_whiten, micro_batches
+from common import RunningMoments, masked_whiten, micro_batches, token_micro_batches
 from ppo_max import normalize_scores
 
 dist.init_process_group("gloo")
@@ -26,6 +26,16 @@ lengths = [[3, 1, 4, 2], [1, 1, 2, 5]][rank]
 mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
 out["micro_batches"] = [(rows.tolist(), share.item(), sync) for rows, share, sync in micro_batches(
     torch.tensor([0, 3, 1]), mask, 2)]  # fmt: skip
+
+# the update's micro-batches: left-padded prompts (3 columns) and right-padded responses (5), a budget of one full row
+prompt_lengths = [[3, 1, 2, 3], [1, 2, 3, 1]][rank]
+prompts = torch.arange(3)[None] >= 3 - torch.tensor(prompt_lengths)[:, None]
+attention_mask = torch.cat([prompts, mask], 1).long()
+out["token_micro_batches"] = [
+    (mb[0].tolist(), mb[1].stop, seq[1].start, seq[1].stop, context, share.item(), sync)
+    for mb, seq, context, share, sync in token_micro_batches(torch.tensor([0, 3, 1, 2]), attention_mask, 3, 1)
+]
+out["prompt_lengths"] = prompt_lengths
 
 # whitening over both ranks' real tokens
 values = torch.arange(20.0).view(4, 5) * (1 + rank) - 3 * rank

@@ -30,7 +30,7 @@ def snapshot(x):
         return type(x)(snapshot(v) for v in x)
     if isinstance(x, dict):
         return {k: snapshot(v) for k, v in x.items()}
-    if isinstance(x, (int, float, str, bool, type(None))):
+    if isinstance(x, (int, float, str, bool, slice, type(None))):
         return x
     return type(x).__name__  # models, generators, ...: their name only
 
@@ -88,6 +88,7 @@ if __name__ == "__main__":
     for fn in ("chunked_logprobs", "chunked_values", "penalize_missing_eos", "pad_pairs"):
         setattr(common, fn, recorded(fn, getattr(common, fn)))
     common.micro_batches = recorded_generator("micro_batch", common.micro_batches)
+    common.token_micro_batches = recorded_generator("token_micro_batch", common.token_micro_batches)
     models.load_scorers = recorded_scorers(models.load_scorers)
     torch.nn.utils.clip_grad_norm_ = clip_grad_norm_(torch.nn.utils.clip_grad_norm_)
     recorded_runs = []

@@ -81,7 +81,7 @@ def test_generate_response_mask_covers_up_to_first_eos():
             return torch.cat([input_ids, responses], 1)
 
     config = GenerationConfig(eos_token_id=1, pad_token_id=0)
-    queries, mask = left_pad([[3], [4], [5]], 0, "cpu")
+    queries, mask = left_pad([[3], [9, 9, 4], [5]], 0, "cpu")  # generated longest prompt first, returned in order
     responses, response_mask = generate(Fake(), queries, mask, config, chunk_size=2)
     assert responses.shape == (3, 4)
     assert response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
@@ -249,6 +249,20 @@ def test_statistics_over_the_whole_batch_on_two_ranks(tmp_path):
     for out, tokens in zip(ranks, [(5, 1), (6, 1)]):
         assert out["micro_batches"] == [[[0, 3], pytest.approx(tokens[0] * 2 / 13), False],
                                         [[1], pytest.approx(tokens[1] * 2 / 13), True]]  # fmt: skip
+    # the update's micro-batches (a budget of one full row: 8 tokens, 5 of them response): rows of similar length
+    # together, only the columns they use, the same number on both ranks, each weighted by its share of both ranks'
+    # response tokens (x 2 ranks)
+    total = sum(sum(row) for out in ranks for row in out["mask"])
+    assert len(ranks[0]["token_micro_batches"]) == len(ranks[1]["token_micro_batches"]) >= 3
+    for out in ranks:
+        lengths, seen = [sum(row) for row in out["mask"]], []
+        for rows, width, start, stop, context, share, _ in out["token_micro_batches"]:
+            assert width == max(lengths[i] for i in rows) and context == max(out["prompt_lengths"][i] for i in rows)
+            assert (start, stop) == (3 - context, 3 + width)
+            assert len(rows) == 1 or len(rows) * (context + width) <= 8
+            assert share == pytest.approx(sum(lengths[i] for i in rows) * 2 / total)
+            seen += rows
+        assert sorted(seen) == [0, 1, 2, 3] and [m[-1] for m in out["token_micro_batches"]][-1]
     masks = [np.array(out["mask"]) for out in ranks]
     real = np.concatenate([np.array(out["values"])[m] for out, m in zip(ranks, masks)])
     for out, m in zip(ranks, masks):
@@ -277,3 +291,39 @@ def test_generation_keeps_a_16_bit_kv_cache_under_autocast_with_the_same_samples
     assert outputs[1].past_key_values.layers[0].keys.dtype == torch.float32  # what it would hold otherwise
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     assert kv_cache(policy, queries.device) is None  # no autocast: the model's own cache
+
+
+def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update():
+    """Rows of different lengths: the no-grad pass in sorted, trimmed chunks and the update in sorted, trimmed,
+    token-budget micro-batches give the log-probs, loss and gradients of one pass over the full padded batch."""
+    from common import chunked_logprobs, pad_pairs, token_micro_batches
+    from models import load_causal_lm
+
+    policy = load_causal_lm("toy/policy", torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    prompt_lengths, response_lengths = [120, 9, 75, 24, 99, 15, 51, 6], [60, 3, 18, 45, 9, 36, 27, 54]
+    prompts = [torch.randint(3, 600, (n,), generator=generator).tolist() for n in prompt_lengths]
+    responses = [torch.randint(3, 600, (n,), generator=generator).tolist() for n in response_lengths]
+    input_ids, attention_mask, context, response_ids, response_mask = pad_pairs(prompts, responses, 1, "cpu")
+    advantages = torch.randn(response_ids.shape, generator=generator)
+    with torch.no_grad():
+        full = gather_logprobs(response_logits(policy, input_ids, attention_mask, context, 1.0), response_ids)
+        chunked = chunked_logprobs(policy, input_ids, attention_mask, response_ids, 1.0, 3, torch.float32)
+    assert torch.allclose(torch.where(response_mask, chunked, 0.0), torch.where(response_mask, full, 0.0), atol=1e-5)
+    full_loss = masked_mean(
+        -full.new_tensor(0)
+        - gather_logprobs(response_logits(policy, input_ids, attention_mask, context, 1.0), response_ids) * advantages,
+        response_mask,
+    )
+    full_loss.backward()
+    full_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    parts, widths, loss = 0, [], 0.0
+    for mb, seq, prompt_width, share, _ in token_micro_batches(torch.arange(8), attention_mask, context, 0):
+        logits = response_logits(policy, input_ids[seq], attention_mask[seq], prompt_width, 1.0)
+        part = masked_mean(-gather_logprobs(logits, response_ids[mb]) * advantages[mb], response_mask[mb]) * share
+        part.backward()
+        parts, widths, loss = parts + 1, [*widths, seq[1].stop - seq[1].start], loss + part.item()
+    assert parts > 1 and min(widths) < input_ids.shape[1]  # split by length, columns trimmed
+    assert loss == pytest.approx(full_loss.item(), abs=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(policy.parameters(), full_grads))

@@ -52,6 +52,19 @@ def between(events, name: str, start: int, end: int) -> list[tuple]:
     return [e for e in events[start:end] if e[0] == name]
 
 
+def per_step(events, start: int, end: int, loss: str, micro_batch: str = "token_micro_batch") -> list[list[tuple]]:
+    """(share, loss value) of each micro-batch, grouped by optimizer step (a step ends at its gradient clip)."""
+    steps, current, shares = [], [], []  # (ppo_max lists a step's micro-batches before its losses: a queue)
+    for name, _, _, out in events[start:end]:
+        if name == micro_batch:
+            shares.append(out[-2] if micro_batch == "micro_batch" else out[3])
+        elif name == loss:
+            current.append((shares.pop(0).item(), out[0].item() if isinstance(out, tuple) else out.item()))
+        elif name == "clip_grad_norm_" and current:
+            steps, current, shares = [*steps, current], [], []
+    return steps
+
+
 @pytest.mark.parametrize("script", list(ONLINE))
 def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_path):
     module = ONLINE[script]
@@ -87,7 +100,7 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
             assert advantage_args[5] is False  # --norm-adv off by default
 
         # ---- the first micro-batch: ratio 1, the value net re-computes the rollout values, the right tensors
-        mb = between(events, "micro_batch", start, end)[0][3][0]
+        mb = between(events, "token_micro_batch", start, end)[0][3][0]  # (rows, response columns)
         (_, policy_args, _, (policy_loss, _)) = between(events, "policy_loss", start, end)[0]
         (_, value_args, _, (value_loss, _)) = between(events, "value_loss", start, end)[0]
         assert torch.allclose(policy_args[0], logprobs[mb], atol=1e-5)  # pi / pi_old = 1
@@ -106,14 +119,12 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
         assert row["train/reward"] == pytest.approx(scores.mean().item(), abs=1e-6)
         assert row["train/kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-6)
         assert row["policy/ratio_first_mb"] == pytest.approx(1.0, abs=1e-5)
-        micro_batches = [e[3] for e in between(events, "micro_batch", start, end)]
-        assert sorted(i for rows, _, _ in micro_batches for i in rows.tolist()) == list(range(8))  # one epoch
-        shares = [share.item() for _, share, _ in micro_batches]
+        micro_batches = [e[3] for e in between(events, "token_micro_batch", start, end)]
+        assert sorted(i for (rows, _), *_ in micro_batches for i in rows.tolist()) == list(range(8))  # one epoch
         for key, name in [("loss/policy", "policy_loss"), ("loss/value", "value_loss")]:
-            losses = [e[3][0].item() for e in between(events, name, start, end)]
-            per_minibatch = [shares[i] * losses[i] + shares[i + 1] * losses[i + 1] for i in (0, 2)]
-            assert row[key] == pytest.approx(sum(per_minibatch) / 2, rel=1e-5)
-        assert [sum(shares[i : i + 2]) for i in (0, 2)] == pytest.approx([1.0, 1.0])
+            steps = per_step(events, start, end, name)
+            assert len(steps) == 2 and [sum(s for s, _ in step) for step in steps] == pytest.approx([1.0, 1.0])
+            assert row[key] == pytest.approx(sum(s * v for step in steps for s, v in step) / 2, rel=1e-5)
         # ---- one gradient-norm clip per network, or (PPO-max) one over policy and value net together
         clips = [e[1][0] for e in between(events, "clip_grad_norm_", start, end)]
         assert len(clips) == (2 if script == "ppo_max" else 4)
@@ -143,8 +154,12 @@ def test_apa_authors_controller_input_and_schedule(tmp_path):
         assert row["train/kl_coef"] == pytest.approx(kl_coef, rel=1e-9)
         for _ in range(2):  # two minibatches of 4 per rollout batch
             kl_coef = ppo.adaptive_kl_update(kl_coef, row["train/kl_control_input"], 0.5, 4, 64)
-        steps = [e[3][0].tolist() for e in between(events, "micro_batch", start, end)]  # 2 micro-batches a step
-        steps = [steps[i] + steps[i + 1] for i in range(0, len(steps), 2)]
+        steps, current = [], []  # the rows of each optimizer step (a step ends at its gradient clips)
+        for name, _, _, out in events[start:end]:
+            if name == "token_micro_batch":
+                current += out[0][0].tolist()
+            elif name == "clip_grad_norm_" and current:
+                steps, current = [*steps, sorted(current)], []
         assert len(steps) == 4 and steps[0] == steps[1] and steps[2] == steps[3]  # each minibatch twice in a row
         assert sorted(steps[0] + steps[2]) == list(range(8))
     assert rows[1]["train/kl_control_input"] > 0
@@ -166,33 +181,36 @@ def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(t
     prompt_ids = tokenize_prompts(tokenizer, prompts, 128)
     sft = [ids[:16] for ids in tokenize_responses(tokenizer, prompts, chosen, [EOS])]
     assert any(len(ids) == 16 and ids[-1] != EOS for ids in sft) and any(len(ids) < 16 for ids in sft)
-    ptx_micro_batches = [e[3] for e in events if e[0] == "micro_batch"][1::2]  # (rollout, ptx) in turn
-    pads = [e for e in events if e[0] == "pad_pairs"]
-    losses = [e for e in events if e[0] == "ptx_loss"]
-    assert len(ptx_micro_batches) == len(pads) == len(losses) == 8  # 2 iterations x 2 steps x 2 micro-batches
-    for (rows, _, _), (_, (got_prompts, got_responses, *_), _, _) in zip(ptx_micro_batches, pads):
-        assert got_prompts == [prompt_ids[i] for i in rows.tolist()] and got_responses == [
-            sft[i] for i in rows.tolist()
-        ]
-    for step in range(4):  # the shares of a step's two micro-batches are their shares of its SFT tokens
-        tokens = [sum(len(sft[i]) for i in rows.tolist()) for rows, _, _ in ptx_micro_batches[2 * step : 2 * step + 2]]
-        shares = [share.item() for _, share, _ in ptx_micro_batches[2 * step : 2 * step + 2]]
-        assert shares == pytest.approx([t / sum(tokens) for t in tokens])
+    steps, current = [], []  # per optimizer step: [rows, share, pad_pairs args, ptx_loss event] per micro-batch
+    for event in events:
+        if event[0] == "micro_batch":
+            current.append([event[3][0], event[3][1].item()])
+        elif event[0] in ("pad_pairs", "ptx_loss"):
+            current[-1].append(event)
+        elif event[0] == "clip_grad_norm_" and current:
+            steps, current = [*steps, current], []
+    assert len(steps) == 4  # 2 iterations x 2 steps, each in 1 or 2 micro-batches
+    for step in steps:
+        tokens = [sum(len(sft[i]) for i in rows.tolist()) for rows, *_ in step]
+        assert [share for _, share, *_ in step] == pytest.approx([t / sum(tokens) for t in tokens])  # of SFT tokens
+        for rows, _, (_, (got_prompts, got_responses, *_), _, _), _ in step:
+            assert got_prompts == [prompt_ids[i] for i in rows.tolist()]
+            assert got_responses == [sft[i] for i in rows.tolist()]
     # the first micro-batch, before any update: the SFT policy's log-probs at T = 1, one row at a time
     policy = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32).eval()
-    (_, (logprobs, mask), _, _) = losses[0]
-    for row, i in enumerate(ptx_micro_batches[0][0].tolist()):
+    first_rows, _, _, (_, (logprobs, mask), _, _) = steps[0][0]
+    for row, i in enumerate(first_rows.tolist()):
         with torch.no_grad():
             logits = policy(torch.tensor([prompt_ids[i] + sft[i]])).logits[0, len(prompt_ids[i]) - 1 : -1]
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sft[i])[:, None]).squeeze(-1)
         assert mask[row].sum() == len(sft[i]) and torch.allclose(logprobs[row, : len(sft[i])], expected, atol=1e-5)
     rows = read_metrics(tmp_path / "run")[1:]
     for iteration, row in enumerate(rows):
-        steps = []
-        for step in (2 * iteration, 2 * iteration + 1):
-            parts = zip(ptx_micro_batches[2 * step : 2 * step + 2], losses[2 * step : 2 * step + 2])
-            steps.append(sum(share.item() * loss[3].item() for (_, share, _), loss in parts))
-        assert row["loss/ptx"] == pytest.approx(sum(steps) / 2, rel=1e-5)
+        means = [
+            sum(share * loss[3].item() for _, share, _, loss in step)
+            for step in steps[2 * iteration : 2 * iteration + 2]
+        ]
+        assert row["loss/ptx"] == pytest.approx(sum(means) / 2, rel=1e-5)
 
 
 ALOL_FLAGS = ["--total-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--log-every", "2",

@@ -7,6 +7,8 @@ Writes, next to this file:
   reward_model/            GPTNeoXForSequenceClassification, num_labels=1, Bradley-Terry
   build_report.json        sizes, SFT gold reward, reward-model held-out pair accuracy
   chat/{prompts,messages}/ conversational copies of the first rows of data/ (TRL formats)
+  long/{train,test}.jsonl  the first rows of data/ with earlier exchanges before each prompt: HH's spread of prompt
+                           lengths (20 to ~450 tokens), for measuring padding (`python toy/build.py long`, seconds)
 
 The tokenizers carry a chat template that writes the toy's own HH text, so a conversation
 tokenizes exactly as the plain-text row it came from. `python toy/build.py chat` writes only
@@ -260,14 +262,36 @@ def write_chat(rows_by_split: dict[str, list[dict]]):
                     f.write(json.dumps(row) + "\n")
 
 
+LONG_ROWS = {"train": 2000, "test": 500}
+
+
+def write_long(rows_by_split: dict[str, list[dict]]):
+    """long/: each prompt after 0 to 11 earlier exchanges (a request and an SFT-mix answer, any topic), their number
+    geometric (p = 0.3), so that prompt lengths spread as Anthropic HH's do (there: median 78, mean 119, max 448
+    tokens; here: see build_report.json). The gold scorer reads the last human turn's topic."""
+    rng = random.Random(SEED + 3)
+    for split, rows in rows_by_split.items():
+        (OUT / "long").mkdir(exist_ok=True)
+        with open(OUT / "long" / f"{split}.jsonl", "w") as f:
+            for r in rows[: LONG_ROWS[split]]:
+                earlier = ""
+                for _ in range(min(int(math.log(1 - rng.random()) / math.log(0.7)), 11)):
+                    turn = make_prompt(rng)
+                    earlier += turn + sample_response(rng, topic_of(turn))
+                f.write(json.dumps({**r, "prompt": earlier + r["prompt"]}) + "\n")
+
+
 def main():
-    """`python toy/build.py` builds everything; `rm` rebuilds only the reward model; `chat` only the chat files."""
+    """`python toy/build.py` builds everything; `rm` rebuilds only the reward model; `chat` only the chat files;
+    `long` only long/."""
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     rng = random.Random(SEED)
     train, test = make_pairs(rng, 10000), make_pairs(rng, 500)
     if sys.argv[1:] == ["chat"]:
         return write_chat({"train": train, "test": test})
+    if sys.argv[1:] == ["long"]:
+        return write_long({"train": train, "test": test})
     if sys.argv[1:] != ["rm"]:
         (OUT / "data").mkdir(exist_ok=True)
         for name, rows in [("train", train), ("test", test)]:
@@ -299,6 +323,7 @@ def main():
     }
     (OUT / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_chat({"train": train, "test": test})
+    write_long({"train": train, "test": test})
     print(json.dumps(report, indent=2))
 
 
