@@ -233,6 +233,7 @@ def main():
     # soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     # trained weights in float32; LoRA's frozen base in dtype (float32 too under --fsdp: one dtype per shard group)
     weights_dtype = dtype if args.use_lora and not args.fsdp else torch.float32
+    models.load_on_rank_0(args.fsdp)  # under --fsdp only rank 0 reads checkpoints; the others get their shards
     policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
         policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
@@ -321,8 +322,7 @@ def main():
     start_iteration = 0
     setup_metrics = {}  # the one-off setup's timings and V_ref fit, logged in the row of iteration 0
     if args.resume:
-        checkpoint = common.load_checkpoint(output_dir)
-        models.load_training_state(checkpoint, trained)
+        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         rewards, ref_values = checkpoint["rewards"], checkpoint["ref_values"]
     else:
@@ -442,14 +442,14 @@ def main():
             stats = []  # per-iteration statistics since the last logged row
             t_start = common.now(device)
         if args.save_every and (iteration % args.save_every == 0 or iteration == args.total_steps):
-            common.save_checkpoint(
+            models.save_checkpoint(
                 output_dir,
+                trained,
                 {
                     "iteration": iteration,
                     "args": asdict(args),
                     "rewards": rewards,
                     "ref_values": ref_values,
-                    **models.training_state(trained),
                 },
             )
 

@@ -163,6 +163,7 @@ def main():
     # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
     # trained weights in float32; LoRA's frozen base in dtype (float32 too under --fsdp: one dtype per shard group)
     weights_dtype = dtype if args.use_lora and not args.fsdp else torch.float32
+    models.load_on_rank_0(args.fsdp)  # under --fsdp only rank 0 reads checkpoints; the others get their shards
     policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
     if args.use_lora:
         policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
@@ -207,8 +208,7 @@ def main():
     score_stats = common.RunningMoments()
     start_iteration = 0
     if args.resume:
-        checkpoint = common.load_checkpoint(output_dir)
-        models.load_training_state(checkpoint, trained)
+        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         score_stats.load_state_dict(checkpoint["score_stats"])
     common.barrier()  # every rank has checked the output directory before rank 0 creates it
@@ -386,13 +386,13 @@ def main():
             row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            common.save_checkpoint(
+            models.save_checkpoint(
                 output_dir,
+                trained,
                 {
                     "iteration": iteration,
                     "args": asdict(args),
                     "score_stats": score_stats.state_dict(),
-                    **models.training_state(trained),
                 },
             )
 

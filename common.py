@@ -542,9 +542,11 @@ def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, en
 
 # ---------------------------------------------------------------- output directory, logging, checkpoint files
 def check_output_dir(output_dir: str, resume: bool):
-    checkpoint = os.path.join(output_dir, "checkpoint.pt")
-    if resume and not os.path.exists(checkpoint):
-        fail(f"--resume: no checkpoint at {checkpoint}; pass the --output-dir of the run to continue")
+    checkpoints = [
+        os.path.join(output_dir, f) for f in ("checkpoint.pt", "checkpoint/state.pt", "checkpoint.old/state.pt")
+    ]
+    if resume and not any(os.path.exists(path) for path in checkpoints):
+        fail(f"--resume: no checkpoint in {output_dir}; pass the --output-dir of the run to continue")
     if not resume and os.path.isdir(output_dir) and os.listdir(output_dir):
         fail(f"--output-dir {output_dir} already holds a run; pass --resume to continue it or choose a new directory")
 

@@ -6,6 +6,7 @@ import functools
 import importlib
 import os
 import re
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,28 @@ def _load(loader, path: str, what: str, **kwargs):
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         common.fail(f"cannot load {what} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
+
+
+_rank_0_loads = False  # under --fsdp: only rank 0 reads checkpoints (load_on_rank_0)
+
+
+def load_on_rank_0(enabled: bool):
+    """Under --fsdp only rank 0 reads each checkpoint into host memory (one full copy per job, not one per rank:
+    8 x 4 bytes x 6.9B = 220 GB per node otherwise); the other ranks build it empty, on the meta device, and
+    shard_model fills their shards from rank 0's weights."""
+    global _rank_0_loads
+    _rank_0_loads = enabled and dist.is_initialized()
+
+
+def _load_model(loader, path: str, what: str, dtype: torch.dtype, trust_remote_code: bool, **config_overrides):
+    """`loader.from_pretrained`, or on a rank other than 0 under load_on_rank_0 the same model empty (meta)."""
+    if not _rank_0_loads or dist.get_rank() == 0:
+        return _load(loader, path, what, dtype=dtype, trust_remote_code=trust_remote_code, **config_overrides)
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig, path, what, trust_remote_code=trust_remote_code, **config_overrides)
+    with torch.device("meta"):
+        return loader.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = ""):
@@ -46,7 +69,7 @@ def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fals
     sampled distribution is no longer softmax(logits / T), the one whose log-probs the losses use."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = _load(AutoModelForCausalLM, path, "--model", dtype=dtype, trust_remote_code=trust_remote_code)
+    model = _load_model(AutoModelForCausalLM, path, "--model", dtype, trust_remote_code)
     if not keep_generation_config:
         ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
         model.checkpoint_generation_config = model.generation_config  # saved back with the final policy
@@ -116,9 +139,7 @@ def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code
     """A separate network: `path`'s backbone plus a scalar head (new unless `path` is a reward model)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(
-        AutoModelForSequenceClassification, path, what, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    model = _load_model(AutoModelForSequenceClassification, path, what, dtype, trust_remote_code, num_labels=1)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return ValueModel(model.eval())
@@ -172,7 +193,7 @@ def load_scorer(
             f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)"
         )
     tokenizer = load_tokenizer(spec, trust_remote_code)
-    model = _load(AutoModelForSequenceClassification, spec, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = _load_model(AutoModelForSequenceClassification, spec, flag, dtype, trust_remote_code)
     name = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
     setattr(model, name, Float32Head(getattr(model, name)))
     model = model.eval().requires_grad_(False)
@@ -333,6 +354,7 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
     it, and gradients are reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    full = model.state_dict() if _rank_0_loads and dist.get_rank() == 0 else {}  # (the loaded tensors themselves)
     # every group, the root too, frees its gathered weights after forward (common.gathered() restores this setting)
     kwargs = {"reshard_after_forward": True}
     if dtype != torch.float32:
@@ -345,6 +367,16 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
             fully_shard(head, reshard_after_forward=True, mp_policy=float32)
     # the root is the module whose forward every call enters: a peft model's generate() enters the HF model
     fully_shard(model if isinstance(model, ValueModel) else hf_model(model), **kwargs)
+    if _rank_0_loads:  # the other ranks' empty shards (and buffers) filled from rank 0's weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        if dist.get_rank() != 0:
+            model.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(model, full, options=options)
+        for buffer in model.buffers():  # non-persistent ones (rotary frequencies) are in no state dict
+            dist.broadcast(buffer.data, src=0)
     return model
 
 
@@ -506,30 +538,107 @@ def load_training_state(checkpoint: dict, trained: dict):
         load_optimizer_state(model, optimizer, checkpoint[f"{name}_optimizer"])
 
 
+def sharded_training_state(trained: dict) -> dict:
+    """Under --fsdp, each rank's shards of what `training_state` holds: the trainable weights and optimizer states."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {}
+    for name, (model, optimizer) in trained.items():
+        model = unwrap(model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state[name] = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
+        state[f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_checkpoint(output_dir: str, trained: dict, state: dict):
+    """Atomic (a killed save leaves the previous checkpoint whole); every rank calls it. Without --fsdp rank 0 writes
+    checkpoint.pt: `state` and the trainable weights and optimizer states of `trained` ({name: (model, optimizer)}).
+    Under --fsdp torch.distributed.checkpoint writes checkpoint/: each rank its own shards of the latter (no rank
+    gathers a full copy; a run resumes on any number of ranks), rank 0 `state` (state.pt)."""
+    if not any(common.is_sharded(unwrap(model)) for model, _ in trained.values()):
+        return common.save_checkpoint(output_dir, {**state, **training_state(trained)})
+    import torch.distributed.checkpoint as dcp
+
+    final, tmp, old = (os.path.join(output_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed before
+    dist.barrier()
+    dcp.save(sharded_training_state(trained), checkpoint_id=tmp)
+    if dist.get_rank() == 0:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        if os.path.exists(final):
+            os.replace(final, old)  # (killed between these two renames: load_checkpoint reads checkpoint.old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def sharded_checkpoint_dir(output_dir: str) -> str | None:
+    """The sharded checkpoint of `output_dir` (checkpoint/, or checkpoint.old/ if a save died while renaming)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if os.path.exists(os.path.join(output_dir, name, "state.pt")):
+            return os.path.join(output_dir, name)
+    return None
+
+
+def load_checkpoint(output_dir: str, trained: dict) -> dict:
+    """Restore `trained` from the checkpoint `save_checkpoint` wrote in `output_dir`; returns its `state`."""
+    directory = sharded_checkpoint_dir(output_dir)
+    if directory is None:
+        checkpoint = common.load_checkpoint(output_dir)
+        load_training_state(checkpoint, trained)
+        return checkpoint
+    if not all(common.is_sharded(unwrap(model)) for model, _ in trained.values()):
+        common.fail(f"the checkpoint in {directory} was written under --fsdp; resume it with --fsdp (any ranks)")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    sharded = sharded_training_state(trained)
+    dcp.load(sharded, checkpoint_id=directory)  # each rank reads the parts of its own shards
+    for name, (model, optimizer) in trained.items():
+        set_model_state_dict(unwrap(model), sharded[name], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(unwrap(model), optimizer, sharded[f"{name}_optimizer"])
+    return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+
+
 def save_final_policy(policy, tokenizer, output_dir: str, args):
     """`save_pretrained` of the policy (+ tokenizer) by rank 0; with LoRA the adapter and the merged model. Under
-    --fsdp the full weights are gathered on rank 0 into a fresh CPU copy of --model first. Every rank calls it."""
+    --fsdp the full weights are gathered on rank 0 (on the CPU) and assigned to an empty (meta) --model: one full
+    copy. Every rank calls it."""
     policy = unwrap(policy)
     if common.is_sharded(policy):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         state = get_model_state_dict(policy, options=_full_state_options())
         if dist.get_rank() != 0:
             return
-        policy = load_causal_lm(args.model, torch.float32, args.trust_remote_code)
-        if args.use_lora:
-            policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
-        policy.load_state_dict(state)
+        config = _load(AutoConfig, args.model, "--model", trust_remote_code=args.trust_remote_code)
+        with torch.device("meta"):
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        empty.generation_config = hf_model(policy).generation_config
+        empty.checkpoint_generation_config = getattr(hf_model(policy), "checkpoint_generation_config", None)
+        policy = add_lora(empty, args.lora_r, "CAUSAL_LM") if args.use_lora else empty
+        policy.load_state_dict(state, strict=False, assign=True)
+        hf_model(policy).tie_weights()
     elif dist.is_initialized() and dist.get_rank() != 0:
         return
     model = hf_model(policy)
-    model.generation_config = getattr(model, "checkpoint_generation_config", model.generation_config)
+    model.generation_config = getattr(model, "checkpoint_generation_config", None) or model.generation_config
     if args.use_lora:
         policy.save_pretrained(os.path.join(output_dir, "adapter"))
         tokenizer.save_pretrained(os.path.join(output_dir, "adapter"))
         policy = policy.merge_and_unload()
-    final, tmp = os.path.join(output_dir, "policy"), os.path.join(output_dir, "policy.tmp")
+    final, tmp, old = (os.path.join(output_dir, name) for name in ("policy", "policy.tmp", "policy.old"))
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if os.path.exists(final):  # a resumed run that had finished before: the new policy replaces it
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"saved the final policy to {final}")

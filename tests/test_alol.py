@@ -112,7 +112,7 @@ def test_value_head_beats_the_mean_on_unseen_prompts():
     policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)
     score = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 512, "rm")
     prompts = tokenize_prompts(tokenizer, load_rows(str(REPO / "toy" / "data"), "test")[0], 128)
-    samples = 4
+    samples = 8
     torch.manual_seed(0)
     queries, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -5,12 +5,15 @@ variants (bench/mutants.py's lines) show the room on each side."""
 import pytest
 from conftest import REPO, read_metrics, run_script
 
-# final gold reward (the SFT policy: 0.33) and KL after 1024 episodes. Measured, seeds 1 / 2 / 3, and broken:
-#   ppo      2.86 / 2.56 / 2.43, KL 5.8 / 4.8 / 4.8; no whitening 2.07, score at token 0 1.33, KL sign -7.8
-#   apa      2.60 / 2.92 / 2.60, KL 10.0 / 5.7 / 8.2; anchored at pi_old -0.78 (KL 49), advantage sign -5.95
-#   awr      2.63 / 2.11 / 2.03, KL 5.6 / 6.6 / 4.2
-#   ppo_max  2.36 / 2.34 / 2.19, KL 3.1 / 2.4 / 2.4
-THRESHOLDS = {"ppo.py": (2.25, 8.0), "apa.py": (2.0, 15.0), "awr.py": (1.7, 10.0), "ppo_max.py": (1.9, 5.0)}
+# final gold reward (the SFT policy: 0.78 on seed 1's evaluation samples) and KL after 1024 episodes. Measured, seeds
+# 1 / 2 / 3, and broken (seed 1):
+#   ppo      2.81 / 2.73 / 2.72, KL 4.9 / 5.0 / 4.4; score at token 0 1.37 (KL 1.5); no whitening 2.59: not told
+#            apart here (tests/test_rewards.py catches it)
+#   apa      1.72 / 2.69 / 2.90, KL 5.1 / 4.1 / 7.6 (APA at lambda 0.1 swings: seed 1 was 2.83 at iteration 12);
+#            anchored at pi_old 0.38 (KL 23.6), advantage sign -6.85 (KL 29.7)
+#   awr      2.36 / 2.04 / 1.94, KL 5.7 / 7.2 / 6.0
+#   ppo_max  2.50 / 2.59 / 2.22, KL 3.6 / 2.6 / 2.1
+THRESHOLDS = {"ppo.py": (2.25, 8.0), "apa.py": (1.4, 15.0), "awr.py": (1.6, 10.0), "ppo_max.py": (1.9, 5.0)}
 
 
 @pytest.mark.parametrize("script", list(THRESHOLDS))
@@ -36,13 +39,13 @@ def toy_2k(tmp_path_factory):
 
 
 def test_short_alol_run_reaches_a_gold_reward_plain_sft_does_not(toy_2k, tmp_path):
-    """Offline, 160 steps on the chosen responses of 2,000 rows. Measured (seed 1): A-LoL 2.33 (KL 1.4); plain NLL
-    (SFT, --variant nll) on the same data 1.36, the importance weight not detached -1.42. (Without the V_ref baseline
-    A-LoL is r-lol, 2.39: the toy's V_ref is nearly flat, so this checks the reward weighting itself.)"""
+    """Offline, 160 steps on the chosen responses of 2,000 rows. Measured (seed 1): A-LoL 2.57 (KL 1.8); plain NLL
+    (SFT, --variant nll) on the same data 1.61, the importance weight not detached -1.42. (Without the V_ref baseline
+    A-LoL is r-lol: the toy's V_ref is nearly flat, so this checks the reward weighting itself.)"""
     out = tmp_path / "run"
     run_script("alol.py", "--dataset", toy_2k, "--total-steps", "160", "--eval-every", "160", "--value-samples", "2",
                "--eval-size", "64", "--output-dir", str(out))  # fmt: skip
     sft, final = read_metrics(out)[0], read_metrics(out)[-1]
     print(f"alol: gold {sft['eval/gold_reward']:.2f} -> {final['eval/gold_reward']:.2f}, kl {final['eval/kl']:.2f}")
-    assert final["eval/gold_reward"] > 1.8 and 0.0 < final["eval/kl"] < 5.0
+    assert final["eval/gold_reward"] > 2.0 and 0.0 < final["eval/kl"] < 5.0
     assert 0 < sft["train/kept_fraction"] < 1  # rows with A <= 0 were dropped

@@ -82,7 +82,7 @@ def torchrun_killed_at_first_checkpoint(script: str, args: list[str], output_dir
            str(REPO / script), *args, "--output-dir", str(output_dir)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint, deadline = output_dir / "checkpoint.pt", time.time() + 300
+    checkpoint, deadline = output_dir / "checkpoint" / "state.pt", time.time() + 300  # --fsdp: a sharded checkpoint
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     for pid in os.listdir("/proc"):  # the launcher and its workers: every process naming this output directory
@@ -252,3 +252,20 @@ def test_large_vocabulary_pass_memory_does_not_grow_with_the_rows(tmp_path):
 
     model = vocab_memory.make_model(tmp_path / "vocab_152k")
     assert vocab_memory.passes_peak(model, 16, 512)["apa-authors pass (every position)"] < 1.5
+
+
+def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks(tmp_path):
+    """Under --fsdp each rank writes its own shards (torch.distributed.checkpoint; no full copy on rank 0), and a run
+    written by 2 ranks resumes on 3: the trained weights are loaded (its first rollout already differs from pi_ref)
+    and re-score their rollout exactly."""
+    args = [*FAST, "--rollout-batch-size", "12", "--mini-batch-size", "6", "--eval-size", "12", "--fsdp"]
+    out = tmp_path / "run"
+    run_script("ppo.py", *args, "--total-episodes", "12", "--output-dir", str(out), nproc=2)
+    shards = sorted(p.name for p in (out / "checkpoint").iterdir())
+    assert "__0_0.distcp" in shards and "__1_0.distcp" in shards and "state.pt" in shards
+    assert not (out / "checkpoint.pt").exists()
+    first_kl = read_metrics(out)[1]["train/kl"]
+    run_script("ppo.py", *args, "--total-episodes", "24", "--output-dir", str(out), "--resume", nproc=3)
+    rows = read_metrics(out)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and first_kl == 0.0
+    assert rows[2]["train/kl"] != 0.0 and rows[2]["policy/abs_log_ratio_first_mb"] < 1e-5
