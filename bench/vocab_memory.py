@@ -67,11 +67,12 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 """
 
 
-def passes_peak(model_dir: str, rows: int, length: int) -> dict:
+def passes_peak(model_dir: str, rows: int, length: int, passes: tuple[bool, ...] = (False, True)) -> dict:
     """Growth of the peak resident memory (GiB) during the no-grad log-prob pass over the last 128 tokens, and over
     every position (--kl-control apa-authors), each in a fresh process after the model and the inputs are loaded."""
     out = {}
-    for name, every in (("no-grad pass (last 128 tokens)", False), ("apa-authors pass (every position)", True)):
+    names = {False: "no-grad pass (last 128 tokens)", True: "apa-authors pass (every position)"}
+    for name, every in ((names[every], every) for every in passes):
         code = PASS.format(repo=str(REPO), model=model_dir, vocab=VOCAB, rows=rows, length=length, every=every)
         result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         out[name] = float(result.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ gradient sync switched off until the last micro-batch (the old way). After each 
 memory each rank holds is summed tensor by tensor (the sharded gradients and any unsharded accumulation buffer);
 rank<r>.json gets those sums, the full gradient size, and a checksum of the final sharded gradients."""
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -56,11 +57,11 @@ if __name__ == "__main__":
     out = {"rank": rank}
     generator = torch.Generator().manual_seed(rank)
     batches = [torch.randint(2, 600, (2, 16), generator=generator) for _ in range(4)]
+    torch.manual_seed(0)
+    initial = GPTNeoXForCausalLM(config).eval()
+    full = sum(p.numel() * 4 for p in initial.parameters())
     for name, old_way in (("scripts", False), ("sync_off", True)):
-        torch.manual_seed(0)
-        model = GPTNeoXForCausalLM(config).eval()
-        full = sum(p.numel() * 4 for p in model.parameters())
-        model = models.shard_model(model, torch.float32)
+        model = models.shard_model(copy.deepcopy(initial), torch.float32)
         out[name] = step(model, batches, old_way)
         out[f"{name}_checksum"] = sum(float(p.grad.to_local().double().sum()) for p in model.parameters())
     out["full_gradient_bytes"] = full

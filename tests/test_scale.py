@@ -99,25 +99,14 @@ def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = [
-        *FAST,
-        "--total-episodes",
-        "48",
-        "--fsdp",
-        "--use-lora",
-        "--lora-r",
-        "4",
-        "--lr",
-        "1e-3",
-        "--dtype",
-        "bfloat16",
-    ]
+    lora = ["--use-lora", "--lora-r", "4", "--lr", "1e-3", "--dtype", "bfloat16"]
+    args = [*FAST, "--total-episodes", "32", "--fsdp", *lora]  # 2 iterations, a checkpoint after each
     run_script("ppo.py", *args, "--output-dir", str(tmp_path / "straight"), nproc=2)
     out = tmp_path / "killed"
-    assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 3, "the run finished before it could be killed"
+    assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 2, "the run finished before it could be killed"
     run_script("ppo.py", *args, "--output-dir", str(out), "--resume", nproc=2)
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
-    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]
+    assert [r["iteration"] for r in resumed] == [0, 1, 2]
     assert resumed[1]["policy/abs_log_ratio_first_mb"] < 1e-5
     for a, b in zip(straight[1:], resumed[1:]):
         assert a["train/reward"] == pytest.approx(b["train/reward"], abs=1e-6)
@@ -251,7 +240,7 @@ def test_large_vocabulary_pass_memory_does_not_grow_with_the_rows(tmp_path):
     import vocab_memory
 
     model = vocab_memory.make_model(tmp_path / "vocab_152k")
-    assert vocab_memory.passes_peak(model, 16, 512)["apa-authors pass (every position)"] < 1.5
+    assert vocab_memory.passes_peak(model, 16, 512, passes=(True,))["apa-authors pass (every position)"] < 1.5
 
 
 def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks(tmp_path):
