@@ -105,6 +105,7 @@ class Args:
     save_every: int = 100  # checkpoint every N steps (and at the end); 0 = never (the run cannot be resumed)
     track: bool = False  # log to Weights & Biases
     wandb_project: str = "rlhf-reference"  # wandb project name
+    push_to_hub: str = ""  # at the end, upload policy/ (and adapter/) to this hub repository, e.g. me/ppo-1b
 
 
 # ALGO LOGIC: the pieces of A-LoL, as plain functions the tests import

@@ -3,6 +3,7 @@ log-probs and masked statistics, logging and checkpoint files. Loading models an
 `data.py`. No algorithm logic lives in any of them: what each algorithm optimises is written out in its own script."""
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -155,6 +156,24 @@ def check_flags(args, local_mini_batch: int, world_size: int):
         fail("--fsdp shards the models over ranks; launch with torchrun --nproc_per_node N (N > 1) or drop --fsdp")
     if args.num_layers_unfrozen < -1:
         fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} is out of range; pass -1 (train all) or N >= 0")
+    if args.push_to_hub:
+        import huggingface_hub
+
+        if "/" not in args.push_to_hub:
+            fail(f"--push-to-hub {args.push_to_hub}: pass a hub repository as <user or organisation>/<name>")
+        if huggingface_hub.get_token() is None:  # found out now, not after the run
+            fail("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    # a real --model on the toy's data, reward model or learning rate is almost always an omission: say so once
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    toy = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in ("dataset", "reward_model", "eval_reward")]
+    toy = [flag for flag in toy if flag.split(" ")[1].startswith(("toy/", "toy."))]
+    toy += [f"--lr {args.lr}"] * (args.lr == defaults["lr"])
+    if not args.model.startswith("toy/") and toy and int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"notice: --model {args.model} is not the toy policy, but {', '.join(toy)} are still the toy task's "
+            "defaults; the papers' recipes for real models are in recipes/ (README: Real models)",
+            flush=True,
+        )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -527,7 +546,8 @@ def distinct_n(texts: list[str], n: int) -> float:
 def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2)):
     """The evaluation of held-out samples, every rank's together: eval/reward (--reward-model), eval/gold_reward
     (--eval-reward, when given), eval/kl (k1 summed over the response), eval/response_length, eval/eos_rate, and
-    eval/distinct_n for n in `ns` over all ranks' responses."""
+    eval/distinct_n for n in `ns` over all ranks' responses; under "samples" the samples themselves, in prompt order
+    (rank r holds the held-out prompts r, r + world size, ...), which the Logger writes to samples.jsonl."""
     per_sequence = {
         "eval/reward": score_fn(prompt_texts, response_texts, ended),
         "eval/kl": kl.sum(1),
@@ -536,8 +556,21 @@ def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, en
     }
     if eval_score_fn:
         per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
-    texts = all_gather_list(response_texts)
-    return {**global_means(per_sequence), **{f"eval/distinct_{n}": distinct_n(texts, n) for n in ns}}
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    columns = {key.removeprefix("eval/"): values.tolist() for key, values in per_sequence.items()}
+    samples = [
+        {"index": rank + i * world_size, "prompt": prompt, "response": response}
+        | {"reward": columns["reward"][i], "gold_reward": columns.get("gold_reward", [None] * len(prompt_texts))[i]}
+        | {"kl": columns["kl"][i], "length": columns["response_length"][i], "ended": columns["eos_rate"][i]}
+        for i, (prompt, response) in enumerate(zip(prompt_texts, response_texts))
+    ]
+    samples = sorted(all_gather_list(samples), key=lambda sample: sample["index"])
+    texts = [sample["response"] for sample in samples]
+    return {
+        **global_means(per_sequence),
+        **{f"eval/distinct_{n}": distinct_n(texts, n) for n in ns},
+        "samples": samples,
+    }
 
 
 # ---------------------------------------------------------------- output directory, logging, checkpoint files
@@ -551,21 +584,28 @@ def check_output_dir(output_dir: str, resume: bool):
         fail(f"--output-dir {output_dir} already holds a run; pass --resume to continue it or choose a new directory")
 
 
+def hours(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+
+
 class Logger:
-    """metrics.jsonl + TensorBoard (+ wandb with --track) + one printed progress line per row, all on rank 0."""
+    """metrics.jsonl + TensorBoard (+ wandb with --track) + one printed progress line per row, all on rank 0. A row's
+    "samples" (an evaluation's, when it was made at this row's iteration) go to samples.jsonl, one row per held-out
+    prompt, and to TensorBoard (text) and wandb (a table)."""
 
     def __init__(self, output_dir: str, args, rank: int, total: int, start: int):
-        self.rank, self.total = rank, total
+        self.rank, self.total, self.start, self.started = rank, total, start, time.time()
         if rank != 0:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        if os.path.exists(self.path):  # on resume, drop rows logged after the checkpoint: they are redone
-            rows = [line for line in open(self.path) if json.loads(line)["iteration"] <= start]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.path + ".tmp", self.path)
+        self.path, self.samples_path = (os.path.join(output_dir, name) for name in ("metrics.jsonl", "samples.jsonl"))
+        for path in (self.path, self.samples_path):  # on resume, drop rows logged after the checkpoint: they are redone
+            if os.path.exists(path):
+                rows = [line for line in open(path) if json.loads(line)["iteration"] <= start]
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(rows)
+                os.replace(path + ".tmp", path)
         self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.wandb = None
         if args.track:
@@ -578,6 +618,8 @@ class Logger:
     def log(self, row: dict):
         if self.rank != 0:
             return
+        samples = row.get("samples") if row.get("eval/iteration") == row["iteration"] else None
+        row = {key: value for key, value in row.items() if key != "samples"}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in row.items():
@@ -585,9 +627,28 @@ class Logger:
                 self.writer.add_scalar(key, value, row["episodes"])
         if self.wandb:
             self.wandb.log(row, step=row["episodes"])
+        if samples:
+            self.log_samples(row, samples)
         keys = ("train/reward", "train/kl", "eval/gold_reward", "time/samples_per_s")
         progress = [f"{key} {row[key]:.3f}" for key in keys if key in row]
-        print(f"iteration {row['iteration']}/{self.total}", *progress, sep="  ", flush=True)
+        elapsed, done = time.time() - self.started, row["iteration"] - self.start
+        clock = f"elapsed {hours(elapsed)}"  # remaining: at the pace of this session's iterations so far
+        clock += f", remaining {hours(elapsed / done * (self.total - row['iteration']))}" if done > 0 else ""
+        print(f"iteration {row['iteration']}/{self.total}", *progress, clock, sep="  ", flush=True)
+
+    def log_samples(self, row: dict, samples: list[dict]):
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps({"iteration": row["iteration"], **sample}) + "\n" for sample in samples)
+        columns = [key for key in samples[0] if key != "index"]
+        cell = lambda value: str(value).replace("|", "\\|").replace("\n", " ")  # noqa: E731 (a Markdown table cell)
+        table = [" | ".join(columns), " | ".join("---" for _ in columns)]
+        table += [" | ".join(cell(sample[key]) for key in columns) for sample in samples[:8]]
+        self.writer.add_text("eval/samples", "\n".join(table), row["episodes"])
+        if self.wandb:
+            import wandb
+
+            data = [[sample[key] for key in columns] for sample in samples]
+            self.wandb.log({"eval/samples": wandb.Table(columns=columns, data=data)}, step=row["episodes"])
 
     def close(self):
         if self.rank == 0:

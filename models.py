@@ -2,11 +2,15 @@
 LoRA, the scale options (layer freezing, activation checkpointing, FSDP2 / DDP), and saving trained weights."""
 
 import contextlib
+import dataclasses
 import functools
 import importlib
+import json
 import os
 import re
+import shlex
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -637,8 +641,82 @@ def save_final_policy(policy, tokenizer, output_dir: str, args):
     final, tmp, old = (os.path.join(output_dir, name) for name in ("policy", "policy.tmp", "policy.old"))
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    write_model_card(tmp, output_dir, args)
     if os.path.exists(final):  # a resumed run that had finished before: the new policy replaces it
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     print(f"saved the final policy to {final}")
+    if args.push_to_hub:
+        push_to_hub(output_dir, args.push_to_hub)
+
+
+def write_model_card(directory: str, output_dir: str, args):
+    """policy/training_args.json (the script, its command line and every flag: bench/evaluate.py reads it) and
+    policy/README.md, a model card: the algorithm, the command, the models and data it started from, the final
+    evaluation (the last row of metrics.jsonl)."""
+    script = os.path.basename(sys.argv[0])
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+    command = " ".join([launcher, script, *map(shlex.quote, sys.argv[1:])])
+    flags = dataclasses.asdict(args)
+    with open(os.path.join(directory, "training_args.json"), "w") as f:
+        json.dump({"script": script, "command": command, "world_size": world_size, "args": flags}, f, indent=1)
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        last = json.loads(f.readlines()[-1])
+    algorithm = (getattr(sys.modules["__main__"], "__doc__", None) or script).strip().splitlines()[0]
+    metrics = "\n".join(f"| `{key}` | {value:.4g} |" for key, value in last.items() if key.startswith("eval/"))
+    sources = [("policy (and pi_ref)", "model"), ("reward model", "reward_model"), ("evaluation scorer", "eval_reward")]
+    sources += [("prompts", "dataset")]
+    base = f"base_model: {args.model}\n" if not os.path.exists(args.model) and not args.model.startswith("toy/") else ""
+    card = f"""---
+library_name: transformers
+tags: [rlhf, {script[: -len(".py")].replace("_", "-")}]
+{base}---
+
+# {os.path.basename(os.path.abspath(output_dir))}
+
+{algorithm}
+
+Trained with `{script}` of rlhf-reference for {last["iteration"]} iterations ({last["episodes"]} episodes).
+
+```
+{command}
+```
+
+## Models and data
+
+{chr(10).join(f"- {what}: `{getattr(args, name)}`" for what, name in sources if getattr(args, name, ""))}
+
+## Final evaluation ({args.eval_size} held-out prompts of the `{args.eval_split}` split)
+
+| metric | value |
+|---|---|
+{metrics}
+
+Every flag of the run is in `training_args.json`; `python bench/evaluate.py <this directory>` evaluates it again.
+"""
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(card)
+
+
+def push_to_hub(output_dir: str, repo: str):
+    """Upload policy/ (and adapter/, into its adapter/ folder) to the hub repository `repo` (rank 0 only)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=os.path.join(output_dir, "policy"), commit_message="policy")
+        if os.path.isdir(os.path.join(output_dir, "adapter")):
+            api.upload_folder(
+                repo_id=repo, folder_path=os.path.join(output_dir, "adapter"), path_in_repo="adapter",
+                commit_message="LoRA adapter",
+            )  # fmt: skip
+    except Exception as error:  # the run is saved: say how to finish the upload by hand
+        reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
+        common.fail(
+            f"--push-to-hub {repo}: the upload failed ({reason}); the policy is saved in {output_dir}/policy; "
+            f"upload it with `hf upload {repo} {output_dir}/policy`"
+        )
+    print(f"uploaded the final policy to {url}")

@@ -101,6 +101,7 @@ class Args:
     save_every: int = 16  # checkpoint every N iterations (and at the end); 0 = never (the run cannot be resumed)
     track: bool = False  # log to Weights & Biases
     wandb_project: str = "rlhf-reference"  # wandb project name
+    push_to_hub: str = ""  # at the end, upload policy/ (and adapter/) to this hub repository, e.g. me/ppo-1b
 
 
 def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):

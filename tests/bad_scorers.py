@@ -1,4 +1,4 @@
-"""Scoring functions that misbehave, for the one-line error tests."""
+"""Scoring functions that misbehave, for the one-line error tests (and one that does not)."""
 
 
 def raises(prompts, responses):
@@ -11,3 +11,8 @@ def one_too_few(prompts, responses):
 
 def words(prompts, responses):
     return ["good" for _ in prompts]
+
+
+def response_length(prompts, responses):
+    """A well-behaved one: a float per response."""
+    return [float(len(r)) for r in responses]

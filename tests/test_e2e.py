@@ -112,12 +112,15 @@ BAD_INPUTS = {
     "nan_loss": (["--lr", "1e30", "--value-lr", "1e30"], "NaN"),
     "run_exists": (["--output-dir", "{tmp}/existing"], "already holds a run"),
     "resume_nothing": (["--resume"], "no checkpoint"),
+    "push_without_token": (["--push-to-hub", "me/ppo-toy"], "needs a Hugging Face token"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_error_and_writes_nothing(case, tmp_path):
+def test_bad_input_gives_one_line_error_and_writes_nothing(case, tmp_path, monkeypatch):
     flags, expected = BAD_INPUTS[case]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored hub token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "existing").mkdir()
