@@ -57,7 +57,7 @@ class Args:
     # ---- sampling and scoring
     max_new_tokens: int = 48  # training responses are cut to this many tokens; evaluation generates at most this many
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
-    stop_strings: tuple[str, ...] = ()  # trlX's stop sequences, e.g. "Human:": a sample is cut at the first (README)
+    stop_strings: tuple[str, ...] = ()  # trlX stop sequences, e.g. "Human:" (cut there; docs/real-models.md)
     temperature: float = 1.0  # sampling temperature of evaluation and of pi_ref's samples for V_ref
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
@@ -90,7 +90,7 @@ class Args:
     value_greedy: bool = False  # pi_ref's V_ref samples greedy (the A-LoL authors: one per prompt), not sampled
     value_epochs: int = 30  # epochs of V_ref fitting (the epoch with the best held-out loss is kept)
     value_lr: float = 3e-3  # V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)
-    # ---- LoRA and scale (README: Scaling to real models)
+    # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train a LoRA adapter on the frozen base; the reference is the policy with its adapter off
     lora_r: int = 16  # LoRA rank
     micro_batch_size: int = 0  # rows per forward/backward on each rank; a step's gradients add up over them (0 = all)

@@ -33,7 +33,7 @@ class Args:
     model: str = "toy/policy"  # policy to train (hub name or path); also pi_ref and the value net's initial backbone
     reward_model: str = "toy/reward_model"  # reward model (hub name or path, num_labels=1) or a module:function scorer
     eval_reward: str = "toy.gold:score"  # scorer logged as eval/gold_reward (a model or module:function); '' for none
-    dataset: str = "toy/data"  # prompts: hub name, dir, jsonl/json/parquet file or save_to_disk dir (formats: README)
+    dataset: str = "toy/data"  # prompts: hub name, dir, jsonl/json/parquet file, save_to_disk dir (docs/real-models.md)
     train_split: str = "train"  # dataset split the rollout prompts are drawn from
     eval_split: str = "test"  # dataset split of the held-out evaluation prompts
     output_dir: str = ""  # metrics, TensorBoard, checkpoints and the final policy (default runs/<exp>__<seed>__<time>)
@@ -51,7 +51,7 @@ class Args:
     # ---- sampling and scoring
     max_new_tokens: int = 48  # longest response; a response without EOS by then is truncated and penalised
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
-    stop_strings: tuple[str, ...] = ()  # trlX's stop sequences, e.g. "Human:": a response is cut at the first (README)
+    stop_strings: tuple[str, ...] = ()  # trlX stop sequences, e.g. "Human:" (cut there; docs/real-models.md)
     temperature: float = 1.0  # sampling temperature; every log-prob is computed from logits / temperature
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
@@ -79,7 +79,7 @@ class Args:
     max_weight: float = 20.0  # weights are clipped at this value; 0 = no clip
     reward_clip: float = 10.0  # scores divided by their running std are clipped to +-reward_clip
     vf_coef: float = 1.0  # value loss weight
-    # ---- LoRA and scale (README: Scaling to real models)
+    # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
     lora_r: int = 16  # LoRA rank
     micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)

@@ -6,7 +6,7 @@ whitened over the whole batch, then update epochs over shuffled minibatches.
 PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe;
 `--recipe released` switches to the MOSS-RLHF release (github.com/OpenLMLab/MOSS-RLHF, train_ppo_en.sh): score /
 running_std, KL coef 0.01, no critic warm-up, LR warm-up then inverse-sqrt decay, AdamW eps 1e-6, no weight decay;
-README "PPO-max: paper vs released recipe" lists what still differs and why):
+docs/algorithms.md, "PPO-max", lists what still differs and why):
     r_t = -eta k1_t + [t = last] clip((score - running_mean) / running_std, -delta, delta),  eta FIXED
     no advantage whitening (`--norm-adv` on), one gradient-norm clip over policy and critic together,
     critic initialised from the reward model, `--critic-warmup-steps`, one update epoch, PPO-ptx.
@@ -37,7 +37,7 @@ class Args:
     model: str = "toy/policy"  # policy to train (hub name or path); also pi_ref and the value net's initial backbone
     reward_model: str = "toy/reward_model"  # reward model (hub name or path, num_labels=1) or a module:function scorer
     eval_reward: str = "toy.gold:score"  # scorer logged as eval/gold_reward (a model or module:function); '' for none
-    dataset: str = "toy/data"  # prompts: hub name, dir, jsonl/json/parquet file or save_to_disk dir (formats: README)
+    dataset: str = "toy/data"  # prompts: hub name, dir, jsonl/json/parquet file, save_to_disk dir (docs/real-models.md)
     train_split: str = "train"  # dataset split the rollout prompts are drawn from
     eval_split: str = "test"  # dataset split of the held-out evaluation prompts
     output_dir: str = ""  # metrics, TensorBoard, checkpoints and the final policy (default runs/<exp>__<seed>__<time>)
@@ -55,7 +55,7 @@ class Args:
     # ---- sampling and scoring
     max_new_tokens: int = 48  # longest response; a response without EOS by then is truncated and penalised
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
-    stop_strings: tuple[str, ...] = ()  # trlX's stop sequences, e.g. "Human:": a response is cut at the first (README)
+    stop_strings: tuple[str, ...] = ()  # trlX stop sequences, e.g. "Human:" (cut there; docs/real-models.md)
     temperature: float = 1.0  # sampling temperature; every log-prob is computed from logits / temperature
     use_generation_config: bool = False
     """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
@@ -91,7 +91,7 @@ class Args:
     critic_warmup_steps: int | None = None  # first rollout batches train only the critic (default: 4 paper, 0 released)
     lr_warmup_steps: int = 100  # released recipe: LR warm-up steps (linear from 0.1 lr), then lr x sqrt(warmup / step)
     ptx_coef: float = 0.0  # PPO-ptx: weight of the token-mean NLL of the dataset's chosen responses in the policy loss
-    # ---- LoRA and scale (README: Scaling to real models)
+    # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
     lora_r: int = 16  # LoRA rank
     micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)

@@ -7,7 +7,7 @@ RM reward against KL on the same axes shows reward over-optimisation (Gao et al.
 gold flattens or falls.
 
     python bench/frontier.py                      # toy regime: each script's lr, 640 samples, 4 values x 3 seeds
-    python bench/frontier.py --regime paper       # learning rates / 20 and 4x the samples (slower, see README)
+    python bench/frontier.py --regime paper       # learning rates / 20 and 4x the samples (slower, see docs/results.md)
     python bench/frontier.py --mode smoke         # CI: two knob values, one seed, a few samples
     python bench/frontier.py --reuse              # keep finished runs: resume an interrupted sweep, or re-plot
 

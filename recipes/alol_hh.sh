@@ -10,7 +10,7 @@
 #
 # Hub names are variables (BASE_MODEL, SFT_ADAPTER, DATASET, REWARD_CHECKPOINT, EVAL_REWARD_CHECKPOINT); the SFT
 # policy is merged once into POLICY, the reward models converted into REWARD_DIR / EVAL_REWARD_DIR and the dialogues
-# written as conversations into DATA_DIR. DRY_RUN=1 prints the commands. README "Recipes" lists what still differs.
+# written as conversations into DATA_DIR. DRY_RUN=1 prints the commands. docs/recipes.md lists what still differs.
 set -euo pipefail
 usage="usage: recipes/alol_hh.sh a-lol|a-lol-ref-free|a-lol-seq|a-lol-kl|r-lol|wbc|nll [flags...]"
 variant=${1:?$usage}

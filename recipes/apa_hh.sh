@@ -9,7 +9,7 @@
 #
 # Every hub name is a variable (POLICY, DATASET, REWARD_CHECKPOINT, REWARD_REVISION, REWARD_BASE, REWARD_TOKENIZER);
 # the reward checkpoint is converted once into REWARD_DIR (recipes/convert_reward_model.py). DRY_RUN=1 prints
-# the commands instead of running them. README "Recipes" lists what still differs from the authors' runs, and why.
+# the commands instead of running them. docs/recipes.md lists what still differs from the authors' runs, and why.
 set -euo pipefail
 usage="usage: recipes/apa_hh.sh ppo|apa|awr 125m|1b|6.9b [flags...]"
 algorithm=${1:?$usage}

@@ -2,7 +2,7 @@
 
 The A-LoL authors' SFT policy is huggyllama/llama-7b plus the QLoRA adapter timdettmers/qlora-hh-rlhf-7b (they
 trained that adapter further, in 4 bits); here it is merged once into a bfloat16 model, and `--use-lora` trains a
-new adapter on it (README "Recipes" lists the difference).
+new adapter on it (docs/recipes.md lists the difference).
 
     python recipes/merge_adapter.py --base huggyllama/llama-7b --adapter timdettmers/qlora-hh-rlhf-7b \\
         --output-dir models/llama-7b-qlora-hh

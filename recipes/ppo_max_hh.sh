@@ -10,7 +10,7 @@
 # The release distributes its models as weight diffs against LLaMA-7B: recover them first with MOSS-RLHF's
 # merge_weight_en.py into POLICY and REWARD_CHECKPOINT (the defaults are its paths). The reward model is converted
 # once into REWARD_DIR and the dialogues written as conversations into DATA_DIR. DRY_RUN=1 prints the commands.
-# README "Recipes" lists what still differs from the authors' runs, and why.
+# docs/recipes.md lists what still differs from the authors' runs, and why.
 set -euo pipefail
 usage="usage: recipes/ppo_max_hh.sh paper|released [flags...]"
 recipe=${1:?$usage}

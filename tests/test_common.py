@@ -210,6 +210,12 @@ def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
     metrics = evaluation_metrics(
         lambda p, r, e: torch.tensor([1.0, 3.0]), None, ["p", "q"], ["a b a", "a b"], ended, kl, mask, ns=(1, 2)
     )
+    assert metrics.pop("samples") == [  # what samples.jsonl gets, in prompt order
+        {"index": 0, "prompt": "p", "response": "a b a", "reward": 1.0, "gold_reward": None, "kl": 1.0, "length": 2,
+         "ended": True},
+        {"index": 1, "prompt": "q", "response": "a b", "reward": 3.0, "gold_reward": None, "kl": 1.0, "length": 1,
+         "ended": False},
+    ]  # fmt: skip
     assert metrics == pytest.approx(
         {
             "eval/reward": 2.0,
@@ -293,11 +299,32 @@ def test_generation_keeps_a_16_bit_kv_cache_under_autocast_with_the_same_samples
     assert kv_cache(policy, queries.device) is None  # no autocast: the model's own cache
 
 
-def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update():
+def test_length_groups_split_rows_only_where_padding_costs_more_than_a_call(monkeypatch):
+    import common
+
+    # 64 rows of the plain toy (16-token prompts, responses of 12 to 48): splitting saves less than a call costs
+    responses = [12 + i % 37 for i in range(64)]
+    assert common.length_groups([16] * 64, responses, 64, 64 * 64) == [sorted(range(64), key=lambda i: -responses[i])]
+    # one 496-token prompt among 14-token ones: one call would compute 8 x 544 = 4,352 tokens (+ 1,024 for the call),
+    # two compute 544 + 7 x 62 = 978 (+ 2,048)
+    assert common.length_groups([14, 14, 496, 14, 14, 14, 14, 14], [48] * 8, 8, 8 * 544) == [[2], [0, 1, 3, 4, 5, 6, 7]]
+    # the memory budget: at most 3 rows or 3 x 64 tokens per call, even where one call would cost less
+    assert sorted(len(g) for g in common.length_groups([16] * 8, [48] * 8, 3, 3 * 64)) == [2, 3, 3]
+    monkeypatch.setattr(common, "CALL_TOKENS", 0)  # free calls: no padding at all
+    responses = [5, 9, 5, 9, 7, 7]
+    groups = common.length_groups([16] * 6, responses, 6, 6 * 25)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(len({responses[i] for i in g}) == 1 for g in groups)
+
+
+def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update(monkeypatch):
     """Rows of different lengths: the no-grad pass in sorted, trimmed chunks and the update in sorted, trimmed,
     token-budget micro-batches give the log-probs, loss and gradients of one pass over the full padded batch."""
+    import common
     from common import chunked_logprobs, pad_pairs, token_micro_batches
     from models import load_causal_lm
+
+    monkeypatch.setattr(common, "CALL_TOKENS", 32)  # split these short rows as it would split long ones
 
     policy = load_causal_lm("toy/policy", torch.float32)
     generator = torch.Generator().manual_seed(0)

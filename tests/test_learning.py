@@ -1,5 +1,5 @@
 """Learning: a short default run reaches a true (gold) reward on held-out prompts that broken variants do not, with
-bounded KL. The margins were measured (README "Tests"): seed 1 is what runs here; seeds 2 and 3 and the broken
+bounded KL. The margins were measured (docs/tests.md): seed 1 is what runs here; seeds 2 and 3 and the broken
 variants (bench/mutants.py's lines) show the room on each side."""
 
 import pytest
