@@ -12,9 +12,8 @@ detached (sequence sums, not length-normalised):
     a-lol-kl: A+ S + beta_kl (log pi(y|x) - log pi_ref(y|x))    r-lol: r rho S    wbc: r S    nll: S
 Training examples are drawn with replacement in proportion to A+ (to r for r-lol and wbc): priority sampling.
 
-This is the offline script, not a diff of ppo.py: there is no rollout loop, value network or KL penalty. Its
-loading, evaluation, LoRA, logging and checkpoint code uses the online scripts' names (policy, ref_policy,
-policy_optimizer, evaluate, iteration), so a reader moving between the files recognises them.
+Not a diff of ppo.py (no rollout loop, value network or KL penalty), but its loading, evaluation, logging and
+checkpoint code uses the online scripts' names (policy, ref_policy, evaluate, iteration...) for a reader of both.
 """
 
 import os
@@ -28,8 +27,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 import common
-import data
-import models
+from plumbing import data, models, padding, run
 
 
 @dataclass
@@ -48,8 +46,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_steps: int = 400  # gradient steps (the authors: 9000 x the fraction of rows with positive advantage)
     batch_size: int = 16  # examples per gradient step, summed over all ranks
@@ -59,16 +56,9 @@ class Args:
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
     stop_strings: tuple[str, ...] = ()  # trlX stop sequences, e.g. "Human:" (cut there; docs/real-models.md)
     temperature: float = 1.0  # sampling temperature of evaluation and of pi_ref's samples for V_ref
-    use_generation_config: bool = False
-    """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
-    distribution whose log-probs the losses use"""
-    reward_append_eos: Literal["ended", "always", "never"] = "ended"
-    """append the reward tokenizer's EOS to the text of a response that ended with a stop token (TRL's RewardTrainer
-    trains on text + EOS; the toy's reward model too), to every response (trlX's HH reward function), or never; not
-    after a chat template's own end-of-turn"""
-    reward_input: Literal["auto", "text", "pair"] = "auto"
-    """text: the reward model reads prompt + response as one sequence; pair: tokenizer(prompt, response), two segments
-    (OpenAssistant's DeBERTa reward models); auto: pair when its tokenizer has CLS and SEP tokens (an encoder's)"""
+    use_generation_config: bool = False  # also apply generation_config.json (off: sample exactly softmax(logits / T))
+    reward_append_eos: Literal["ended", "always", "never"] = "ended"  # EOS after ended responses, all (trlX) or none
+    reward_input: Literal["auto", "text", "pair"] = "auto"  # text, or (prompt, response) pair; auto: pair for encoders
     reward_score_at: Literal["last", "first-eos"] = "last"  # read a decoder RM at its last token, or first EOS (trlX)
     reward_truncate: bool = True  # left-truncate reward-model inputs over its max length; off: stop with an error
     missing_eos_penalty: float = 1.0  # subtracted from the score of a sampled response that never emits EOS (0 = off)
@@ -106,6 +96,11 @@ class Args:
     track: bool = False  # log to Weights & Biases
     wandb_project: str = "rlhf-reference"  # wandb project name
     push_to_hub: str = ""  # at the end, upload policy/ (and adapter/) to this hub repository, e.g. me/ppo-1b
+
+
+# ALGO LOGIC: the ranges of A-LoL's own flags (plumbing/run.py checks those every script shares)
+POSITIVE_FLAGS = "total_steps batch_size log_every value_samples value_epochs clip_eps"
+NON_NEGATIVE_FLAGS = "kl_beta"
 
 
 # ALGO LOGIC: the pieces of A-LoL, as plain functions the tests import
@@ -168,9 +163,8 @@ def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: 
     the best held-out loss is kept. Returns (head, stats)."""
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.unique(prompt_ids)
-    held_out = torch.isin(
-        prompt_ids, prompts[torch.randperm(len(prompts), generator=generator)[: max(1, len(prompts) // 5)]]
-    )
+    held_out_prompts = prompts[torch.randperm(len(prompts), generator=generator)[: max(1, len(prompts) // 5)]]
+    held_out = torch.isin(prompt_ids, held_out_prompts)
     torch.manual_seed(seed)
     head = ValueHead(features.shape[1]).to(features.device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
@@ -195,32 +189,28 @@ def fit_value_head(features, targets, prompt_ids, epochs: int, lr: float, seed: 
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = common.setup_distributed(args.dist_timeout)
-    common.check_flags(args, args.batch_size // world_size, world_size)
+    rank, world_size, device = run.setup_distributed(args.dist_timeout)
+    run.check_flags(args, world_size, args.batch_size // world_size, POSITIVE_FLAGS, NON_NEGATIVE_FLAGS)
     if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
+        run.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks; make it a multiple")
     if args.value_greedy and args.value_samples != 1:
-        common.fail(f"--value-greedy gives one sample per prompt; pass --value-samples 1 (not {args.value_samples})")
-    output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    common.check_output_dir(output_dir, args.resume)
+        run.fail(f"--value-greedy gives one sample per prompt; pass --value-samples 1 (not {args.value_samples})")
+    output_dir = args.output_dir or run.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    run.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = run.resolve_dtype(args.dtype, device)
     chunk = args.rollout_forward_batch_size  # rows per no-grad forward pass (scoring, V_ref, evaluation, pi_ref)
 
     # ---- tokenizer and data first: a bad dataset stops the run before any model is loaded
     tokenizer = models.load_tokenizer(args.model, args.trust_remote_code, args.chat_template)
     train_rows, response_texts = data.load_rows(args.dataset, args.train_split, args.response_column)
     if response_texts is None or None in response_texts:
-        common.fail(
-            f"--dataset '{args.dataset}' has no '{args.response_column}' column or assistant turn in a row; "
-            "pass --response-column or complete the conversations"
-        )
+        run.fail(f"--dataset '{args.dataset}' lacks a '{args.response_column}' column or assistant turn; fix --dataset")
     train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
-    # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
+    # Generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists.
     stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
-    # a response continues its prompt as the policy would write it (tokens + EOS, or the chat template's assistant
-    # turn). One that fits ends with its stop token; a longer one is cut and, like a sample that never stopped, keeps
-    # none and is penalised
+    # A response continues its prompt as the policy would write it (its tokens + EOS, or the chat template's turn);
+    # one longer than --max-new-tokens is cut and, like a sample that never stopped, keeps no EOS and is penalised.
     response_ids = data.tokenize_responses(tokenizer, train_rows, response_texts, stop_ids.tolist())
     train_ended = torch.tensor([len(ids) <= args.max_new_tokens for ids in response_ids])
     train_responses = [ids[: args.max_new_tokens] for ids in response_ids]
@@ -229,22 +219,12 @@ def main():
     eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
     eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size :]
     if not value_prompts:
-        common.fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
-    # ---- models: policy, reference (the policy with its adapter off under LoRA), scorers; each is prepared as
-    # soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
-    # trained weights in float32; LoRA's frozen base in dtype (float32 too under --fsdp: one dtype per shard group)
-    weights_dtype = dtype if args.use_lora and not args.fsdp else torch.float32
-    models.load_on_rank_0(args.fsdp)  # under --fsdp only rank 0 reads checkpoints; the others get their shards
-    policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
-    if args.use_lora:
-        policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = models.prepare_model(policy, args, dtype, device, world_size, train=True)
+        run.fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
+    # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the scorers
+    # (eval_score_fn: None without --eval-reward)
+    policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
-    ref_policy = None
-    if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = models.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = models.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
+    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -258,13 +238,8 @@ def main():
     # pi_ref's samples for V_ref: sampled like the evaluation, or greedy (the A-LoL authors': one per prompt)
     greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None} if args.value_greedy else {}
     value_generation_config = GenerationConfig(**{**generation_config.to_dict(), **greedy})
-    policy_optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=args.lr,
-        betas=args.adam_betas,
-        weight_decay=args.weight_decay,
-        fused=device.type == "cuda",
-    )
+    adamw = dict(betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    policy_optimizer = torch.optim.AdamW(models.trainable(policy), lr=args.lr, **adamw)
     trained = {"policy": (policy, policy_optimizer)}  # saved in every checkpoint, restored by --resume
 
     @torch.no_grad()
@@ -272,43 +247,29 @@ def main():
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         queries, query_mask = common.left_pad(eval_prompts[rank::world_size], tokenizer.pad_token_id, device)
-        with common.autocast(device, dtype):
+        with common.autocast(device, dtype):  # (the unwrapped policy: DDP's wrapper has no generate)
             responses, response_mask = common.generate(
                 unwrapped_policy, queries, query_mask, generation_config, chunk, tokenizer
             )
         if args.stop_strings:  # trlX's stop sequences: cut at the first, stripped, ended with EOS, re-tokenized
             responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
-        input_ids = torch.cat([queries, responses], 1)
-        attention_mask = torch.cat([query_mask, response_mask], 1)
-        logprobs = common.chunked_logprobs(
-            unwrapped_policy, input_ids, attention_mask, responses, args.temperature, chunk, dtype
-        )
+        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        temp = args.temperature
+        logprobs = common.chunked_logprobs(unwrapped_policy, input_ids, attention_mask, responses, temp, chunk, dtype)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(
-                ref_model, input_ids, attention_mask, responses, args.temperature, chunk, dtype
-            )
+            ref_logprobs = common.chunked_logprobs(ref_model, input_ids, attention_mask, responses, temp, chunk, dtype)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = data.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = data.response_texts(tokenizer, queries, responses)
         ended = torch.isin(responses, stop_ids).any(1)
-        return common.evaluation_metrics(
+        return run.evaluation_metrics(
             score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3)
         )
 
-    @torch.no_grad()
     def prompt_features(prompts: list[list[int]]) -> torch.Tensor:
-        """Masked mean of the frozen reference's last hidden states over each prompt (no grad, chunked)."""
-        features = []
-        with models.reference_model(unwrapped_policy, ref_policy) as ref_model, common.gathered(ref_model):
-            for i in range(0, len(prompts), chunk):
-                ids, mask = common.left_pad(prompts[i : i + chunk], tokenizer.pad_token_id, device)
-                positions = common.position_ids(mask)
-                with common.autocast(device, dtype):
-                    hidden = ref_model(
-                        input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
-                    ).hidden_states[-1]
-                features.append((hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-        return torch.cat(features)
+        """V_ref's input: the masked mean of the frozen reference's last hidden states over each prompt."""
+        with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
+            return common.chunked_prompt_features(ref_model, prompts, tokenizer.pad_token_id, chunk, dtype)
 
     def rewards_of(prompts, rows, responses, ended) -> torch.Tensor:
         """r(x, y) of (prompt, response) token ids (ALGO LOGIC: rewards_from_scores)."""
@@ -328,17 +289,15 @@ def main():
         rewards, ref_values = checkpoint["rewards"], checkpoint["ref_values"]
     else:
         # ---- score every training pair once (this rank's block, then gathered)
-        t0 = common.now(device)
+        t0 = run.clock(device)
         block = shard(len(train_prompts))
         pair_ended = train_ended[block].to(device)
         rewards = rewards_of(train_prompts[block], train_rows[block], train_responses[block], pair_ended)
-        rewards = torch.tensor(common.all_gather_list(rewards.tolist()))
+        rewards = torch.tensor(run.all_gather_list(rewards.tolist()))
         # ---- fit V_ref on the rewards of pi_ref's own samples for the held-out prompts
-        t1 = common.now(device)
-        block = shard(len(value_prompts))
-        queries, query_mask = common.left_pad(value_prompts[block], tokenizer.pad_token_id, device)
-        queries = queries.repeat(args.value_samples, 1)  # row s * prompts + i: sample s of prompt i
-        query_mask = query_mask.repeat(args.value_samples, 1)
+        t1 = run.clock(device)
+        block = shard(len(value_prompts))  # row s * prompts + i of the queries: sample s of prompt i
+        queries, query_mask = common.left_pad(value_prompts[block] * args.value_samples, tokenizer.pad_token_id, device)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model, common.autocast(device, dtype):
             responses, response_mask = common.generate(
                 ref_model, queries, query_mask, value_generation_config, chunk, tokenizer
@@ -348,7 +307,7 @@ def main():
         responses = torch.where(response_mask, responses, tokenizer.pad_token_id)  # nothing after the stop token
         sample_ended = torch.isin(responses, stop_ids).any(1)
         sample_scores = rewards_of(queries, value_rows[block] * args.value_samples, responses, sample_ended)
-        sample_scores = torch.tensor(common.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
+        sample_scores = torch.tensor(run.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)
         sample_features = features.repeat_interleave(args.value_samples, 0).cpu()  # one row per sample
@@ -356,30 +315,29 @@ def main():
             sample_features, sample_scores.reshape(-1), prompt_ids, args.value_epochs, args.value_lr, args.seed
         )
         block = shard(len(train_prompts))
-        ref_values = torch.tensor(common.all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
-        setup_metrics["time/score_dataset"], setup_metrics["time/fit_value"] = t1 - t0, common.now(device) - t1
+        ref_values = torch.tensor(run.all_gather_list(head(prompt_features(train_prompts[block]).cpu()).tolist()))
+        setup_metrics["time/score_dataset"], setup_metrics["time/fit_value"] = t1 - t0, run.clock(device) - t1
     # ALGO LOGIC: advantages and the loss (and sampling) weights of each variant
     advantages, sampling_weights = advantages_and_weights(rewards, ref_values, args.variant)  # on the host: no sync
     priority = args.sampling == "priority" or (args.sampling == "auto" and args.variant != "nll")
     kept = sampling_weights > 0
     if not kept.any():
-        common.fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
-    setup_metrics.update(
-        {"train/kept_fraction": kept.float().mean().item(), "train/advantage_mean": advantages.mean().item()}
-    )
+        run.fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
+    setup_metrics["train/kept_fraction"] = kept.float().mean().item()
+    setup_metrics["train/advantage_mean"] = advantages.mean().item()
     weights = sampling_weights.to(device)
     row_counts = torch.ones(len(train_prompts), device=device)  # every example counts once in a batch's mean
 
-    common.barrier()  # every rank has checked the output directory before rank 0 creates it
+    run.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    logger = common.Logger(output_dir, args, rank, args.total_steps, start_iteration)
+    logger = run.Logger(output_dir, args, rank, args.total_steps, start_iteration)
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy and the setup
         logger.log({"iteration": 0, "episodes": 0, **setup_metrics, **eval_metrics})
 
     stats = []  # per-iteration statistics since the last logged row
-    t_start = common.now(device)
+    t_start = run.clock(device)
     for iteration in range(start_iteration + 1, args.total_steps + 1):
         # the global batch is drawn the same way for any number of ranks; this rank trains on its share
         generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration)
@@ -392,7 +350,7 @@ def main():
             input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
             )
-            common.count_padding("update", attention_mask.sum(), attention_mask.numel())
+            padding.count_padding("update", attention_mask.sum(), attention_mask.numel())
             # offline: T = 1; no grad, so DDP's module is not used here
             with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
                 ref_logprobs = common.chunked_logprobs(
@@ -424,16 +382,16 @@ def main():
         if iteration % args.log_every == 0 or iteration == args.total_steps or iteration % args.eval_every == 0:
             means = common.all_reduce_sum(torch.stack(stats).mean(0)) / world_size
             if not torch.isfinite(means).all():
-                common.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
-            elapsed = common.now(device) - t_start
+                run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
+            elapsed = run.clock(device) - t_start
             row = {
                 "iteration": iteration,
                 "episodes": iteration * args.batch_size,
                 **dict(zip(step_stats, means.tolist())),
                 "time/update": elapsed / len(stats),
                 "time/samples_per_s": len(stats) * args.batch_size / elapsed,
-                "time/peak_memory_gb": common.peak_memory_gb(device),
-                **common.padding_fractions(),  # padding / computed tokens (each micro-batch padded to its own rows)
+                "time/peak_memory_gb": run.peak_memory_gb(device),
+                **padding.padding_fractions(),  # padding / computed tokens (each micro-batch padded to its own rows)
             }
             if iteration % args.eval_every == 0 or iteration == args.total_steps:
                 eval_metrics = {"eval/iteration": iteration, **evaluate()}
@@ -441,22 +399,14 @@ def main():
                 row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
             stats = []  # per-iteration statistics since the last logged row
-            t_start = common.now(device)
+            t_start = run.clock(device)
         if args.save_every and (iteration % args.save_every == 0 or iteration == args.total_steps):
-            models.save_checkpoint(
-                output_dir,
-                trained,
-                {
-                    "iteration": iteration,
-                    "args": asdict(args),
-                    "rewards": rewards,
-                    "ref_values": ref_values,
-                },
-            )
+            state = {"iteration": iteration, "args": asdict(args), "rewards": rewards, "ref_values": ref_values}
+            models.save_checkpoint(output_dir, trained, state)
 
     models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    common.close_distributed()
+    run.close_distributed()
 
 
 if __name__ == "__main__":

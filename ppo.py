@@ -21,8 +21,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-import data
-import models
+from plumbing import data, models, padding, run
 
 
 @dataclass
@@ -40,8 +39,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_episodes: int = 4096  # sampled responses to train on (iterations = total_episodes // rollout_batch_size)
     rollout_batch_size: int = 64  # prompts per iteration, summed over all ranks
@@ -53,16 +51,9 @@ class Args:
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
     stop_strings: tuple[str, ...] = ()  # trlX stop sequences, e.g. "Human:" (cut there; docs/real-models.md)
     temperature: float = 1.0  # sampling temperature; every log-prob is computed from logits / temperature
-    use_generation_config: bool = False
-    """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
-    distribution whose log-probs the losses use"""
-    reward_append_eos: Literal["ended", "always", "never"] = "ended"
-    """append the reward tokenizer's EOS to the text of a response that ended with a stop token (TRL's RewardTrainer
-    trains on text + EOS; the toy's reward model too), to every response (trlX's HH reward function), or never; not
-    after a chat template's own end-of-turn"""
-    reward_input: Literal["auto", "text", "pair"] = "auto"
-    """text: the reward model reads prompt + response as one sequence; pair: tokenizer(prompt, response), two segments
-    (OpenAssistant's DeBERTa reward models); auto: pair when its tokenizer has CLS and SEP tokens (an encoder's)"""
+    use_generation_config: bool = False  # also apply generation_config.json (off: sample exactly softmax(logits / T))
+    reward_append_eos: Literal["ended", "always", "never"] = "ended"  # EOS after ended responses, all (trlX) or none
+    reward_input: Literal["auto", "text", "pair"] = "auto"  # text, or (prompt, response) pair; auto: pair for encoders
     reward_score_at: Literal["last", "first-eos"] = "last"  # read a decoder RM at its last token, or first EOS (trlX)
     reward_truncate: bool = True  # left-truncate reward-model inputs over its max length (train/reward_truncated)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits EOS (0 = off)
@@ -104,6 +95,11 @@ class Args:
     push_to_hub: str = ""  # at the end, upload policy/ (and adapter/) to this hub repository, e.g. me/ppo-1b
 
 
+# ALGO LOGIC: the ranges of PPO's own flags (plumbing/run.py checks those every script shares)
+POSITIVE_FLAGS = "kl_horizon reward_clip clip_eps value_clip"
+NON_NEGATIVE_FLAGS = "kl_coef kl_target vf_coef"
+
+
 def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
     """GAE (Schulman et al. 2016, eq. 16) over response tokens; V after the last real token is 0 (the episode ends
     there). Returns (advantages, returns)."""
@@ -143,6 +139,14 @@ def adaptive_kl_update(kl_coef: float, kl: float, kl_target: float, n: int, hori
     return kl_coef * (1 + error * n / horizon)
 
 
+def authors_kl_input(logprobs, ref_logprobs, attention_mask, world_size: int) -> float:
+    """The APA authors' controller input (--kl-control apa-authors): k3 = exp(d) - 1 - d of d = log pi - log pi_ref
+    at every position of prompt and response (`logprobs` of input_ids[:, 1:]), padding counted as 0, averaged over
+    the positions, then over ranks."""
+    d = (logprobs - ref_logprobs) * attention_mask[:, :-1]
+    return common.all_reduce_sum((d.exp() - 1 - d).mean()).item() / world_size
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
     """Clipped surrogate; returns (loss, stats)."""
     ratio = torch.exp(logprobs - old_logprobs)
@@ -162,12 +166,12 @@ def value_loss(values, old_values, returns, mask, value_clip: float):
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = common.setup_distributed(args.dist_timeout)
-    common.check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size, args)
-    output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    common.check_output_dir(output_dir, args.resume)
+    rank, world_size, device = run.setup_distributed(args.dist_timeout)
+    run.check_batch_sizes(args, world_size, POSITIVE_FLAGS, NON_NEGATIVE_FLAGS)
+    output_dir = args.output_dir or run.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    run.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = run.resolve_dtype(args.dtype, device)
     local_batch, local_mini_batch = args.rollout_batch_size // world_size, args.mini_batch_size // world_size
     num_iterations = args.total_episodes // args.rollout_batch_size
 
@@ -177,27 +181,14 @@ def main():
     eval_rows = data.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
     train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
     eval_prompts = data.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
-    # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
+    # Generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists.
     stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
-    # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
-    # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
-    # trained weights in float32; LoRA's frozen base in dtype (float32 too under --fsdp: one dtype per shard group)
-    weights_dtype = dtype if args.use_lora and not args.fsdp else torch.float32
-    models.load_on_rank_0(args.fsdp)  # under --fsdp only rank 0 reads checkpoints; the others get their shards
-    policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
-    if args.use_lora:
-        policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = models.prepare_model(policy, args, dtype, device, world_size, train=True)
+    # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the value network (the
+    # policy's backbone and a new head), the scorers (eval_score_fn: None without --eval-reward)
+    policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
-    value_model = models.load_value_model(args.model, weights_dtype, "--model", args.trust_remote_code)
-    if args.use_lora:
-        value_model.model = models.add_lora(value_model.model, args.lora_r, "SEQ_CLS")
-    value_model = models.prepare_model(value_model, args, dtype, device, world_size, train=True)
-    ref_policy = None
-    if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = models.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = models.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
+    value_model = models.value_network(args.model, "--model", args, device)
+    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -209,21 +200,10 @@ def main():
         stop_strings=args.stop_strings or None,
     )
 
-    policy_optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=args.lr,
-        betas=args.adam_betas,
-        weight_decay=args.weight_decay,
-        fused=device.type == "cuda",
-    )
-    value_optimizer = torch.optim.AdamW(
-        [p for p in value_model.parameters() if p.requires_grad],
-        lr=args.value_lr,
-        betas=args.adam_betas,
-        weight_decay=args.weight_decay,
-        fused=device.type == "cuda",
-    )
-    # the trained (model, optimizer) pairs: saved in every checkpoint, restored by --resume
+    adamw = dict(betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    policy_optimizer = torch.optim.AdamW(models.trainable(policy), lr=args.lr, **adamw)
+    value_optimizer = torch.optim.AdamW(models.trainable(value_model), lr=args.value_lr, **adamw)
+    # The trained (model, optimizer) pairs are saved in every checkpoint and restored by --resume.
     trained = {"policy": (policy, policy_optimizer), "value_model": (value_model, value_optimizer)}
     score_stats = common.RunningMoments()
     kl_coef = args.kl_coef  # ALGO LOGIC: the adaptive KL controller's state
@@ -233,26 +213,22 @@ def main():
         start_iteration = checkpoint["iteration"]
         kl_coef = checkpoint["kl_coef"]  # ALGO LOGIC
         score_stats.load_state_dict(checkpoint["score_stats"])
-    common.barrier()  # every rank has checked the output directory before rank 0 creates it
+    run.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    logger = common.Logger(output_dir, args, rank, num_iterations, start_iteration)
+    logger = run.Logger(output_dir, args, rank, num_iterations, start_iteration)
 
     @torch.no_grad()
-    def forward_passes(input_ids, attention_mask, responses, with_values=True):
-        """Rollout-time log-probs of the policy and the reference, and values: no grad, in chunks, one model at a time
-        (under --fsdp each model is gathered once per pass)."""
-        size, temperature = args.rollout_forward_batch_size, args.temperature
-        logprobs = common.chunked_logprobs(
-            unwrapped_policy, input_ids, attention_mask, responses, temperature, size, dtype
-        )
+    def logprobs_and_values(input_ids, attention_mask, responses, with_values=True):
+        """The rollout-time log-probs of `responses` (the last columns of input_ids) under the policy and under pi_ref,
+        and the values: no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass)."""
+        chunk, temp = args.rollout_forward_batch_size, args.temperature
+        logprobs = common.chunked_logprobs(unwrapped_policy, input_ids, attention_mask, responses, temp, chunk, dtype)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(
-                ref_model, input_ids, attention_mask, responses, temperature, size, dtype
-            )
+            ref_logprobs = common.chunked_logprobs(ref_model, input_ids, attention_mask, responses, temp, chunk, dtype)
         values = None
-        if with_values:  # V(s_t) is read at the token before a_t
-            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], size, dtype)
+        if with_values:  # V(s_t) is read at the token before a_t.
+            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], chunk, dtype)
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
@@ -270,40 +246,36 @@ def main():
         ended = torch.isin(responses, stop_ids).any(1)  # (B,): stopped by itself, not cut at --max-new-tokens
         prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
         response_texts = data.response_texts(tokenizer, queries, responses)
-        return input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts
+        return common.Rollout(input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts)
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
-        input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
-            eval_prompts[rank::world_size], eval_rows[rank::world_size]
-        )
-        logprobs, ref_logprobs, _ = forward_passes(input_ids, attention_mask, responses, with_values=False)
-        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        return common.evaluation_metrics(
-            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask
+        r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
+        logprobs, ref_logprobs, _ = logprobs_and_values(r.input_ids, r.attention_mask, r.responses, with_values=False)
+        kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
+        return run.evaluation_metrics(
+            score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
         )
 
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
         logger.log({"iteration": 0, "episodes": 0, **eval_metrics})
     for iteration in range(start_iteration + 1, num_iterations + 1):
-        # resumable: all randomness of an iteration is a function of (seed, iteration, rank)
+        # All randomness of an iteration is a function of (seed, iteration, rank), so --resume repeats it exactly.
         torch.manual_seed(args.seed + 10_000 * iteration + rank)
-        t_start = common.now(device)
+        t_start, n = run.clock(device), args.rollout_batch_size
         # ---- rollout: sample responses to this rank's share of the prompts
-        indices = data.prompt_indices(
-            len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
-        )
+        indices = data.prompt_indices(len(train_prompts), n, iteration - 1, args.seed, rank, world_size)
         input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
             [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
         )
         context_length = input_ids.shape[1] - responses.shape[1]
-        t_generate = common.now(device)
+        t_generate = run.clock(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
-        logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses)
+        logprobs, ref_logprobs, values = logprobs_and_values(input_ids, attention_mask, responses)
         scores = score_fn(prompt_texts, response_texts, ended)
         scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
@@ -319,29 +291,28 @@ def main():
                 "train/missing_eos_rate": ~ended,
             }
         )
-        kl_coef_used = kl_coef  # ALGO LOGIC: adapt beta to this batch's KL
+        # ALGO LOGIC: the KL controller's input; trlx adapts beta to it now, apa-authors after each minibatch
+        kl_coef_used, kl_control_input = kl_coef, rollout_stats["train/kl"]
         if args.kl_control == "trlx":
-            kl_coef = adaptive_kl_update(
-                kl_coef, rollout_stats["train/kl"], args.kl_target, args.rollout_batch_size, args.kl_horizon
-            )
-        else:  # the APA authors' controller input: exp(d) - 1 - d of d = log pi - log pi_ref at every position
-            all_logprobs, all_ref_logprobs, _ = forward_passes(input_ids, attention_mask, input_ids[:, 1:], False)
-            d = (all_logprobs - all_ref_logprobs) * attention_mask[:, :-1]
-            authors_kl = common.all_reduce_sum((d.exp() - 1 - d).mean()).item() / world_size
-        t_score = common.now(device)
+            kl_coef = adaptive_kl_update(kl_coef, kl_control_input, args.kl_target, n, args.kl_horizon)
+        else:  # a pass over every position of prompt and response (the log-probs of input_ids[:, 1:])
+            passes = logprobs_and_values(input_ids, attention_mask, input_ids[:, 1:], with_values=False)
+            kl_control_input = authors_kl_input(*passes[:2], attention_mask, world_size)
+        t_score = run.clock(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
-        stats = []
+        per_minibatch = []  # each minibatch's statistics (a (K,) tensor), stacked after the update
         permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
-        if args.kl_control == "apa-authors":  # ALGO LOGIC: their PPO epochs are consecutive steps on one minibatch
+        if args.kl_control == "apa-authors":  # ALGO LOGIC: their epochs are consecutive steps on each minibatch
             schedule = [minibatch for minibatch in schedule[: local_batch // local_mini_batch] for _ in permutations]
         for minibatch in schedule:
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
-            # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
-            # (mb: its rows and response columns; seq: its rows and the columns they use, context of them the prompt's)
+            # A loss is a token mean over the whole minibatch on all ranks, so each micro-batch's is weighted by its
+            # share of those tokens. mb indexes its rows and response columns, seq its rows and the columns they use,
+            # of which the first `context` are the prompt's.
             for mb, seq, context, token_share, sync in common.token_micro_batches(
                 minibatch, attention_mask, context_length, args.micro_batch_size
             ):
@@ -349,7 +320,6 @@ def main():
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
                         new_values = value_model(input_ids[seq], attention_mask[seq])[:, context - 1 : -1]
-                    with common.autocast(device, dtype):
                         logits = common.response_logits(
                             policy, input_ids[seq], attention_mask[seq], context, args.temperature
                         )
@@ -359,7 +329,7 @@ def main():
                     vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
                     (pg_loss * token_share).backward()
                     (args.vf_coef * vf_loss * token_share).backward()
-                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
+                with torch.no_grad():  # rho = pi / pi_old is exactly 1 on the first minibatch.
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {
                         "loss/policy": pg_loss,
@@ -376,32 +346,31 @@ def main():
             policy_optimizer.step()
             torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
             value_optimizer.step()
-            stats.append(minibatch_stats)
-            if args.kl_control == "apa-authors" and len(stats) % args.update_epochs == 0:  # ALGO LOGIC: per minibatch
-                kl_coef = adaptive_kl_update(kl_coef, authors_kl, args.kl_target, local_mini_batch, args.kl_horizon)
-        stats = (
-            common.all_reduce_sum(torch.stack(stats)) / world_size
-        )  # (update_epochs * minibatches, K): one sync below
+            per_minibatch.append(minibatch_stats)
+            if args.kl_control == "apa-authors" and len(per_minibatch) % args.update_epochs == 0:  # ALGO LOGIC
+                kl_coef = adaptive_kl_update(
+                    kl_coef, kl_control_input, args.kl_target, local_mini_batch, args.kl_horizon
+                )
+        stats = common.all_reduce_sum(torch.stack(per_minibatch)) / world_size  # (minibatches, K), averaged over ranks
         if not torch.isfinite(stats).all():
-            common.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
-        t_end = common.now(device)
+            run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
+        t_end = run.clock(device)
 
         # ---- log, evaluate, checkpoint
-        # explained variance of the returns by the rollout-time values, over the whole batch on all ranks
+        # The explained variance of the returns by the rollout-time values, over the whole batch on all ranks.
         returns_mean = common.masked_mean(returns, response_mask, True)
         returns_var = common.masked_mean((returns - returns_mean) ** 2, response_mask, True)
         explained = 1 - common.masked_mean((returns - values) ** 2, response_mask, True) / returns_var
-        n = args.rollout_batch_size
-        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch
+        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
             **rollout_stats,
-            "train/reward_std": torch.tensor(common.all_gather_list(scores.tolist())).std().item(),
+            "train/reward_std": torch.tensor(run.all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
             "train/kl_coef": kl_coef_used,  # ALGO LOGIC: and what the controller was fed
-            "train/kl_control_input": rollout_stats["train/kl"] if args.kl_control == "trlx" else authors_kl,
+            "train/kl_control_input": kl_control_input,
             **dict(zip(mb_stats, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
@@ -414,8 +383,8 @@ def main():
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
             "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
-            "time/peak_memory_gb": common.peak_memory_gb(device),
-            **common.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
+            "time/peak_memory_gb": run.peak_memory_gb(device),
+            **padding.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
@@ -436,7 +405,7 @@ def main():
 
     models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    common.close_distributed()
+    run.close_distributed()
 
 
 if __name__ == "__main__":

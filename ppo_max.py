@@ -11,10 +11,10 @@ docs/algorithms.md, "PPO-max", lists what still differs and why):
     no advantage whitening (`--norm-adv` on), one gradient-norm clip over policy and critic together,
     critic initialised from the reward model, `--critic-warmup-steps`, one update epoch, PPO-ptx.
 
-`diff ppo.py ppo_max.py` shows only the `# ALGO LOGIC:` lines: the components above.
+`diff ppo.py ppo_max.py` shows the components above: `# ALGO LOGIC:` blocks and lines, and the lines they govern
+(the critic's path, AdamW's settings, the PPO-ptx micro-batches, the warm-up's optimizer step, the one clip).
 """
 
-import itertools
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -25,8 +25,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-import data
-import models
+from plumbing import data, models, padding, run
 
 
 @dataclass
@@ -44,8 +43,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """compute dtype (autocast; trained weights stay float32): auto = bfloat16 on CUDA, float32 on CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_episodes: int = 4096  # sampled responses to train on (iterations = total_episodes // rollout_batch_size)
     rollout_batch_size: int = 64  # prompts per iteration, summed over all ranks
@@ -57,16 +55,9 @@ class Args:
     max_prompt_length: int = 128  # prompts are left-truncated to this many tokens (the end of the dialogue is kept)
     stop_strings: tuple[str, ...] = ()  # trlX stop sequences, e.g. "Human:" (cut there; docs/real-models.md)
     temperature: float = 1.0  # sampling temperature; every log-prob is computed from logits / temperature
-    use_generation_config: bool = False
-    """also apply the policy's generation_config.json (repetition penalty, ...): the samples then no longer follow the
-    distribution whose log-probs the losses use"""
-    reward_append_eos: Literal["ended", "always", "never"] = "ended"
-    """append the reward tokenizer's EOS to the text of a response that ended with a stop token (TRL's RewardTrainer
-    trains on text + EOS; the toy's reward model too), to every response (trlX's HH reward function), or never; not
-    after a chat template's own end-of-turn"""
-    reward_input: Literal["auto", "text", "pair"] = "auto"
-    """text: the reward model reads prompt + response as one sequence; pair: tokenizer(prompt, response), two segments
-    (OpenAssistant's DeBERTa reward models); auto: pair when its tokenizer has CLS and SEP tokens (an encoder's)"""
+    use_generation_config: bool = False  # also apply generation_config.json (off: sample exactly softmax(logits / T))
+    reward_append_eos: Literal["ended", "always", "never"] = "ended"  # EOS after ended responses, all (trlX) or none
+    reward_input: Literal["auto", "text", "pair"] = "auto"  # text, or (prompt, response) pair; auto: pair for encoders
     reward_score_at: Literal["last", "first-eos"] = "last"  # read a decoder RM at its last token, or first EOS (trlX)
     reward_truncate: bool = True  # left-truncate reward-model inputs over its max length (train/reward_truncated)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits EOS (0 = off)
@@ -108,6 +99,11 @@ class Args:
     push_to_hub: str = ""  # at the end, upload policy/ (and adapter/) to this hub repository, e.g. me/ppo-1b
 
 
+# ALGO LOGIC: the ranges of PPO-max's own flags (plumbing/run.py checks those every script shares)
+POSITIVE_FLAGS = "reward_clip clip_eps value_clip lr_warmup_steps"
+NON_NEGATIVE_FLAGS = "kl_coef critic_warmup_steps vf_coef ptx_coef"
+
+
 def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
     """GAE (Schulman et al. 2016, eq. 16) over response tokens; V after the last real token is 0 (the episode ends
     there). Returns (advantages, returns)."""
@@ -123,8 +119,7 @@ def compute_gae(rewards, values, mask, gamma: float, gae_lambda: float):
 
 
 def compute_advantages(rewards, values, mask, gamma: float, gae_lambda: float, norm_adv: bool):
-    """GAE advantages (ALGO LOGIC: not whitened unless --norm-adv; when whitened, over every rank's real tokens),
-    and the returns."""
+    """GAE advantages, whitened over every rank's real tokens only with --norm-adv (ALGO LOGIC), and the returns."""
     advantages, returns = compute_gae(rewards, values, mask, gamma, gae_lambda)
     return (common.masked_whiten(advantages, mask) if norm_adv else advantages), returns
 
@@ -180,21 +175,19 @@ def value_loss(values, old_values, returns, mask, value_clip: float):
 def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: bool):
     """The critic starts as the reward model but reads the policy's token ids: it needs the policy's vocabulary."""
     if models.is_scoring_function(path):
-        common.fail(f"{flag} '{path}' is a scoring function, not a model; pass a --critic-model path or hub name")
+        run.fail(f"{flag} '{path}' is a scoring function, not a model; pass a --critic-model path or hub name")
     if models.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
-        common.fail(
-            f"{flag} '{path}' has another tokenizer than --model; pass a --critic-model with the policy's tokenizer"
-        )
+        run.fail(f"{flag} '{path}' does not share the tokenizer of --model; pass a --critic-model that does")
 
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = common.setup_distributed(args.dist_timeout)
-    common.check_batch_sizes(args.total_episodes, args.rollout_batch_size, args.mini_batch_size, world_size, args)
-    output_dir = args.output_dir or common.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    common.check_output_dir(output_dir, args.resume)
+    rank, world_size, device = run.setup_distributed(args.dist_timeout)
+    run.check_batch_sizes(args, world_size, POSITIVE_FLAGS, NON_NEGATIVE_FLAGS)
+    output_dir = args.output_dir or run.broadcast_object(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    run.check_output_dir(output_dir, args.resume)
     torch.manual_seed(args.seed)
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = run.resolve_dtype(args.dtype, device)
     local_batch, local_mini_batch = args.rollout_batch_size // world_size, args.mini_batch_size // world_size
     num_iterations = args.total_episodes // args.rollout_batch_size
 
@@ -206,38 +199,23 @@ def main():
     eval_rows = data.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
     train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
     eval_prompts = data.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
-    # generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists
+    # Generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists.
     stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
     if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx data, the dataset's chosen responses ending in a stop token
         if sft_responses is None or None in sft_responses:
-            common.fail(
-                f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column or assistant turn"
-            )
+            run.fail(f"--ptx-coef needs responses: --dataset '{args.dataset}' has no 'chosen' column or assistant turn")
         # one longer than --max-new-tokens is cut there and keeps no stop token, like a sample cut there
         sft_responses = [
             ids[: args.max_new_tokens]
             for ids in data.tokenize_responses(tokenizer, train_rows, sft_responses, stop_ids.tolist())
         ]
         sft_lengths = torch.tensor([len(ids) for ids in sft_responses], device=device)
-    # ---- models: policy, value net, reference (the policy with its adapter off under LoRA), scorers; each is
-    # prepared as soon as it is loaded (--fsdp shards it, DDP wraps it), so one full copy at a time is in memory
-    # trained weights in float32; LoRA's frozen base in dtype (float32 too under --fsdp: one dtype per shard group)
-    weights_dtype = dtype if args.use_lora and not args.fsdp else torch.float32
-    models.load_on_rank_0(args.fsdp)  # under --fsdp only rank 0 reads checkpoints; the others get their shards
-    policy = models.load_causal_lm(args.model, weights_dtype, args.trust_remote_code, args.use_generation_config)
-    if args.use_lora:
-        policy = models.add_lora(policy, args.lora_r, "CAUSAL_LM")
-    policy = models.prepare_model(policy, args, dtype, device, world_size, train=True)
+    # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the critic (ALGO LOGIC:
+    # the reward model's backbone and head), the scorers (eval_score_fn: None without --eval-reward)
+    policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
-    value_model = models.load_value_model(critic_path, weights_dtype, "--critic-model", args.trust_remote_code)
-    if args.use_lora:
-        value_model.model = models.add_lora(value_model.model, args.lora_r, "SEQ_CLS")
-    value_model = models.prepare_model(value_model, args, dtype, device, world_size, train=True)
-    ref_policy = None
-    if not args.use_lora:  # the weights the policy computes with (float32 under autocast, --dtype under --fsdp): KL 0
-        ref_policy = models.load_causal_lm(args.model, dtype if args.fsdp else torch.float32, args.trust_remote_code)
-        ref_policy = models.prepare_model(ref_policy, args, dtype, device, world_size, train=False)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)  # eval_score_fn: None without --eval-reward
+    value_model = models.value_network(critic_path, "--critic-model", args, device)
+    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -250,22 +228,10 @@ def main():
     )
 
     released = args.recipe == "released"  # ALGO LOGIC: the release's AdamW: eps 1e-6 (critic 1e-8), no weight decay
-    policy_optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=args.lr,
-        betas=args.adam_betas,
-        eps=1e-6 if released else 1e-8,
-        weight_decay=0.0 if released else args.weight_decay,
-        fused=device.type == "cuda",
-    )
-    value_optimizer = torch.optim.AdamW(
-        [p for p in value_model.parameters() if p.requires_grad],
-        lr=args.value_lr,
-        betas=args.adam_betas,
-        weight_decay=0.0 if released else args.weight_decay,
-        fused=device.type == "cuda",
-    )
-    # the trained (model, optimizer) pairs: saved in every checkpoint, restored by --resume
+    adamw = dict(betas=args.adam_betas, weight_decay=0 if released else args.weight_decay, fused=device.type == "cuda")
+    policy_optimizer = torch.optim.AdamW(models.trainable(policy), lr=args.lr, eps=1e-6 if released else 1e-8, **adamw)
+    value_optimizer = torch.optim.AdamW(models.trainable(value_model), lr=args.value_lr, **adamw)
+    # The trained (model, optimizer) pairs are saved in every checkpoint and restored by --resume.
     trained = {"policy": (policy, policy_optimizer), "value_model": (value_model, value_optimizer)}
     score_stats = common.RunningMoments()
     kl_coef = args.kl_coef if args.kl_coef is not None else {"paper": 0.05, "released": 0.01}[args.recipe]  # ALGO LOGIC
@@ -275,26 +241,22 @@ def main():
         checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         score_stats.load_state_dict(checkpoint["score_stats"])
-    common.barrier()  # every rank has checked the output directory before rank 0 creates it
+    run.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
-    logger = common.Logger(output_dir, args, rank, num_iterations, start_iteration)
+    logger = run.Logger(output_dir, args, rank, num_iterations, start_iteration)
 
     @torch.no_grad()
-    def forward_passes(input_ids, attention_mask, responses, with_values=True):
-        """Rollout-time log-probs of the policy and the reference, and values: no grad, in chunks, one model at a time
-        (under --fsdp each model is gathered once per pass)."""
-        size, temperature = args.rollout_forward_batch_size, args.temperature
-        logprobs = common.chunked_logprobs(
-            unwrapped_policy, input_ids, attention_mask, responses, temperature, size, dtype
-        )
+    def logprobs_and_values(input_ids, attention_mask, responses, with_values=True):
+        """The rollout-time log-probs of `responses` (the last columns of input_ids) under the policy and under pi_ref,
+        and the values: no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass)."""
+        chunk, temp = args.rollout_forward_batch_size, args.temperature
+        logprobs = common.chunked_logprobs(unwrapped_policy, input_ids, attention_mask, responses, temp, chunk, dtype)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(
-                ref_model, input_ids, attention_mask, responses, temperature, size, dtype
-            )
+            ref_logprobs = common.chunked_logprobs(ref_model, input_ids, attention_mask, responses, temp, chunk, dtype)
         values = None
-        if with_values:  # V(s_t) is read at the token before a_t
-            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], size, dtype)
+        if with_values:  # V(s_t) is read at the token before a_t.
+            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], chunk, dtype)
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
@@ -312,40 +274,36 @@ def main():
         ended = torch.isin(responses, stop_ids).any(1)  # (B,): stopped by itself, not cut at --max-new-tokens
         prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
         response_texts = data.response_texts(tokenizer, queries, responses)
-        return input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts
+        return common.Rollout(input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts)
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
-        input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
-            eval_prompts[rank::world_size], eval_rows[rank::world_size]
-        )
-        logprobs, ref_logprobs, _ = forward_passes(input_ids, attention_mask, responses, with_values=False)
-        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
-        return common.evaluation_metrics(
-            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask
+        r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
+        logprobs, ref_logprobs, _ = logprobs_and_values(r.input_ids, r.attention_mask, r.responses, with_values=False)
+        kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
+        return run.evaluation_metrics(
+            score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
         )
 
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
         logger.log({"iteration": 0, "episodes": 0, **eval_metrics})
     for iteration in range(start_iteration + 1, num_iterations + 1):
-        # resumable: all randomness of an iteration is a function of (seed, iteration, rank)
+        # All randomness of an iteration is a function of (seed, iteration, rank), so --resume repeats it exactly.
         torch.manual_seed(args.seed + 10_000 * iteration + rank)
-        t_start = common.now(device)
+        t_start, n = run.clock(device), args.rollout_batch_size
         # ---- rollout: sample responses to this rank's share of the prompts
-        indices = data.prompt_indices(
-            len(train_prompts), args.rollout_batch_size, iteration - 1, args.seed, rank, world_size
-        )
+        indices = data.prompt_indices(len(train_prompts), n, iteration - 1, args.seed, rank, world_size)
         input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
             [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
         )
         context_length = input_ids.shape[1] - responses.shape[1]
-        t_generate = common.now(device)
+        t_generate = run.clock(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
-        logprobs, ref_logprobs, values = forward_passes(input_ids, attention_mask, responses)
+        logprobs, ref_logprobs, values = logprobs_and_values(input_ids, attention_mask, responses)
         scores = score_fn(prompt_texts, response_texts, ended)
         scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
@@ -364,10 +322,10 @@ def main():
             }
         )
         train_policy = iteration > critic_warmup_steps  # ALGO LOGIC: critic warm-up first
-        t_score = common.now(device)
+        t_score = run.clock(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
-        stats = []
+        per_minibatch = []  # each minibatch's statistics (a (K,) tensor), stacked after the update
         permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         for minibatch in schedule:
@@ -375,19 +333,19 @@ def main():
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
             micro = list(common.token_micro_batches(minibatch, attention_mask, context_length, args.micro_batch_size))
-            ptx_micro_batches = itertools.repeat((None, 0.0, None))
+            ptx_micro_batches = [(None, 0.0, None)] * len(micro)
             if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx rows for this step, drawn the same for any number of ranks
-                generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration + len(stats))
+                generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration + len(per_minibatch))
                 ptx_rows = torch.randint(len(sft_responses), (args.mini_batch_size,), generator=generator)
                 ptx_micro_batches = common.micro_batches(ptx_rows[rank::world_size], sft_lengths, parts=len(micro))
-            # losses are token means over the whole minibatch on all ranks: each micro-batch's is weighted by its share
-            # (mb: its rows and response columns; seq: its rows and the columns they use, context of them the prompt's)
+            # A loss is a token mean over the whole minibatch on all ranks, so each micro-batch's is weighted by its
+            # share of those tokens. mb indexes its rows and response columns, seq its rows and the columns they use,
+            # of which the first `context` are the prompt's.
             for (mb, seq, context, token_share, sync), (ptx_mb, ptx_share, _) in zip(micro, ptx_micro_batches):
                 mb_mask = response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
                         new_values = value_model(input_ids[seq], attention_mask[seq])[:, context - 1 : -1]
-                    with common.autocast(device, dtype), torch.set_grad_enabled(train_policy):  # ALGO LOGIC
                         logits = common.response_logits(
                             policy, input_ids[seq], attention_mask[seq], context, args.temperature
                         )
@@ -407,7 +365,7 @@ def main():
                         pg_stats["loss/ptx"] = ptx * ptx_share / token_share  # (logged weighted by token_share)
                     loss = ((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * token_share
                     (loss + args.ptx_coef * ptx * ptx_share).backward()
-                with torch.no_grad():  # rho = pi / pi_old: exactly 1 on the first minibatch
+                with torch.no_grad():  # rho = pi / pi_old is exactly 1 on the first minibatch.
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {
                         "loss/policy": pg_loss,
@@ -421,32 +379,29 @@ def main():
                     }
                     minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
             torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], args.max_grad_norm)
-            step = (iteration - 1) * len(schedule) + len(stats)  # optimizer steps so far
+            step = (iteration - 1) * len(schedule) + len(per_minibatch)  # optimizer steps so far
             for optimizer, lr in [(policy_optimizer, args.lr), (value_optimizer, args.value_lr)]:  # ALGO LOGIC
                 optimizer.param_groups[0]["lr"] = lr * lr_factor(step, args.recipe, args.lr_warmup_steps)
             if train_policy:
                 policy_optimizer.step()
             value_optimizer.step()
-            stats.append(minibatch_stats)
-        stats = (
-            common.all_reduce_sum(torch.stack(stats)) / world_size
-        )  # (update_epochs * minibatches, K): one sync below
+            per_minibatch.append(minibatch_stats)
+        stats = common.all_reduce_sum(torch.stack(per_minibatch)) / world_size  # (minibatches, K), averaged over ranks
         if not torch.isfinite(stats).all():
-            common.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
-        t_end = common.now(device)
+            run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
+        t_end = run.clock(device)
 
         # ---- log, evaluate, checkpoint
-        # explained variance of the returns by the rollout-time values, over the whole batch on all ranks
+        # The explained variance of the returns by the rollout-time values, over the whole batch on all ranks.
         returns_mean = common.masked_mean(returns, response_mask, True)
         returns_var = common.masked_mean((returns - returns_mean) ** 2, response_mask, True)
         explained = 1 - common.masked_mean((returns - values) ** 2, response_mask, True) / returns_var
-        n = args.rollout_batch_size
-        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch
+        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
             **rollout_stats,
-            "train/reward_std": torch.tensor(common.all_gather_list(scores.tolist())).std().item(),
+            "train/reward_std": torch.tensor(run.all_gather_list(scores.tolist())).std().item(),
             "train/score_running_std": score_stats.std,
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
             "train/lr": policy_optimizer.param_groups[0]["lr"],
@@ -469,8 +424,8 @@ def main():
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
             "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
-            "time/peak_memory_gb": common.peak_memory_gb(device),
-            **common.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
+            "time/peak_memory_gb": run.peak_memory_gb(device),
+            **padding.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
@@ -490,7 +445,7 @@ def main():
 
     models.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
-    common.close_distributed()
+    run.close_distributed()
 
 
 if __name__ == "__main__":

@@ -45,13 +45,12 @@ def phase(name: str, size: str, run_dir: str):
     sys.path.insert(0, str(REPO / "bench"))
     from throughput import make_models
 
-    import common
-    import models
+    from plumbing import models, run
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
     policy_dir = make_models(size, Path(run_dir), torch.device("cpu"))[0] if rank == 0 else None
-    policy_dir = common.broadcast_object(policy_dir)
+    policy_dir = run.broadcast_object(policy_dir)
     out["start"] = peak_gib()
     models.load_on_rank_0(name != "load_every_rank")
     model = models.load_causal_lm(policy_dir, torch.float32)

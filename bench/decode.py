@@ -5,8 +5,8 @@
 Under autocast a matmul casts its float32 weight to bf16 on every call, and caches the cast only for weights that
 train; the rotary embedding's float32 cos/sin make the cached keys and values float32. Measured here, one
 generate() each (the same samples every time):
-- float32 cache: what transformers does by default (common.kv_cache not passed);
-- bf16 cache: common.kv_cache, what the scripts do;
+- float32 cache: what transformers does by default (models.kv_cache not passed);
+- bf16 cache: models.kv_cache, what the scripts do;
 - bf16 cache + frozen Linear weights in bf16: models.frozen_linears_to, what the scripts do for the reference and
   for the layers --num-layers-unfrozen freezes (no per-step cast).
 Writes <output_dir>/decode_<device>.md and .json (time per decode step, KV cache MiB).
@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from throughput import pythia_config  # noqa: E402
 
-import common  # noqa: E402
-import models  # noqa: E402
+from plumbing import models, run  # noqa: E402
 
 
 @dataclass
@@ -52,7 +51,7 @@ def main():
                                   return_dict_in_generate=True)  # fmt: skip
     results, samples = {}, []
     for name, cache, frozen_bf16 in (("float32 KV cache (transformers' default)", False, False),
-                                     ("bf16 KV cache (common.kv_cache)", True, False),
+                                     ("bf16 KV cache (models.kv_cache)", True, False),
                                      ("bf16 KV cache + frozen Linear weights in bf16", True, True)):  # fmt: skip
         if frozen_bf16:
             models.frozen_linears_to(policy, torch.bfloat16)
@@ -60,11 +59,11 @@ def main():
         for _ in range(2):  # the second is timed
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 torch.manual_seed(0)
-                start = common.now(device)
-                kwargs = {"past_key_values": common.kv_cache(policy, device)} if cache else {}
+                start = run.clock(device)
+                kwargs = {"past_key_values": models.kv_cache(policy, device)} if cache else {}
                 out = policy.generate(input_ids=queries, attention_mask=torch.ones_like(queries),
                                       generation_config=generation, **kwargs)  # fmt: skip
-                times.append(common.now(device) - start)
+                times.append(run.clock(device) - start)
         layers = out.past_key_values.layers
         cache_mib = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)) / 2**20
         results[name] = {"ms_per_decode_step": 1000 * times[-1] / args.new_tokens, "kv_cache_mib": cache_mib,

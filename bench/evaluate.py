@@ -33,8 +33,7 @@ from transformers import GenerationConfig
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (the repository is on the path now)
-import data  # noqa: E402
-import models  # noqa: E402
+from plumbing import data, models, run  # noqa: E402
 
 
 @dataclass
@@ -60,7 +59,7 @@ def settings_of(args: Args) -> SimpleNamespace:
     """The run's flags: ppo.py's defaults, then the first policy's training_args.json, then this command's flags."""
     saved = {}
     for policy in args.policies[:1]:
-        path = os.path.join(common.resolve(policy), "training_args.json")
+        path = os.path.join(run.repo_path(policy), "training_args.json")
         if os.path.isfile(path):
             saved = json.load(open(path))
     script = importlib.import_module(saved.get("script", "ppo.py")[: -len(".py")])
@@ -82,7 +81,7 @@ def evaluate(path: str, s: SimpleNamespace, seed: int, scorers, rank: int, world
     # the policy computes in float32 weights under autocast as in training; the reference as training prepares it
     policy = models.load_causal_lm(path, torch.float32, s.trust_remote_code, s.use_generation_config).to(device)
     ref_policy = models.load_causal_lm(s.reference, torch.float32, s.trust_remote_code)
-    ref_policy = models.prepare_model(ref_policy, s, dtype, device, 1, train=False)
+    ref_policy = models.prepare_model(ref_policy, s, device, train=False)
     generation_config = GenerationConfig(
         max_new_tokens=s.max_new_tokens,
         do_sample=True,
@@ -109,7 +108,7 @@ def evaluate(path: str, s: SimpleNamespace, seed: int, scorers, rank: int, world
     prompt_texts = data.scoring_prompts(tokenizer, queries, rows)
     response_texts = data.response_texts(tokenizer, queries, responses)
     ended = torch.isin(responses, stop_ids).any(1)
-    return common.evaluation_metrics(*scorers, prompt_texts, response_texts, ended, kl, response_mask, s.ns)
+    return run.evaluation_metrics(*scorers, prompt_texts, response_texts, ended, kl, response_mask, s.ns)
 
 
 def win_rate(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -120,11 +119,11 @@ def win_rate(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def main():
     args = tyro.cli(Args)
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = run.setup_distributed()
     if not args.policies:
-        common.fail("pass one or more policies to evaluate (policy/ directories, hub names or paths)")
+        run.fail("pass one or more policies to evaluate (policy/ directories, hub names or paths)")
     s = settings_of(args)
-    dtype = common.resolve_dtype(s.dtype, device)
+    dtype = run.resolve_dtype(s.dtype, device)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     scorers = models.load_scorers(s, device, dtype)
@@ -156,7 +155,7 @@ def main():
         with open(os.path.join(args.output_dir, "evaluation.json"), "w") as f:
             json.dump(evaluation, f, indent=1)
         print(f"wrote {args.output_dir}/evaluation.json and samples_<i>.jsonl")
-    common.close_distributed()
+    run.close_distributed()
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def update_memory(size: str, policy_path: str, rows: int, seq: int, checkpointed
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from common import gather_logprobs, response_logits
-    from models import checkpoint_layers, load_causal_lm, load_value_model
+    from plumbing.models import checkpoint_layers, load_causal_lm, load_value_model
 
     policy = load_causal_lm(policy_path, torch.float32)
     value_model = load_value_model(policy_path, torch.float32, "--model")

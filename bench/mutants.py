@@ -30,6 +30,7 @@ ALOL = tuple(f"tests/test_alol.py::test_{t}" for t in ("variant_losses_and_gradi
              "rewards_transform_then_missing_eos_penalty", "advantages_and_the_weights_each_variant_trains_with",
              "priority_sampling_follows_positive_advantages"))  # fmt: skip
 INVARIANTS = "tests/test_invariants.py::test_what_main_passes_to_the_algorithm_and_the_first_minibatch"
+MODELS, DATA = "plumbing/models.py", "plumbing/data.py"
 TWO_RANKS = "tests/test_common.py::test_statistics_over_the_whole_batch_on_two_ranks"
 SPLITS = "tests/test_scale.py::test_one_update_for_any_split_into_ranks_and_micro_batches"
 RELEASED = "tests/test_ppo_max.py::test_released_recipe_end_to_end"
@@ -100,8 +101,8 @@ MUTANTS = [
     # ---- log-probs, masks and statistics (common.py)
     Mutant("logprob-shift-off-by-one", "common.py", "return logits[:, -(response_length + 1) : -1].float()",
            "return logits[:, -response_length:].float()", (COMMON,)),
-    Mutant("no-position-ids", "common.py", "position_ids=position_ids(attention_mask),\n        logits_to_keep",
-           "position_ids=None,\n        logits_to_keep", (COMMON,)),
+    Mutant("no-position-ids", "common.py", "position_ids=position_ids(attention_mask))",
+           "position_ids=None)", (COMMON,)),
     Mutant("no-temperature-in-logprobs", "common.py", ".float() / temperature  # (B, R, V)", ".float()  # (B, R, V)",
            (COMMON,)),
     Mutant("whitening-over-padding", "common.py", "mean = masked_mean(values, mask, global_batch=True)",
@@ -143,18 +144,18 @@ MUTANTS = [
     Mutant("alol-main-always-priority", "alol.py", 'priority = args.sampling == "priority" or (',
            "priority = True or (", (ALOL_RUNS,)),
     # ---- real checkpoints: reward-model input, stop strings, architectures
-    Mutant("value-net-lora-backbone", "models.py", "model = hf_model(self.model)  #", "model = self.model  #",
+    Mutant("value-net-lora-backbone", MODELS, "model = hf_model(self.model)  #", "model = self.model  #",
            (ARCHITECTURES,)),
-    Mutant("chat-rm-extra-eos", "models.py", "if wants_eos and not templated and", "if wants_eos and", (CHAT_RM,)),
-    Mutant("encoder-pair-ignored", "models.py", 'input_format = "pair" if tokenizer.cls_token_id',
-           'input_format = "text" if tokenizer.cls_token_id', (PAIR,)),
-    Mutant("pad-eos-read-before-eos", "models.py", "pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in used",
-           "pad = tokenizer.pad_token_id if True", (TRLX,)),
-    Mutant("first-eos-ignored", "models.py", "ids = ids[: ids.index(eos) + 1]", "ids = ids", (TRLX,)),
-    Mutant("response-text-decoded-alone", "data.py", "return [f[len(p) :] if f.startswith(p) else a",
+    Mutant("chat-rm-extra-eos", MODELS, "if wants_eos and not templated and", "if wants_eos and", (CHAT_RM,)),
+    Mutant("encoder-pair-ignored", MODELS, 'self.input_format = "pair" if encoder',
+           'self.input_format = "text" if encoder', (PAIR,)),
+    Mutant("pad-eos-read-before-eos", MODELS, "pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id not in",
+           "pad = self.tokenizer.pad_token_id if True or self.tokenizer.pad_token_id not in", (TRLX,)),
+    Mutant("first-eos-ignored", MODELS, "ids = ids[: ids.index(eos) + 1]", "ids = ids", (TRLX,)),
+    Mutant("response-text-decoded-alone", DATA, "return [f[len(p) :] if f.startswith(p) else a",
            "return [a if f.startswith(p) else a", (SENTENCEPIECE,)),
-    Mutant("stop-string-not-stripped", "data.py", "text[: min(cuts)].rstrip()", "text[: min(cuts)]", (STOP_CUT,)),
-    Mutant("stop-string-no-eos", "data.py", '["input_ids"] + [eos]', '["input_ids"]', (STOP_CUT,)),
+    Mutant("stop-string-not-stripped", DATA, "text[: min(cuts)].rstrip()", "text[: min(cuts)]", (STOP_CUT,)),
+    Mutant("stop-string-no-eos", DATA, '["input_ids"] + [eos]', '["input_ids"]', (STOP_CUT,)),
     Mutant("stop-strings-not-applied", "ppo.py", "if args.stop_strings:  # trlX's", "if False:  # trlX's",
            (STOP_RUN,)),
 ]  # fmt: skip

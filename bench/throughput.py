@@ -35,8 +35,7 @@ import tyro
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (the repository is on the path now)
-import data  # noqa: E402
-import models  # noqa: E402
+from plumbing import data, models, run  # noqa: E402
 
 ONLINE = {"ppo": [], "ppo_max": ["--critic-warmup-steps", "0"], "apa": [], "awr": []}  # extra flags per script
 # Pythia shapes (hidden size, layers, attention heads); intermediate size 4 x hidden, rotary on 25% of dims
@@ -93,12 +92,12 @@ def pythia_config(size: str, vocab_config):
 def make_models(size: str, out: Path, device: torch.device) -> tuple[str, str]:
     """(policy dir, reward-model dir): the toy models, or random Pythia-shaped ones saved in bf16 under `out`."""
     if size == "toy":
-        return common.resolve("toy/policy"), common.resolve("toy/reward_model")
+        return run.repo_path("toy/policy"), run.repo_path("toy/reward_model")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     policy_dir, rm_dir = out / f"models_{size}" / "policy", out / f"models_{size}" / "reward_model"
-    tokenizer = models.load_tokenizer(common.resolve("toy/policy"))
-    config = pythia_config(size, AutoConfig.from_pretrained(common.resolve("toy/policy")))
+    tokenizer = models.load_tokenizer(run.repo_path("toy/policy"))
+    config = pythia_config(size, AutoConfig.from_pretrained(run.repo_path("toy/policy")))
     for path, auto, extra in (
         (policy_dir, AutoModelForCausalLM, {}),
         (rm_dir, AutoModelForSequenceClassification, {"num_labels": 1}),
@@ -141,9 +140,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = common.now(device)
+        start = run.clock(device)
         fn()
-        times.append(common.now(device) - start)
+        times.append(run.clock(device) - start)
     return statistics.median(times)
 
 
@@ -154,13 +153,15 @@ class Floor:
     def __init__(self, args: Args, policy_path: str, reward_path: str, device: torch.device):
         from transformers import GenerationConfig
 
-        self.args, self.device, self.dtype = args, device, common.resolve_dtype(args.dtype, device)
+        self.args, self.device, self.dtype = args, device, run.resolve_dtype(args.dtype, device)
         self.tokenizer = models.load_tokenizer(policy_path)
         self.policy = models.load_causal_lm(policy_path, torch.float32).to(device)
         self.reference = models.load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
         self.value = models.load_value_model(policy_path, torch.float32, "--model").to(device)
         # the reward is timed through the scripts' own scorer: decoded text re-tokenized, then the RM's forward
-        self.score = models.load_scorer(reward_path, device, self.dtype, args.forward_batch_size, "--reward-model")
+        self.score = models.load_scorer(
+            reward_path, "--reward-model", device, self.dtype, models.ScoringOptions(batch_size=args.forward_batch_size)
+        )
         self.optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-7) for m in (self.policy, self.value)]
         prompts = data.load_rows("toy/data", "train")[0]
         self.prompts = data.tokenize_prompts(self.tokenizer, prompts, args.max_prompt_length)
@@ -287,7 +288,7 @@ def device_name(device: torch.device) -> str:
 
 def main():
     args = tyro.cli(Args)
-    common.quiet_libraries()
+    run.quiet_libraries()
     unknown = set(args.algorithms) - set(ONLINE)
     if unknown:
         raise SystemExit(f"error: unknown --algorithms {sorted(unknown)}; choose from {list(ONLINE)}")
@@ -306,7 +307,7 @@ def main():
         floors = [floor.measure(r["iteration"], r["time/decode_steps"], update_epochs) for r in measured(rows)]
         results[name] = summarize(rows, floors, args.rollout_batch_size)
     parameters = sum(p.numel() for p in floor.policy.parameters())
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = run.resolve_dtype(args.dtype, device)
     header = (
         f"# Throughput: {args.size} policy ({parameters / 1e6:.1f}M parameters), {device_name(device)}, "
         f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}\n\n"

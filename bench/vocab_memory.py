@@ -57,7 +57,7 @@ PASS = """
 import resource, sys, torch
 sys.path.insert(0, {repo!r})
 import common
-from models import load_causal_lm
+from plumbing.models import load_causal_lm
 model = load_causal_lm({model!r}, torch.float32)
 ids = torch.randint(3, {vocab}, ({rows}, {length}), generator=torch.Generator().manual_seed(0))
 responses = ids[:, 1:] if {every} else ids[:, -128:]

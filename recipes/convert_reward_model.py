@@ -32,8 +32,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-import models  # noqa: E402
+from plumbing import models, run  # noqa: E402
 
 # format -> (the backbone's key prefix, the head's module name)
 FORMATS = {"trlx": ("transformer", "v_head"), "moss": ("model", "reward_head"), "oasst": ("gpt_neox", "out_proj")}
@@ -65,12 +64,12 @@ def local_files(name: str, revision: str | None) -> list[str]:
         try:
             directory = snapshot_download(name, revision=revision)
         except Exception as e:  # noqa: BLE001 -- any hub failure becomes one line naming the checkpoint
-            common.fail(f"cannot download --checkpoint '{name}' ({str(e).strip().splitlines()[0]}); pass a local path")
+            run.fail(f"cannot download --checkpoint '{name}' ({str(e).strip().splitlines()[0]}); pass a local path")
     skip = ("training_args", "optimizer", "scheduler", "rng_state")  # a trainer's other files
     files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
                    if f.endswith((".pt", ".bin", ".safetensors")) and not f.startswith(skip))  # fmt: skip
     if not files:
-        common.fail(f"--checkpoint '{name}' holds no .pt, .bin or .safetensors file")
+        run.fail(f"--checkpoint '{name}' holds no .pt, .bin or .safetensors file")
     return files
 
 
@@ -103,7 +102,7 @@ def convert(state: dict, config, fmt: str, what: str):
 
     prefix, head = FORMATS[fmt]
     if f"{head}.weight" not in state or not any(k.startswith(prefix + ".") for k in state):
-        common.fail(f"{what} is not a {fmt} reward checkpoint (expected {prefix}.* and {head}.weight tensors)")
+        run.fail(f"{what} is not a {fmt} reward checkpoint (expected {prefix}.* and {head}.weight tensors)")
     config.num_labels = 1
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
@@ -113,13 +112,13 @@ def convert(state: dict, config, fmt: str, what: str):
     if f"{head}.bias" in state:  # fold b into the final norm's bias: w . (x + b w / |w|^2) = w . x + b
         norm = next((k for k in weights if k.endswith(FINAL_NORM_BIASES) and ".layers." not in k), None)
         if norm is None:
-            common.fail(f"{what}: its head has a bias and the backbone no final norm bias to fold it into")
+            run.fail(f"{what}: its head has a bias and the backbone no final norm bias to fold it into")
         w = state[f"{head}.weight"][0].double()
         weights[norm] = (weights[norm].double() + state[f"{head}.bias"].double() * w / (w @ w)).to(weights[norm].dtype)
     expected = set(model.state_dict())
     if set(weights) != expected:
         missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        common.fail(f"{what} does not match the architecture (missing {missing[:3]}, unknown {unknown[:3]})")
+        run.fail(f"{what} does not match the architecture (missing {missing[:3]}, unknown {unknown[:3]})")
     model.load_state_dict(weights, assign=True)
     model.config.dtype = state[f"{head}.weight"].dtype
     return model.eval()
@@ -127,9 +126,9 @@ def convert(state: dict, config, fmt: str, what: str):
 
 def main():
     args = tyro.cli(Args)
-    common.quiet_libraries()
+    run.quiet_libraries()
     if os.path.exists(args.output_dir):
-        common.fail(f"--output-dir {args.output_dir} exists; choose a new directory")
+        run.fail(f"--output-dir {args.output_dir} exists; choose a new directory")
     tokenizer = models.load_tokenizer(args.tokenizer or args.checkpoint)  # pad = EOS when it has none (GPT-2)
     tokenizer.truncation_side = "left"
     if args.max_length:

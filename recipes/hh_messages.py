@@ -17,8 +17,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-import data  # noqa: E402
+from plumbing import data, run  # noqa: E402
 
 
 @dataclass
@@ -39,12 +38,12 @@ def hh_messages(prompt: str) -> list[dict]:
 
 def main():
     args = tyro.cli(Args)
-    common.quiet_libraries()
+    run.quiet_libraries()
     os.makedirs(args.output_dir, exist_ok=True)
     for split in args.splits:
         prompts, responses = data.load_rows(args.dataset, split)
         if responses is None:
-            common.fail(f"--dataset '{args.dataset}' has no responses ('chosen'); pass HH dialogues")
+            run.fail(f"--dataset '{args.dataset}' has no responses ('chosen'); pass HH dialogues")
         rows = [{"prompt": hh_messages(p), "chosen": [{"role": "assistant", "content": r.strip()}]}
                 for p, r in zip(prompts, responses)]  # fmt: skip
         rows = [r for r in rows if r["prompt"] and r["prompt"][-1]["role"] == "user"][: args.limit or None]

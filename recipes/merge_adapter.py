@@ -17,8 +17,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-import models  # noqa: E402
+from plumbing import models, run  # noqa: E402
 
 
 @dataclass
@@ -31,17 +30,17 @@ class Args:
 
 def main():
     args = tyro.cli(Args)
-    common.quiet_libraries()
+    run.quiet_libraries()
     if os.path.exists(args.output_dir):
-        common.fail(f"--output-dir {args.output_dir} exists; choose a new directory")
+        run.fail(f"--output-dir {args.output_dir} exists; choose a new directory")
     from peft import PeftModel
 
     model = models.load_causal_lm(args.base, getattr(torch, args.dtype))
     model.generation_config = model.checkpoint_generation_config
     try:
-        model = PeftModel.from_pretrained(model, common.resolve(args.adapter)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, run.repo_path(args.adapter)).merge_and_unload()
     except (OSError, ValueError) as e:
-        common.fail(f"cannot load --adapter '{args.adapter}' ({str(e).strip().splitlines()[0]}); pass a peft adapter")
+        run.fail(f"cannot load --adapter '{args.adapter}' ({str(e).strip().splitlines()[0]}); pass a peft adapter")
     tmp = args.output_dir.rstrip("/") + ".tmp"
     model.save_pretrained(tmp)
     models.load_tokenizer(args.base).save_pretrained(tmp)

@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from throughput import pythia_config  # noqa: E402
 
-import common  # noqa: E402
-import models  # noqa: E402
+from plumbing import models, run  # noqa: E402
 
 
 def gradient_bytes(model) -> int:
@@ -26,7 +25,7 @@ def gradient_bytes(model) -> int:
         if p.grad is not None:
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             total += grad.numel() * grad.element_size()
-    for module in common.fsdp_modules(model):
+    for module in models.fsdp_modules(model):
         group = module._get_fsdp_state()._fsdp_param_group
         for fsdp_param in group.fsdp_params if group else []:  # unsharded gradients kept for a later reduce
             unsharded = getattr(fsdp_param, "_unsharded_param", None)
@@ -40,7 +39,7 @@ def step(model, batches, old_way: bool) -> list[int]:
     for i, ids in enumerate(batches):
         last = i == len(batches) - 1
         if old_way:
-            for module in common.fsdp_modules(model):
+            for module in models.fsdp_modules(model):
                 module.set_requires_gradient_sync(last, recurse=False)
         with models.gradient_sync([model], last):
             model(input_ids=ids, labels=ids).loss.backward()
@@ -53,7 +52,7 @@ if __name__ == "__main__":
     rank = dist.get_rank()
     from transformers import AutoConfig, GPTNeoXForCausalLM
 
-    config = pythia_config("160m", AutoConfig.from_pretrained(common.resolve("toy/policy")))
+    config = pythia_config("160m", AutoConfig.from_pretrained(run.repo_path("toy/policy")))
     out = {"rank": rank}
     generator = torch.Generator().manual_seed(rank)
     batches = [torch.randint(2, 600, (2, 16), generator=generator) for _ in range(4)]

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
-import models  # noqa: E402
+from plumbing import models  # noqa: E402
 
 events = []
 

@@ -105,12 +105,14 @@ def test_value_head_beats_the_mean_on_unseen_prompts():
     from transformers import GenerationConfig
 
     from common import generate, left_pad, position_ids
-    from data import load_rows, tokenize_prompts
-    from models import load_causal_lm, load_scorer, load_tokenizer
+    from plumbing.data import load_rows, tokenize_prompts
+    from plumbing.models import ScoringOptions, load_causal_lm, load_scorer, load_tokenizer
 
     tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
     policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)
-    score = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 512, "rm")
+    score = load_scorer(
+        str(REPO / "toy" / "reward_model"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=512)
+    )
     prompts = tokenize_prompts(tokenizer, load_rows(str(REPO / "toy" / "data"), "test")[0], 128)
     samples = 8
     torch.manual_seed(0)

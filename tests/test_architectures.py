@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, REPO, read_metrics, run_script
 
 import common
-import models
+from plumbing import models
 
 TOY_VOCAB, EOS, PAD = 635, 0, 1
 SHAPE = dict(vocab_size=TOY_VOCAB, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)

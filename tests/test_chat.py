@@ -12,8 +12,8 @@ from test_real_checkpoints import save_classifier
 from transformers import AutoTokenizer, GenerationConfig
 
 from common import generate, left_pad
-from data import load_rows, render_plain, stop_token_ids, tokenize_prompts, tokenize_responses
-from models import load_scorer
+from plumbing.data import load_rows, render_plain, stop_token_ids, tokenize_prompts, tokenize_responses
+from plumbing.models import ScoringOptions, load_scorer
 
 USER = {"role": "user", "content": "how do i get better at chess?"}
 ANSWER = {"role": "assistant", "content": "sure! watch the endgame first."}
@@ -124,7 +124,7 @@ def test_reward_model_sees_its_own_chat_template_or_plain_text(tmp_path):
     template = "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}"
     tokenizer.chat_template = template  # a template other than the policy's: the RM must use its own
     tokenizer.save_pretrained(tmp_path / "rm")
-    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm")
+    score = load_scorer(str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     response = ANSWER["content"]
     # exactly the template's rendering of the conversation with the response as the assistant's turn: the template
@@ -139,7 +139,7 @@ def test_reward_model_sees_its_own_chat_template_or_plain_text(tmp_path):
     assert torch.allclose(got, alone.expand(2), atol=1e-5)
     # a reward model without a template reads the conversation as HH text
     (tmp_path / "rm" / "chat_template.jinja").unlink()
-    plain = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm")
+    plain = load_scorer(str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8))
     assert render_plain([USER]) == HH_PROMPT
     with torch.no_grad():
         hh = model(torch.tensor([tokenizer(HH_PROMPT + " " + response)["input_ids"]])).logits[0, 0]

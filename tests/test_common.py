@@ -5,17 +5,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from common import (
-    RunningMoments,
-    distinct_n,
-    gather_logprobs,
-    generate,
-    left_pad,
-    masked_mean,
-    masked_whiten,
-    response_logits,
-)
-from data import load_rows, prompt_indices, tokenize_prompts
+from common import RunningMoments, gather_logprobs, generate, left_pad, masked_mean, masked_whiten, response_logits
+from plumbing.data import load_rows, prompt_indices, tokenize_prompts
+from plumbing.run import distinct_n
 
 
 @pytest.mark.parametrize("architecture", ["gpt-neox", "gpt2"])
@@ -174,7 +166,7 @@ def test_pad_pairs_builds_the_rollout_layout():
 
 def test_training_state_round_trip_restores_weights_optimizer_and_running_moments(tiny_lm):
     """What a checkpoint saves of each trained (model, optimizer) and of RunningMoments, --resume restores exactly."""
-    from models import load_training_state, training_state
+    from plumbing.models import load_training_state, training_state
 
     def one_step(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -202,7 +194,7 @@ def test_training_state_round_trip_restores_weights_optimizer_and_running_moment
 
 
 def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
-    from common import evaluation_metrics
+    from plumbing.run import evaluation_metrics
 
     kl = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
@@ -278,9 +270,8 @@ def test_statistics_over_the_whole_batch_on_two_ranks(tmp_path):
 
 def test_generation_keeps_a_16_bit_kv_cache_under_autocast_with_the_same_samples():
     """From float32 weights under bf16 autocast the KV cache would hold float32 keys and values (twice the memory);
-    common.kv_cache stores bf16, and the samples are bit-identical (attention casts to bf16 anyway)."""
-    from common import kv_cache
-    from models import load_causal_lm
+    models.kv_cache stores bf16, and the samples are bit-identical (attention casts to bf16 anyway)."""
+    from plumbing.models import kv_cache, load_causal_lm
 
     policy = load_causal_lm("toy/policy", torch.float32)
     queries = torch.randint(3, 600, (4, 10), generator=torch.Generator().manual_seed(0))
@@ -300,19 +291,23 @@ def test_generation_keeps_a_16_bit_kv_cache_under_autocast_with_the_same_samples
 
 
 def test_length_groups_split_rows_only_where_padding_costs_more_than_a_call(monkeypatch):
-    import common
+    from plumbing import padding
 
     # 64 rows of the plain toy (16-token prompts, responses of 12 to 48): splitting saves less than a call costs
     responses = [12 + i % 37 for i in range(64)]
-    assert common.length_groups([16] * 64, responses, 64, 64 * 64) == [sorted(range(64), key=lambda i: -responses[i])]
+    groups = padding.length_groups([16] * 64, responses, 64, 64 * 64)
+    assert groups == [sorted(range(64), key=lambda i: -responses[i])]
     # one 496-token prompt among 14-token ones: one call would compute 8 x 544 = 4,352 tokens (+ 1,024 for the call),
     # two compute 544 + 7 x 62 = 978 (+ 2,048)
-    assert common.length_groups([14, 14, 496, 14, 14, 14, 14, 14], [48] * 8, 8, 8 * 544) == [[2], [0, 1, 3, 4, 5, 6, 7]]
+    assert padding.length_groups([14, 14, 496, 14, 14, 14, 14, 14], [48] * 8, 8, 8 * 544) == [
+        [2],
+        [0, 1, 3, 4, 5, 6, 7],
+    ]
     # the memory budget: at most 3 rows or 3 x 64 tokens per call, even where one call would cost less
-    assert sorted(len(g) for g in common.length_groups([16] * 8, [48] * 8, 3, 3 * 64)) == [2, 3, 3]
-    monkeypatch.setattr(common, "CALL_TOKENS", 0)  # free calls: no padding at all
+    assert sorted(len(g) for g in padding.length_groups([16] * 8, [48] * 8, 3, 3 * 64)) == [2, 3, 3]
+    monkeypatch.setattr(padding, "CALL_TOKENS", 0)  # free calls: no padding at all
     responses = [5, 9, 5, 9, 7, 7]
-    groups = common.length_groups([16] * 6, responses, 6, 6 * 25)
+    groups = padding.length_groups([16] * 6, responses, 6, 6 * 25)
     assert sorted(i for g in groups for i in g) == list(range(6))
     assert all(len({responses[i] for i in g}) == 1 for g in groups)
 
@@ -320,11 +315,11 @@ def test_length_groups_split_rows_only_where_padding_costs_more_than_a_call(monk
 def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update(monkeypatch):
     """Rows of different lengths: the no-grad pass in sorted, trimmed chunks and the update in sorted, trimmed,
     token-budget micro-batches give the log-probs, loss and gradients of one pass over the full padded batch."""
-    import common
     from common import chunked_logprobs, pad_pairs, token_micro_batches
-    from models import load_causal_lm
+    from plumbing import padding
+    from plumbing.models import load_causal_lm
 
-    monkeypatch.setattr(common, "CALL_TOKENS", 32)  # split these short rows as it would split long ones
+    monkeypatch.setattr(padding, "CALL_TOKENS", 32)  # split these short rows as it would split long ones
 
     policy = load_causal_lm("toy/policy", torch.float32)
     generator = torch.Generator().manual_seed(0)

@@ -24,16 +24,16 @@ def test_generation_keeps_a_bf16_kv_cache():
     from transformers import GenerationConfig
 
     import common
-    from models import load_causal_lm
+    from plumbing import models
 
     device = torch.device("cuda")
-    policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32).to(device)
+    policy = models.load_causal_lm(str(REPO / "toy" / "policy"), torch.float32).to(device)
     queries = torch.randint(3, 600, (4, 12), device=device)
     config = GenerationConfig(max_new_tokens=4, do_sample=True, top_k=0, eos_token_id=None, pad_token_id=1,
                               return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad(), common.autocast(device, torch.bfloat16):
         out = policy.generate(input_ids=queries, attention_mask=torch.ones_like(queries), generation_config=config,
-                              past_key_values=common.kv_cache(policy, device))  # fmt: skip
+                              past_key_values=models.kv_cache(policy, device))  # fmt: skip
     assert out.past_key_values.layers[0].keys.dtype == torch.bfloat16
 
 

@@ -171,8 +171,8 @@ def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(t
     the step's SFT tokens (each micro-batch weighted by its share of them, not of the rollout tokens)."""
     from transformers import AutoModelForCausalLM
 
-    from data import load_rows, tokenize_prompts, tokenize_responses
-    from models import load_tokenizer
+    from plumbing.data import load_rows, tokenize_prompts, tokenize_responses
+    from plumbing.models import load_tokenizer
 
     flags = [*FLAGS, "--critic-warmup-steps", "0", "--ptx-coef", "0.5", "--output-dir", str(tmp_path / "run")]
     (events,) = record("ppo_max", [flags])

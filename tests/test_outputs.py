@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import FAST, REPO, read_metrics, run_script
 
-import models
+from plumbing import models
 
 SAMPLE_FIELDS = {"iteration", "index", "prompt", "response", "reward", "gold_reward", "kl", "length", "ended"}
 
@@ -49,7 +49,7 @@ def test_torchrun_run_writes_samples_and_model_card_and_evaluate_reproduces_it(t
 
 def test_evaluate_win_rate_of_a_policy_against_itself_is_one_half(tmp_path):
     out = tmp_path / "evaluation"
-    flags = ["--eval-size", "64", "--max-new-tokens", "24", "--output-dir", str(out)]
+    flags = ["--eval-size", "48", "--max-new-tokens", "24", "--output-dir", str(out)]
     result = run_script("bench/evaluate.py", "toy/policy", "toy/policy", *flags)
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert [p["seed"] for p in evaluation["policies"]] == [1, 2]  # independent samples
@@ -64,18 +64,27 @@ def test_evaluate_win_rate_of_a_policy_against_itself_is_one_half(tmp_path):
     assert sft["eval/kl"] == 0.0 and 1 <= sft["eval/response_length"] <= 24
 
 
-def test_real_model_on_toy_data_gets_a_one_line_notice(tmp_path):
+def test_real_model_on_toy_data_gets_a_one_line_notice(tmp_path, capsys):
+    import dataclasses
+
+    import apa
+    from plumbing.run import check_flags
+
     shutil.copytree(REPO / "toy" / "policy", tmp_path / "tiny")  # a model outside toy/ (what a user's would be)
     flags = ["--total-episodes", "16", "--eval-size", "8", "--max-new-tokens", "8", "--save-every", "0"]
     result = run_script("apa.py", *FAST, *flags, "--model", str(tmp_path / "tiny"), "--output-dir", str(tmp_path / "o"))
     notices = [line for line in result.stdout.splitlines() if line.startswith("notice:")]
     assert len(notices) == 1 and "--dataset toy/data" in notices[0] and "--reward-model toy/reward_model" in notices[0]
     assert "--lr 0.0003" in notices[0] and "recipes/" in notices[0]
-    result = run_script(
-        "apa.py", *FAST, *flags, "--model", str(tmp_path / "tiny"), "--dataset", "toy/data", "--reward-model",
-        "tests.bad_scorers:response_length", "--eval-reward", "", "--lr", "1e-5", "--output-dir", str(tmp_path / "p"),
-    )  # fmt: skip
-    assert "--dataset toy/data" in result.stdout and "--reward-model" not in result.stdout.split("notice:")[1]
+    # what is no longer the toy's is not named; with nothing of the toy's left, no notice
+    own = dict(model="my/model", reward_model="my/rm", eval_reward="", lr=1e-6)
+    check_flags(dataclasses.replace(apa.Args(), **own), 1, 16, apa.POSITIVE_FLAGS, apa.NON_NEGATIVE_FLAGS)
+    out = capsys.readouterr().out
+    assert (
+        out.count("notice:") == 1 and "--dataset toy/data" in out and "--reward-model" not in out and "--lr" not in out
+    )
+    check_flags(dataclasses.replace(apa.Args(), **own, dataset="my/data"), 1, 16, apa.POSITIVE_FLAGS, "")
+    assert "notice:" not in capsys.readouterr().out
 
 
 class FakeHub:

@@ -4,7 +4,7 @@ import torch
 from conftest import FAST, REPO, read_metrics, run_script
 
 from common import RunningMoments, left_pad
-from models import load_scorer, load_tokenizer, load_value_model
+from plumbing.models import ScoringOptions, load_scorer, load_tokenizer, load_value_model
 from ppo_max import lr_factor, normalize_scores, ptx_loss
 
 
@@ -45,7 +45,7 @@ def test_critic_from_the_reward_model_reads_its_score_at_the_last_token():
     rm_path = str(REPO / "toy" / "reward_model")
     tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
     critic = load_value_model(rm_path, torch.float32, "--critic-model")
-    score = load_scorer(rm_path, torch.device("cpu"), torch.float32, 8, "--reward-model")
+    score = load_scorer(rm_path, "--reward-model", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8))
     prompts = ["\n\nHuman: what matters most in chess?\n\nAssistant:", "\n\nHuman: hi about sleep?\n\nAssistant:"]
     responses = [" sure! watch the bishop early. good luck!", " whatever."]
     ids, mask = left_pad(

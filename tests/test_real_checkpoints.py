@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, REPO, run_script
 
 from common import RunningMoments, response_logits
-from models import load_scorer
+from plumbing.models import ScoringOptions, load_scorer
 
 TEXTS = [
     ("\n\nHuman: what matters most in chess?\n\nAssistant:", " watch the bishop early, and castle before move ten."),
@@ -47,7 +47,9 @@ def test_reward_model_scored_through_its_own_forward(kind, padding_side, tmp_pat
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = save_classifier(kind, tmp_path / kind, padding_side)
-    score = load_scorer(str(tmp_path / kind), torch.device("cpu"), torch.float32, 8, "--reward-model")
+    score = load_scorer(
+        str(tmp_path / kind), "--reward-model", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8)
+    )
     prompts, responses = zip(*TEXTS)
     ours = score(list(prompts), list(responses))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / kind).eval()
@@ -61,7 +63,9 @@ def test_reward_model_input_gets_eos_and_is_left_truncated(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = save_classifier("gpt-neox", tmp_path / "rm", "right")
-    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", append_eos="ended")
+    score = load_scorer(
+        str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8, append_eos="ended")
+    )
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     (prompt, response), eos = TEXTS[0], tokenizer.eos_token_id
     ids = tokenizer(prompt + response)["input_ids"]
@@ -78,8 +82,10 @@ def test_reward_model_input_gets_eos_and_is_left_truncated(tmp_path):
         kept = model(torch.tensor([long_ids[-128:]])).logits[0, 0]
     assert torch.allclose(score([long_prompt], [response]), kept.unsqueeze(0), atol=1e-5)
     assert score.num_truncated == 1
-    no_truncation = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", truncate=False)
-    with pytest.raises(SystemExit, match="more than its 128"):
+    no_truncation = load_scorer(
+        str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8, truncate=False)
+    )
+    with pytest.raises(SystemExit, match="over 128"):
         no_truncation([long_prompt], [response])
 
 
@@ -105,7 +111,7 @@ def test_encoder_reward_model_reads_prompt_and_response_as_a_pair(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = save_classifier("deberta-v2", tmp_path / "rm", "right", encoder_tokenizer(tmp_path / "rm"))
-    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm")
+    score = load_scorer(str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     (prompt, response), ended = TEXTS[1], torch.tensor([True])
     pair = tokenizer(prompt, response)["input_ids"]
@@ -119,7 +125,13 @@ def test_encoder_reward_model_reads_prompt_and_response_as_a_pair(tmp_path):
         len(ids) == 40
         and ids[-len(pair) + pair.index(tokenizer.sep_token_id) :] == pair[pair.index(tokenizer.sep_token_id) :]
     )
-    text = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", input_format="text")
+    text = load_scorer(
+        str(tmp_path / "rm"),
+        "rm",
+        torch.device("cpu"),
+        torch.float32,
+        ScoringOptions(batch_size=8, input_format="text"),
+    )
     assert text.encode(prompt, response, True) == tokenizer(prompt + response)["input_ids"]
 
 
@@ -181,16 +193,36 @@ def ppo_args(**overrides):
     ],
 )
 def test_out_of_range_flags_are_one_line_errors(overrides, expected):
-    from common import check_flags
+    import ppo
+    from plumbing.run import check_flags
 
     with pytest.raises(SystemExit, match=r"^error: ") as info:
-        check_flags(ppo_args(**overrides), 16, 1)
+        check_flags(ppo_args(**overrides), 1, 16, ppo.POSITIVE_FLAGS, ppo.NON_NEGATIVE_FLAGS)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("script", ["ppo", "apa", "awr", "ppo_max", "alol"])
+def test_each_script_checks_the_ranges_of_its_own_flags(script):
+    """A script names its algorithm's flags (POSITIVE_FLAGS, NON_NEGATIVE_FLAGS); the shared check refuses a value
+    out of range for each of them, and the defaults pass."""
+    import dataclasses
+    import importlib
+
+    from plumbing.run import check_flags
+
+    module = importlib.import_module(script)
+    ranges = module.POSITIVE_FLAGS, module.NON_NEGATIVE_FLAGS
+    check_flags(module.Args(), 1, 16, *ranges)
+    cases = [(name, 0) for name in ranges[0].split()] + [(name, -1) for name in ranges[1].split()]
+    assert len(cases) >= 3
+    for name, value in cases:
+        with pytest.raises(SystemExit, match=f"--{name.replace('_', '-')} {value} is out of range"):
+            check_flags(dataclasses.replace(module.Args(), **{name: value}), 1, 16, *ranges)
 
 
 @pytest.mark.parametrize("prompt, expected", [("  ", "is an empty string"), (3, "is a int, not a string")])
 def test_empty_or_non_string_prompts_are_one_line_errors(prompt, expected, tmp_path):
-    from data import load_rows
+    from plumbing.data import load_rows
 
     rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"prompt": prompt}]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -205,7 +237,9 @@ def test_empty_or_non_string_prompts_are_one_line_errors(prompt, expected, tmp_p
      ("words", "returned a list")],
 )  # fmt: skip
 def test_misbehaving_scoring_functions_are_named_in_one_line(name, expected):
-    score = load_scorer(f"tests.bad_scorers:{name}", torch.device("cpu"), torch.float32, 8, "--reward-model")
+    score = load_scorer(
+        f"tests.bad_scorers:{name}", "--reward-model", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8)
+    )
     with pytest.raises(SystemExit, match=f"scoring function --reward-model 'tests.bad_scorers:{name}'") as info:
         score(["a", "b"], ["c", "d"])
     assert expected in str(info.value) and "\n" not in str(info.value)
@@ -226,10 +260,10 @@ def test_apa_lambda_zero_is_refused():
     import dataclasses
 
     import apa
-    from common import check_flags
+    from plumbing.run import check_flags
 
     with pytest.raises(SystemExit, match="--lam 0.0 is out of range; it must be greater than 0"):
-        check_flags(dataclasses.replace(apa.Args(), lam=0.0), 16, 1)
+        check_flags(dataclasses.replace(apa.Args(), lam=0.0), 1, 16, apa.POSITIVE_FLAGS, apa.NON_NEGATIVE_FLAGS)
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -240,7 +274,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_lm, tmp_path, k
     from transformers import GenerationConfig
 
     from common import gather_logprobs
-    from models import load_causal_lm
+    from plumbing.models import load_causal_lm
 
     tiny_lm.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=2, min_new_tokens=12, do_sample=True)
     tiny_lm.save_pretrained(tmp_path / "policy")
@@ -263,7 +297,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(tiny_lm, tmp_path, k
 
 
 def test_hh_dialogue_that_is_not_a_string_is_named(tmp_path):
-    from data import load_rows
+    from plumbing.data import load_rows
 
     rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello"}, {"chosen": [{"role": "user", "content": "hi"}]}]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -287,7 +321,7 @@ def sentencepiece_tokenizer():
 
 
 def test_response_text_keeps_its_space_with_sentencepiece():
-    from data import response_texts
+    from plumbing.data import response_texts
 
     tokenizer = sentencepiece_tokenizer()
     prompt, response = TEXTS[0]
@@ -305,7 +339,7 @@ def test_value_and_reward_heads_compute_in_float32_under_bf16_autocast():
     """Under bf16 autocast the backbones run in bf16 but the scalar heads in float32: a bf16 head would keep ~3
     significant digits of every value GAE sums."""
     from common import position_ids
-    from models import load_value_model
+    from plumbing.models import load_value_model
 
     ids = torch.randint(3, 600, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -317,7 +351,9 @@ def test_value_and_reward_heads_compute_in_float32_under_bf16_autocast():
     expected = torch.nn.functional.linear(hidden.last_hidden_state.float(), value_model.model.score.weight)[..., 0]
     assert values.dtype == torch.float32 and torch.allclose(values, expected, atol=1e-6)
     assert (values - bf16_head).abs().max() > 1e-4  # what a bf16 head would have given
-    score = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.bfloat16, 8, "rm")
+    score = load_scorer(
+        str(REPO / "toy" / "reward_model"), "rm", torch.device("cpu"), torch.bfloat16, ScoringOptions(batch_size=8)
+    )
     prompt, response = TEXTS[0]
     ids = torch.tensor([score.encode(prompt, response, True)])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 reward model's last hidden state

@@ -12,8 +12,8 @@ from conftest import REPO, THREADS, read_metrics
 from torch import nn
 from transformers import AutoTokenizer
 
-from data import cut_at_stop_strings
-from models import load_scorer
+from plumbing.data import cut_at_stop_strings
+from plumbing.models import ScoringOptions, load_scorer
 
 EOS = 0  # the toy tokenizer's <|endoftext|>
 HH_STOPS = ["Human:", "human:", "Assistant:", "assistant:"]
@@ -87,16 +87,16 @@ def test_trlx_reward_checkpoint_converted_scores_as_the_authors_model(tmp_path):
     samples = [p + r for p, r in zip(prompts, responses)]
     assert len(tokenizer(samples[2])["input_ids"]) > 48 and "<|endoftext|>" in samples[1]  # long, an EOS inside
     expected = authors_reward(model, tokenizer, samples)
-    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "--reward-model",
-                        append_eos="always", score_at="first-eos")  # fmt: skip
+    options = ScoringOptions(batch_size=8, append_eos="always", score_at="first-eos")
+    score = load_scorer(str(tmp_path / "rm"), "--reward-model", torch.device("cpu"), torch.float32, options)
     ended = torch.tensor([True, False, True, False])  # the authors append EOS to every sample, ended or not
     got = score(prompts, responses, ended)
     assert torch.allclose(got, expected, atol=1e-5), (got, expected)
     assert score.num_truncated == 1 and expected.std() > 0
     # read naively (the last token, or pad = EOS skipping the EOS) the scores differ: the flags matter
-    naive = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "--reward-model")(
-        prompts, responses, ended
-    )
+    naive = load_scorer(
+        str(tmp_path / "rm"), "--reward-model", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8)
+    )(prompts, responses, ended)
     assert not torch.allclose(naive, expected, atol=1e-3)
     # a checkpoint of another layout is named in one line
     bad = convert(tmp_path, "--format", "moss", "--checkpoint", "gptj-rm-static", "--base", "gpt-j", "--tokenizer",
@@ -126,7 +126,9 @@ def test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path):
     with torch.no_grad():
         expected = out_proj(backbone(ids).last_hidden_state[:, -1])[0, 0] + 3.0
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
-    score = load_scorer(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, 8, "rm", append_eos="never")
+    score = load_scorer(
+        str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8, append_eos="never")
+    )
     text = tokenizer.decode([5, 6, 7, 8, 9])
     assert tokenizer(text)["input_ids"] == [5, 6, 7, 8, 9]
     assert torch.allclose(score([text], [""]), expected.unsqueeze(0), atol=1e-4)
@@ -161,7 +163,7 @@ def test_stop_string_rollout_trains_on_the_cut_response(tmp_path):
     reward) sees the cut response, ended with EOS, not the sampled one."""
     from test_invariants import FLAGS, record
 
-    from models import load_causal_lm
+    from plumbing.models import load_causal_lm
 
     out = tmp_path / "run"
     flags = [*FLAGS, "--stop-strings", *HH_STOPS, "--output-dir", str(out)]

@@ -128,7 +128,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from common import gather_logprobs, response_logits
-    from models import ValueModel, checkpoint_layers
+    from plumbing.models import ValueModel, checkpoint_layers
 
     config = GPTNeoXConfig(vocab_size=640, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                            intermediate_size=512, max_position_embeddings=512, pad_token_id=1)  # fmt: skip
@@ -161,7 +161,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
 def test_freeze_bottom_layers_leaves_top_layers_norm_and_head():
     from transformers import AutoModelForCausalLM
 
-    from models import freeze_bottom_layers
+    from plumbing.models import freeze_bottom_layers
 
     policy = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy")
     n = policy.config.num_hidden_layers
@@ -201,7 +201,7 @@ def test_frozen_linear_weights_are_stored_in_the_compute_dtype():
     trained ones, norms, embeddings and a head tied to the embeddings stay float32."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXForCausalLM
 
-    from models import freeze_bottom_layers, frozen_linears_to
+    from plumbing.models import freeze_bottom_layers, frozen_linears_to
 
     policy = GPTNeoXForCausalLM.from_pretrained(REPO / "toy" / "policy", dtype=torch.float32)
     freeze_bottom_layers(policy, 2)

@@ -5,8 +5,8 @@ import json
 import torch
 from conftest import REPO
 
-from data import load_rows
-from models import load_causal_lm, load_scorer, load_tokenizer
+from plumbing.data import load_rows
+from plumbing.models import ScoringOptions, load_causal_lm, load_scorer, load_tokenizer
 from toy.gold import score, score_one
 
 
@@ -21,7 +21,9 @@ def test_committed_assets_load_and_gold_ranks_chosen_above_rejected():
     prompts, chosen = load_rows(str(REPO / "toy" / "data"), "test")
     assert len(prompts) == len(chosen) == 500 and load_rows(str(REPO / "toy" / "data"), "train")[0]
     # the reward model is a good but imperfect proxy of the gold scorer (build_report.json: 88.4%) on complete responses
-    reward = load_scorer(str(REPO / "toy" / "reward_model"), torch.device("cpu"), torch.float32, 256, "rm")
+    reward = load_scorer(
+        str(REPO / "toy" / "reward_model"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=256)
+    )
     rejected, ended = [r["rejected"] for r in rows], torch.ones(len(rows), dtype=torch.bool)
     accuracy = (reward(prompts, chosen, ended) > reward(prompts, rejected, ended)).float().mean().item()
     assert accuracy >= 0.88

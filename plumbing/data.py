@@ -1,11 +1,11 @@
-"""Datasets and prompt formats for the RLHF scripts: plain-text and conversational rows (TRL's formats), chat
-templates, tokenized prompts and responses, stop tokens, and the order prompts are drawn in."""
+"""Plumbing (a reader of the algorithms can skip it): datasets and prompt formats. Plain-text and conversational rows
+(TRL's formats), chat templates, tokenized prompts and responses, stop tokens, and the order prompts are drawn in."""
 
 import os
 
 import torch
 
-import common
+from plumbing import run
 
 
 def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[list, list[str] | None]:
@@ -17,7 +17,7 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
     whole conversation like `messages`); a response is then the assistant turn's content."""
     import datasets
 
-    path = common.resolve(name)
+    path = run.repo_path(name)
     try:
         if os.path.isdir(path) and any(
             os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
@@ -31,9 +31,9 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
             ds = datasets.load_dataset(path, split=split)
     except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line naming the dataset
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        common.fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
+        run.fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
     if len(ds) == 0:
-        common.fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
+        run.fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
     where = f"split '{split}' of --dataset '{name}'"
     columns = ds.column_names
     if "prompt" not in columns and ("messages" in columns or response_column in columns):
@@ -46,19 +46,17 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
         if responses is not None:  # conversational `chosen`: the content of its (last) assistant message
             responses = [_last_assistant(r) if isinstance(r, list) else r for r in responses]
     else:
-        common.fail(
+        run.fail(
             f"--dataset '{name}' has columns {columns}; expected 'prompt' (Dahoas/rm-static, plain or "
             "conversational prompts), 'messages' (conversations) or 'chosen' dialogues (Anthropic/hh-rlhf)"
         )
     conversational = is_conversation(prompts[0])
     for i, prompt in enumerate(prompts):
         if conversational and not is_conversation(prompt):
-            common.fail(
-                f"row {i} of {where} has a prompt that is not a list of {{'role', 'content'}} messages like row 0"
-            )
+            run.fail(f"row {i} of {where} has a prompt that is not a list of {{'role', 'content'}} messages like row 0")
         if not conversational and (not isinstance(prompt, str) or not prompt.strip()):
             what = "an empty string" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not a string"
-            common.fail(f"row {i} of {where} has a prompt that is {what}; fix or drop that row")
+            run.fail(f"row {i} of {where} has a prompt that is {what}; fix or drop that row")
     return prompts, responses
 
 
@@ -89,7 +87,7 @@ def _split_dialogue(dialogue, where: str):
     if not turns:
         return dialogue, None
     if turns[-1] == 0:
-        common.fail(f"{where} starts with its only assistant turn, so it has no prompt; put the user turn before it")
+        run.fail(f"{where} starts with its only assistant turn, so it has no prompt; put the user turn before it")
     return dialogue[: turns[-1]], dialogue[turns[-1]]["content"]
 
 
@@ -108,14 +106,14 @@ def render_chat(tokenizer, messages: list[dict], flag: str, add_generation_promp
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as e:  # noqa: BLE001 -- jinja's TemplateError or the template's raise_exception: one line
         roles = [m["role"] for m in messages]
-        common.fail(
+        run.fail(
             f"the {flag} chat template rejects a conversation with roles {roles} ({e}); fix the data or the template"
         )
 
 
 def check_chat_template(tokenizer, flag: str):
     if not getattr(tokenizer, "chat_template", None):
-        common.fail(
+        run.fail(
             f"the dataset is conversational but the {flag} tokenizer has no chat template; use a chat model's "
             "tokenizer (or set its chat_template), or a dataset with plain-text prompts"
         )
@@ -135,7 +133,7 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[l
     truncated = []
     for i, ids in enumerate(encoded):
         if not ids:
-            common.fail(f"prompt {i} tokenizes to no tokens with the --model tokenizer; check the tokenizer or data")
+            run.fail(f"prompt {i} tokenizes to no tokens with the --model tokenizer; check the tokenizer or data")
         if len(ids) > max_prompt_length:
             keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
             ids = ids[:1] + ids[1 - max_prompt_length :] if keep_bos else ids[-max_prompt_length:]
@@ -155,9 +153,7 @@ def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids:
         head = render_chat(tokenizer, prompt, "--model", add_generation_prompt=True)
         full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], "--model")
         if not full.startswith(head):
-            common.fail(
-                "the --model chat template renders an assistant turn that does not continue its generation prompt"
-            )
+            run.fail("the --model chat template renders an assistant turn that does not continue its generation prompt")
         ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
         stops = [i for i, t in enumerate(ids) if t in stop_ids]
         out.append(ids[: stops[0] + 1] if stops else ids + [tokenizer.eos_token_id])
@@ -170,7 +166,7 @@ def stop_token_ids(path: str, tokenizer) -> list[int]:
     from transformers import GenerationConfig
 
     try:
-        listed = GenerationConfig.from_pretrained(common.resolve(path)).eos_token_id
+        listed = GenerationConfig.from_pretrained(run.repo_path(path)).eos_token_id
     except (OSError, ValueError):  # no generation_config.json: EOS only
         listed = None
     listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)

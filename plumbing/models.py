@@ -1,5 +1,6 @@
-"""Models for the RLHF scripts: loading checkpoints (policy, value network, reward models and scoring functions),
-LoRA, the scale options (layer freezing, activation checkpointing, FSDP2 / DDP), and saving trained weights."""
+"""Plumbing (a reader of the algorithms can skip it): models. Loading checkpoints (policy, reference, value network,
+reward models and scoring functions), LoRA, the scale options (FSDP2 / DDP, layer freezing, activation
+checkpointing), checkpoints, and saving, describing and uploading the final policy."""
 
 import contextlib
 import dataclasses
@@ -18,16 +19,71 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-import data
+from plumbing import data, padding, run
+
+
+# ---------------------------------------------------------------- FSDP2 shards, the KV cache, rows per forward
+def fsdp_modules(model) -> list[nn.Module]:
+    """The FSDP2 shard groups inside `model` (none when FSDP was never imported: it costs a second at startup)."""
+    if "torch.distributed.fsdp" not in sys.modules or not isinstance(model, nn.Module):
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(fsdp_modules(model))
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under --fsdp, all-gather every shard once and keep the full weights until the block ends (generation, no-grad
+    chunked passes): no collective per decode step or chunk, so ranks may run different numbers of them.
+    A no-op for unsharded models (and for None)."""
+    groups = fsdp_modules(model)
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def kv_cache(model, device: torch.device):
+    """Under 16-bit autocast, a KV cache that stores keys and values in that dtype. (From float32 weights the rotary
+    embedding's float32 cos/sin make them float32: twice the cache memory and decode bandwidth, for nothing, since
+    attention casts them to 16 bits under autocast anyway: the samples are bit-identical.) None otherwise."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    from transformers import DynamicCache
+
+    class AutocastCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            dtype = torch.get_autocast_dtype(device.type)
+            return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+
+    return AutocastCache(config=model.config)
+
+
+def rows_per_forward(model, length: int, chunk_size: int, budget: int = 2**26) -> int:
+    """Rows per no-grad forward that returns logits: `chunk_size`, or fewer where their float32 logits (rows x length
+    x vocabulary) would pass `budget` elements (256 MB): a 152k-token vocabulary's logits are 240x a toy's."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config.get_text_config(), "vocab_size", 1) if config is not None else 1
+    return max(1, min(chunk_size, budget // (length * vocab)))
 
 
 # ---------------------------------------------------------------- loading
-def _load(loader, path: str, what: str, **kwargs):
+def _load(loader, path: str, flag: str, **kwargs):
     try:
-        return loader.from_pretrained(common.resolve(path), **kwargs)
+        return loader.from_pretrained(run.repo_path(path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        common.fail(f"cannot load {what} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
+        run.fail(f"cannot load {flag} '{path}' ({first_line}); pass a local directory or a Hugging Face Hub name")
 
 
 _rank_0_loads = False  # under --fsdp: only rank 0 reads checkpoints (load_on_rank_0)
@@ -41,13 +97,13 @@ def load_on_rank_0(enabled: bool):
     _rank_0_loads = enabled and dist.is_initialized()
 
 
-def _load_model(loader, path: str, what: str, dtype: torch.dtype, trust_remote_code: bool, **config_overrides):
+def _load_model(loader, path: str, flag: str, dtype: torch.dtype, trust_remote_code: bool, **config_overrides):
     """`loader.from_pretrained`, or on a rank other than 0 under load_on_rank_0 the same model empty (meta)."""
     if not _rank_0_loads or dist.get_rank() == 0:
-        return _load(loader, path, what, dtype=dtype, trust_remote_code=trust_remote_code, **config_overrides)
+        return _load(loader, path, flag, dtype=dtype, trust_remote_code=trust_remote_code, **config_overrides)
     from transformers import AutoConfig
 
-    config = _load(AutoConfig, path, what, trust_remote_code=trust_remote_code, **config_overrides)
+    config = _load(AutoConfig, path, flag, trust_remote_code=trust_remote_code, **config_overrides)
     with torch.device("meta"):
         return loader.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -60,9 +116,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     if tokenizer.pad_token is None:  # e.g. Pythia/GPT-J tokenizers: pad with EOS, masks keep it out
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
-        if not os.path.isfile(common.resolve(chat_template)):
-            common.fail(f"--chat-template {chat_template} is not a file; pass a .jinja file")
-        tokenizer.chat_template = open(common.resolve(chat_template)).read()
+        if not os.path.isfile(run.repo_path(chat_template)):
+            run.fail(f"--chat-template {chat_template} is not a file; pass a .jinja file")
+        tokenizer.chat_template = open(run.repo_path(chat_template)).read()
     return tokenizer
 
 
@@ -139,11 +195,11 @@ def heads(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def load_value_model(path: str, dtype: torch.dtype, what: str, trust_remote_code: bool = False) -> ValueModel:
+def load_value_model(path: str, dtype: torch.dtype, flag: str, trust_remote_code: bool = False) -> ValueModel:
     """A separate network: `path`'s backbone plus a scalar head (new unless `path` is a reward model)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _load_model(AutoModelForSequenceClassification, path, what, dtype, trust_remote_code, num_labels=1)
+    model = _load_model(AutoModelForSequenceClassification, path, flag, dtype, trust_remote_code, num_labels=1)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return ValueModel(model.eval())
@@ -154,155 +210,170 @@ def is_scoring_function(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec)) and not os.path.exists(spec)
 
 
-def load_scorer(
-    spec: str,
-    device,
-    dtype,
-    batch_size: int,
-    flag: str,
-    trust_remote_code: bool = False,
-    fsdp: bool = False,
-    append_eos: str = "ended",
-    truncate: bool = True,
-    input_format: str = "auto",
-    score_at: str = "last",
-):
-    """Sequence-level scorer (prompts, responses, ended_with_eos=None) -> (N,) float tensor on `device`: either a
-    Python function `module:function` (given prompts and responses), or a reward model scoring the decoded text
-    re-tokenized with its own tokenizer, through its own forward (`.logits[:, 0]`: decoder, BERT-style pooler or
-    RoBERTa head alike). The reward model sees what it was trained on:
-    - `input_format`: "text", prompt + response as one sequence; "pair", `tokenizer(prompt, response)`, two segments
+@dataclasses.dataclass
+class ScoringOptions:
+    """How a reward model reads a sample (the scripts' --reward-* flags; docs/real-models.md has each)."""
+
+    batch_size: int = 64  # rows per forward
+    append_eos: str = "ended"  # after a response that "ended" with a stop token, "always" (trlX), or "never"
+    input_format: str = "auto"  # "text" (prompt + response), "pair" (encoders: two segments) or "auto"
+    score_at: str = "last"  # a decoder's score: at the "last" real token, or the "first-eos" (trlX)
+    truncate: bool = True  # left-truncate inputs over the model's maximum length (else stop with an error)
+    trust_remote_code: bool = False
+    fsdp: bool = False  # shard the reward model too (gathered once per call)
+
+
+def load_scorer(spec: str, flag: str, device, dtype, options: ScoringOptions | None = None):
+    """A sequence-level scorer, (prompts, responses, ended=None) -> (N,) float tensor on `device`: a Python function
+    `module:function` (ScoringFunction) or a reward model (RewardModel). `flag` names it in errors."""
+    if is_scoring_function(spec):
+        return ScoringFunction(spec, flag, device)
+    return RewardModel(spec, flag, device, dtype, options or ScoringOptions())
+
+
+def load_scorers(args, device, dtype):
+    """(--reward-model's scorer, --eval-reward's or None), both with the scripts' scoring flags."""
+    options = ScoringOptions(
+        args.rollout_forward_batch_size, args.reward_append_eos, args.reward_input, args.reward_score_at,
+        args.reward_truncate, args.trust_remote_code, args.fsdp,
+    )  # fmt: skip
+    score_fn = load_scorer(args.reward_model, "--reward-model", device, dtype, options)
+    eval_score_fn = load_scorer(args.eval_reward, "--eval-reward", device, dtype, options) if args.eval_reward else None
+    return score_fn, eval_score_fn
+
+
+class ScoringFunction:
+    """A user's `module:function` scorer (prompts, responses) -> one float per response; whatever else it does (an
+    exception, another type or length) stops the run with one line naming it."""
+
+    def __init__(self, spec: str, flag: str, device):
+        module, name = spec.split(":")
+        try:
+            self.fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            run.fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
+        self.name, self.device = f"{flag} '{spec}'", device
+
+    def __call__(self, prompts: list, responses: list[str], ended: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            scores = self.fn(prompts, responses)
+        except Exception as e:  # noqa: BLE001 -- the user's function: whatever it raises becomes one line
+            run.fail(f"scoring function {self.name} raised {type(e).__name__}: {e}; fix the function")
+        try:
+            tensor = torch.as_tensor(scores, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            tensor = None
+        if tensor is None or tensor.shape != (len(prompts),):
+            got = f"a {type(scores).__name__}" if tensor is None else f"shape {tuple(tensor.shape)}"
+            run.fail(
+                f"scoring function {self.name} returned {got}; it must return a list of {len(prompts)} floats, one "
+                "per response"
+            )
+        return tensor.to(self.device)
+
+
+class RewardModel:
+    """A reward model scoring the decoded text re-tokenized with its own tokenizer, through its own forward
+    (`.logits[:, 0]`: decoder, BERT-style pooler or RoBERTa head alike). It sees what it was trained on:
+    - input_format: "text", prompt + response as one sequence; "pair", `tokenizer(prompt, response)`, two segments
       (OpenAssistant's DeBERTa reward models); "auto", pair when the tokenizer has CLS and SEP tokens (an encoder's),
       else text. A conversational prompt (a list of messages) is rendered with the reward tokenizer's chat template,
       the response as the assistant's turn, or as HH text when it has none.
-    - `append_eos`: the reward tokenizer's EOS is appended to the text of a response that "ended" with a stop token
+    - append_eos: the reward tokenizer's EOS is appended to the text of a response that "ended" with a stop token
       (TRL's RewardTrainer tokenizes text + EOS), to "always" every response (trlX's HH reward function), or
       "never"; never after a chat template, which writes its own end-of-turn, nor to a pair.
     - An input longer than the model's maximum length is truncated from the left, after any leading BOS/CLS
-      (`truncate`, counted in `score.num_truncated`).
+      (`truncate`, counted in `num_truncated`).
     - A decoder's score is read at the last real token, whatever its padding token (an EOS that is also the pad
-      token included), or with `score_at` "first-eos" at the first EOS of the input (trlX's reward models)."""
-    if is_scoring_function(spec):
-        module, name = spec.split(":")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            common.fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
-        return functools.partial(_call_scoring_function, fn, f"{flag} '{spec}'", device)
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+      token included), or with score_at "first-eos" at the first EOS of the input (trlX's reward models)."""
 
-    config = _load(AutoConfig, spec, flag, trust_remote_code=trust_remote_code)
-    if getattr(config, "num_labels", 1) != 1:
-        common.fail(
-            f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)"
-        )
-    tokenizer = load_tokenizer(spec, trust_remote_code)
-    model = _load_model(AutoModelForSequenceClassification, spec, flag, dtype, trust_remote_code)
-    name = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
-    setattr(model, name, Float32Head(getattr(model, name)))
-    model = model.eval().requires_grad_(False)
-    model = shard_model(model, dtype) if fsdp else model.to(device)  # --fsdp: sharded, gathered once per call
-    positions = getattr(config, "max_position_embeddings", None) or 2**31
-    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
-    eos, leading = tokenizer.eos_token_id, {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
-    if input_format == "auto":
-        input_format = "pair" if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None else "text"
-    tokenizer.truncation_side = "left"  # a pair too long for the model loses the start of its prompt
+    def __init__(self, spec: str, flag: str, device, dtype, options: ScoringOptions):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    def encode(prompt, response: str, ended: bool) -> list[int]:
+        config = _load(AutoConfig, spec, flag, trust_remote_code=options.trust_remote_code)
+        if getattr(config, "num_labels", 1) != 1:
+            run.fail(
+                f"{flag} '{spec}' has {config.num_labels} labels; a reward model must output one scalar (num_labels=1)"
+            )
+        tokenizer = load_tokenizer(spec, options.trust_remote_code)
+        model = _load_model(AutoModelForSequenceClassification, spec, flag, dtype, options.trust_remote_code)
+        name = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
+        setattr(model, name, Float32Head(getattr(model, name)))
+        model = model.eval().requires_grad_(False)
+        self.model = shard_model(model, dtype) if options.fsdp else model.to(device)  # --fsdp: gathered per call
+        positions = getattr(config, "max_position_embeddings", None) or 2**31
+        self.max_length = tokenizer.model_max_length if tokenizer.model_max_length < 2**31 else positions
+        self.input_format = options.input_format
+        if self.input_format == "auto":
+            encoder = tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+            self.input_format = "pair" if encoder else "text"
+        tokenizer.truncation_side = "left"  # a pair too long for the model loses the start of its prompt
+        self.tokenizer, self.flag, self.options, self.device, self.dtype = tokenizer, flag, options, device, dtype
+        self.num_truncated = 0
+
+    def encode(self, prompt, response: str, ended: bool) -> list[int]:
+        """The token ids the reward model reads for one sample."""
+        tokenizer, eos = self.tokenizer, self.tokenizer.eos_token_id
         templated = data.is_conversation(prompt) and tokenizer.chat_template
-        if input_format == "pair":  # [CLS] prompt [SEP] response [SEP]
+        if self.input_format == "pair":  # [CLS] prompt [SEP] response [SEP]
             prompt_text = data.render_plain(prompt) if data.is_conversation(prompt) else prompt
-            ids = tokenizer(prompt_text, response, truncation="only_first", max_length=max_length)["input_ids"]
+            ids = tokenizer(prompt_text, response, truncation="only_first", max_length=self.max_length)["input_ids"]
         elif not data.is_conversation(prompt):
             ids = tokenizer(prompt + response)["input_ids"]
         elif templated:  # the conversation as the reward model was trained on it, special tokens once
             turns = prompt + [{"role": "assistant", "content": response}]
-            text = data.render_chat(tokenizer, turns, flag)
+            text = data.render_chat(tokenizer, turns, self.flag)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(data.render_plain(prompt) + response)["input_ids"]
+        append_eos = self.options.append_eos
         wants_eos = append_eos == "always" or (append_eos == "ended" and ended)
         closed = bool(ids) and ids[-1] in (eos, tokenizer.sep_token_id)  # already ends with EOS, or an encoder's SEP
-        if wants_eos and not templated and input_format == "text" and eos is not None and not closed:
+        if wants_eos and not templated and self.input_format == "text" and eos is not None and not closed:
             ids.append(eos)
-        if len(ids) > max_length:
-            if not truncate:
-                common.fail(
-                    f"a {flag} input has {len(ids)} tokens, more than its {max_length}; drop --no-reward-truncate"
+        if len(ids) > self.max_length:
+            if not self.options.truncate:
+                run.fail(
+                    f"a {self.flag} input has {len(ids)} tokens, over {self.max_length}; drop --no-reward-truncate"
                 )
+            leading = {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
             head = 1 if ids[0] in leading else 0  # keep BOS/CLS, cut the start of the dialogue
-            ids = ids[:head] + ids[len(ids) - max_length + head :]
-            score.num_truncated += 1
-        if score_at == "first-eos" and eos in ids:  # a causal model's score there sees nothing after it
+            ids = ids[:head] + ids[len(ids) - self.max_length + head :]
+            self.num_truncated += 1
+        if self.options.score_at == "first-eos" and eos in ids:  # a causal model's score there sees nothing after it
             ids = ids[: ids.index(eos) + 1]
         return ids
 
     @torch.no_grad()
-    def score(prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor | None = None) -> torch.Tensor:
-        ended = ended_with_eos.tolist() if ended_with_eos is not None else [False] * len(prompts)
-        encoded = [encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
-        lengths, width = [len(ids) for ids in encoded], max(len(ids) for ids in encoded)
-        scores = torch.zeros(len(encoded), device=device)
-        with common.gathered(model):  # chunks of similar length (common.length_groups): little padding
-            for rows in common.length_groups(lengths, [0] * len(encoded), batch_size, batch_size * width):
+    def __call__(self, prompts: list, responses: list[str], ended: torch.Tensor | None = None) -> torch.Tensor:
+        ended = ended.tolist() if ended is not None else [False] * len(prompts)
+        encoded = [self.encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
+        lengths, width, batch_size = (
+            [len(ids) for ids in encoded],
+            max(len(ids) for ids in encoded),
+            self.options.batch_size,
+        )
+        scores = torch.zeros(len(encoded), device=self.device)
+        with gathered(self.model):  # chunks of similar length (padding.length_groups): little padding
+            for rows in padding.length_groups(lengths, [0] * len(encoded), batch_size, batch_size * width):
                 chunk = [encoded[j] for j in rows]
                 width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
                 # a decoder reads the last token that is not its pad_token_id: pad with an id no row holds, so that
                 # an EOS that is also the tokenizer's pad token (GPT-2, Pythia, LLaMA) is read, not skipped
                 used = {t for ids in chunk for t in ids}
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in used else _unused_id(used)
-                model.config.pad_token_id = pad
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id not in used else _unused_id(used)
+                self.model.config.pad_token_id = pad
                 input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
                 mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
-                common.count_padding("passes", mask.sum(), mask.numel())
-                with common.autocast(device, dtype):
-                    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+                padding.count_padding("passes", mask.sum(), mask.numel())
+                with common.autocast(self.device, self.dtype):
+                    logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 scores[rows] = logits[:, 0].float()
         return scores
-
-    score.num_truncated, score.encode, score.model = 0, encode, model  # (encode, model: for the tests)
-    return score
 
 
 def _unused_id(used: set[int]) -> int:
     return min(set(range(len(used) + 1)) - used)
-
-
-def load_scorers(args, device, dtype):
-    """(--reward-model's scorer, --eval-reward's or None), both with the scripts' scoring flags."""
-    options = dict(
-        trust_remote_code=args.trust_remote_code,
-        fsdp=args.fsdp,
-        append_eos=args.reward_append_eos,
-        truncate=args.reward_truncate,
-        input_format=args.reward_input,
-        score_at=args.reward_score_at,
-    )
-    chunk = args.rollout_forward_batch_size
-    score_fn = load_scorer(args.reward_model, device, dtype, chunk, "--reward-model", **options)
-    eval_score_fn = (
-        load_scorer(args.eval_reward, device, dtype, chunk, "--eval-reward", **options) if args.eval_reward else None
-    )
-    return score_fn, eval_score_fn
-
-
-def _call_scoring_function(fn, name: str, device, prompts: list[str], responses: list[str], ended_with_eos=None):
-    """A `module:function` scorer's floats as a tensor; anything else it does becomes one line naming it."""
-    try:
-        scores = fn(prompts, responses)
-    except Exception as e:  # noqa: BLE001 -- the user's function: whatever it raises becomes one line
-        common.fail(f"scoring function {name} raised {type(e).__name__}: {e}; fix the function")
-    try:
-        tensor = torch.as_tensor(scores, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError):
-        tensor = None
-    if tensor is None or tensor.shape != (len(prompts),):
-        got = f"a {type(scores).__name__}" if tensor is None else f"shape {tuple(tensor.shape)}"
-        common.fail(
-            f"scoring function {name} returned {got}; it must return a list of {len(prompts)} floats, one per response"
-        )
-    return tensor.to(device)
 
 
 # ---------------------------------------------------------------- scale: freezing, checkpointing, sharding
@@ -320,7 +391,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
     blocks = [m for m in lists if all(type(layer).__name__ in block_names for layer in m)] or lists
     if not blocks:
-        common.fail(f"cannot find the decoder layers of {type(hf_model(model)).__name__}; drop the scale flags for it")
+        run.fail(f"cannot find the decoder layers of {type(hf_model(model)).__name__}; drop the scale flags for it")
     return list(max(blocks, key=len))
 
 
@@ -359,7 +430,7 @@ def shard_model(model: nn.Module, dtype: torch.dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     full = model.state_dict() if _rank_0_loads and dist.get_rank() == 0 else {}  # (the loaded tensors themselves)
-    # every group, the root too, frees its gathered weights after forward (common.gathered() restores this setting)
+    # every group, the root too, frees its gathered weights after forward (gathered() restores this setting)
     kwargs = {"reshard_after_forward": True}
     if dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -402,10 +473,11 @@ def frozen_linears_to(model: nn.Module, dtype: torch.dtype):
             module.to(dtype)
 
 
-def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size: int, train: bool) -> nn.Module:
+def prepare_model(model: nn.Module, args, device, train: bool) -> nn.Module:
     """For a trained model --num-layers-unfrozen and --activation-checkpointing; then --fsdp shards it (frozen ones
     too), moving one layer at a time to the device, or it is moved whole and, with several ranks, DDP wraps a
-    trained one."""
+    trained one. Frozen Linear weights are stored in the compute dtype (--dtype)."""
+    dtype = run.resolve_dtype(args.dtype, device)
     if train:
         freeze_bottom_layers(model, args.num_layers_unfrozen)
         if args.activation_checkpointing:
@@ -416,9 +488,50 @@ def prepare_model(model: nn.Module, args, dtype: torch.dtype, device, world_size
         return shard_model(model, dtype)
     frozen_linears_to(model, dtype)
     model = model.to(device)
-    if train and world_size > 1:  # gradients are views into the all-reduce buckets: no second copy
-        return DDP(model, gradient_as_bucket_view=True)
+    if train and dist.is_initialized() and dist.get_world_size() > 1:  # gradients are views into the all-reduce
+        return DDP(model, gradient_as_bucket_view=True)  # buckets: no second copy
     return model
+
+
+def trained_weights_dtype(args, device) -> torch.dtype:
+    """Trained weights and AdamW states stay float32 (--dtype is the compute dtype, under autocast); only a LoRA
+    adapter's frozen base is stored in --dtype (in float32 too under --fsdp: one dtype per shard group)."""
+    return run.resolve_dtype(args.dtype, device) if args.use_lora and not args.fsdp else torch.float32
+
+
+def policy_and_reference(args, device) -> tuple[nn.Module, nn.Module | None]:
+    """The policy to train (--model, with a LoRA adapter under --use-lora) and the frozen reference pi_ref, each
+    prepared (sharded under --fsdp, DDP-wrapped with several ranks) as soon as it is loaded, so that one full copy at
+    a time is in memory. Under --fsdp only rank 0 reads checkpoints from here on (`load_on_rank_0`).
+    pi_ref is a second copy holding the weights the policy computes with: float32 under autocast (the policy's
+    own float32 weights are cast by autocast), --dtype under --fsdp (where the policy's shards are gathered in
+    --dtype), so that KL is exactly 0 before the first update. Under LoRA there is no copy (None): pi_ref is the
+    policy with its adapter switched off (`reference_model`)."""
+    load_on_rank_0(args.fsdp)
+    policy = load_causal_lm(args.model, trained_weights_dtype(args, device), args.trust_remote_code,
+                            args.use_generation_config)  # fmt: skip
+    if args.use_lora:
+        policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
+    policy = prepare_model(policy, args, device, train=True)
+    if args.use_lora:
+        return policy, None
+    dtype = run.resolve_dtype(args.dtype, device) if args.fsdp else torch.float32
+    ref_policy = load_causal_lm(args.model, dtype, args.trust_remote_code)
+    return policy, prepare_model(ref_policy, args, device, train=False)
+
+
+def value_network(path: str, flag: str, args, device) -> nn.Module:
+    """A separate value network: `path`'s backbone and a scalar head (a LoRA adapter and a trained head under
+    --use-lora), prepared for training like the policy."""
+    value_model = load_value_model(path, trained_weights_dtype(args, device), flag, args.trust_remote_code)
+    if args.use_lora:
+        value_model.model = add_lora(value_model.model, args.lora_r, "SEQ_CLS")
+    return prepare_model(value_model, args, device, train=True)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters training changes (the optimizer's): all, or the top layers, the adapters and heads."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -469,7 +582,7 @@ def trainable_state(model: nn.Module) -> dict:
     rank 0 ({} elsewhere). Under --fsdp every rank must call it: the shards are gathered."""
     model = unwrap(model)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    if common.is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(model, options=_full_state_options())
@@ -481,7 +594,7 @@ def trainable_state(model: nn.Module) -> dict:
 
 def load_trainable_state(model: nn.Module, state: dict):
     model = unwrap(model)
-    if common.is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         names = {name for name, _ in model.named_parameters()}
@@ -491,14 +604,14 @@ def load_trainable_state(model: nn.Module, state: dict):
     else:
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected or not state:
-        common.fail(
+        run.fail(
             f"checkpoint does not match the model ({len(unexpected)} unknown tensors); use the run's --model/--use-lora"
         )
 
 
 def optimizer_state(model: nn.Module, optimizer) -> dict:
     """The optimizer's state (full tensors under --fsdp, gathered; every rank must call it), {} except on rank 0."""
-    if common.is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
@@ -506,7 +619,7 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict):
-    if common.is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
@@ -516,7 +629,7 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict):
 
 def max_replica_difference(model: nn.Module) -> float:
     """Largest difference between ranks of any parameter's checksum (0.0 when replicas agree)."""
-    if not dist.is_initialized() or common.is_sharded(model):
+    if not dist.is_initialized() or is_sharded(model):
         return 0.0  # under --fsdp each parameter exists once, as shards: there are no replicas to disagree
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
     lo, hi = sums.clone(), sums.clone()
@@ -555,13 +668,22 @@ def sharded_training_state(trained: dict) -> dict:
     return state
 
 
+def save_checkpoint_file(output_dir: str, state: dict):
+    """Atomic: a killed save leaves the previous checkpoint intact. Rank 0 writes; every rank calls it."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = os.path.join(output_dir, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def save_checkpoint(output_dir: str, trained: dict, state: dict):
     """Atomic (a killed save leaves the previous checkpoint whole); every rank calls it. Without --fsdp rank 0 writes
     checkpoint.pt: `state` and the trainable weights and optimizer states of `trained` ({name: (model, optimizer)}).
     Under --fsdp torch.distributed.checkpoint writes checkpoint/: each rank its own shards of the latter (no rank
     gathers a full copy; a run resumes on any number of ranks), rank 0 `state` (state.pt)."""
-    if not any(common.is_sharded(unwrap(model)) for model, _ in trained.values()):
-        return common.save_checkpoint(output_dir, {**state, **training_state(trained)})
+    if not any(is_sharded(unwrap(model)) for model, _ in trained.values()):
+        return save_checkpoint_file(output_dir, {**state, **training_state(trained)})
     import torch.distributed.checkpoint as dcp
 
     final, tmp, old = (os.path.join(output_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
@@ -590,11 +712,11 @@ def load_checkpoint(output_dir: str, trained: dict) -> dict:
     """Restore `trained` from the checkpoint `save_checkpoint` wrote in `output_dir`; returns its `state`."""
     directory = sharded_checkpoint_dir(output_dir)
     if directory is None:
-        checkpoint = common.load_checkpoint(output_dir)
+        checkpoint = torch.load(os.path.join(output_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
         load_training_state(checkpoint, trained)
         return checkpoint
-    if not all(common.is_sharded(unwrap(model)) for model, _ in trained.values()):
-        common.fail(f"the checkpoint in {directory} was written under --fsdp; resume it with --fsdp (any ranks)")
+    if not all(is_sharded(unwrap(model)) for model, _ in trained.values()):
+        run.fail(f"the checkpoint in {directory} was written under --fsdp; resume it with --fsdp (any ranks)")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -615,7 +737,7 @@ def save_final_policy(policy, tokenizer, output_dir: str, args):
     --fsdp the full weights are gathered on rank 0 (on the CPU) and assigned to an empty (meta) --model: one full
     copy. Every rank calls it."""
     policy = unwrap(policy)
-    if common.is_sharded(policy):
+    if is_sharded(policy):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -715,7 +837,7 @@ def push_to_hub(output_dir: str, repo: str):
             )  # fmt: skip
     except Exception as error:  # the run is saved: say how to finish the upload by hand
         reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
-        common.fail(
+        run.fail(
             f"--push-to-hub {repo}: the upload failed ({reason}); the policy is saved in {output_dir}/policy; "
             f"upload it with `hf upload {repo} {output_dir}/policy`"
         )
