@@ -11,7 +11,8 @@ reference policy of the KL) come from the first policy's `training_args.json` (e
 training's evaluation (the same function): eval/reward, eval/gold_reward, eval/kl (to the reference), length,
 EOS rate, distinct-n. Policy i samples with seed + i, so the first one listed reproduces its run's final evaluation
 (same seed, prompts and world size) and no two policies share their sampling noise: a policy against itself
-wins 0.5 of the prompts up to the standard error printed beside each win rate (ties count one half).
+wins 0.5 of the prompts up to the standard error printed beside each win rate (ties count one half). (A LoRA run's
+merged policy/ reproduces its run's numbers up to the rounding of the merge; its adapter/ is not read here.)
 
 Writes to --output-dir: evaluation.json (the metrics of every policy and the win-rate tables) and samples_<i>.jsonl
 (the held-out samples of policy i: prompt, response, reward, gold reward, KL, length, ended).

@@ -1,4 +1,4 @@
-"""Run under torchrun (2 ranks) by test_scale.py: a 160m-shaped GPT-NeoX (toy vocabulary) sharded with FSDP2 takes one
+"""Run under torchrun (2 ranks) by test_scale.py: a 70m-shaped GPT-NeoX (toy vocabulary) sharded with FSDP2 takes one
 step over 4 micro-batches, as the scripts accumulate gradients (models.gradient_sync), and again with FSDP2's
 gradient sync switched off until the last micro-batch (the old way). After each micro-batch's backward the gradient
 memory each rank holds is summed tensor by tensor (the sharded gradients and any unsharded accumulation buffer);
@@ -52,7 +52,7 @@ if __name__ == "__main__":
     rank = dist.get_rank()
     from transformers import AutoConfig, GPTNeoXForCausalLM
 
-    config = pythia_config("160m", AutoConfig.from_pretrained(run.repo_path("toy/policy")))
+    config = pythia_config("70m", AutoConfig.from_pretrained(run.repo_path("toy/policy")))
     out = {"rank": rank}
     generator = torch.Generator().manual_seed(rank)
     batches = [torch.randint(2, 600, (2, 16), generator=generator) for _ in range(4)]

@@ -28,7 +28,7 @@ def tensorboard_scalars(path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "apa.py", "ppo_max.py"])  # (awr.py: apa.py's lines but the loss)
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py"])  # (apa.py and awr.py: ppo.py's lines but the loss)
 def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_path):
     args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "48"]  # 3 iterations, a checkpoint after each
     straight = tmp_path / "straight"

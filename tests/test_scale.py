@@ -100,7 +100,8 @@ def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
     from transformers import AutoModelForCausalLM
 
     lora = ["--use-lora", "--lora-r", "4", "--lr", "1e-3", "--dtype", "bfloat16"]
-    args = [*FAST, "--total-episodes", "32", "--fsdp", *lora]  # 2 iterations, a checkpoint after each
+    short = ["--max-new-tokens", "12", "--eval-size", "4", "--eval-every", "2"]  # bf16 is slow on a CPU
+    args = [*FAST, "--total-episodes", "32", "--fsdp", *lora, *short]  # 2 iterations, a checkpoint after each
     run_script("ppo.py", *args, "--output-dir", str(tmp_path / "straight"), nproc=2)
     out = tmp_path / "killed"
     assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 2, "the run finished before it could be killed"
@@ -216,7 +217,7 @@ def test_frozen_linear_weights_are_stored_in_the_compute_dtype():
 
 
 def test_fsdp_keeps_gradients_sharded_through_micro_batches(tmp_path):
-    """2 ranks, a 160m-shaped model, 4 micro-batches (tests/dist_fsdp_grads.py): the gradients each rank holds after
+    """2 ranks, a 70m-shaped model, 4 micro-batches (tests/dist_fsdp_grads.py): the gradients each rank holds after
     every micro-batch are half of the full float32 gradients, as the scripts accumulate them; with FSDP2's sync off
     until the last micro-batch (the old way) a rank held the full unsharded gradients. The final gradients agree."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -247,7 +248,8 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks(tmp_p
     """Under --fsdp each rank writes its own shards (torch.distributed.checkpoint; no full copy on rank 0), and a run
     written by 2 ranks resumes on 3: the trained weights are loaded (its first rollout already differs from pi_ref)
     and re-score their rollout exactly."""
-    args = [*FAST, "--rollout-batch-size", "12", "--mini-batch-size", "6", "--eval-size", "12", "--fsdp"]
+    args = [*FAST, "--rollout-batch-size", "12", "--mini-batch-size", "6", "--eval-size", "6", "--fsdp"]
+    args += ["--max-new-tokens", "12", "--eval-every", "2"]
     out = tmp_path / "run"
     run_script("ppo.py", *args, "--total-episodes", "12", "--output-dir", str(out), nproc=2)
     shards = sorted(p.name for p in (out / "checkpoint").iterdir())
