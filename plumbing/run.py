@@ -197,11 +197,17 @@ def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, en
     if eval_score_fn:
         per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    columns = {key.removeprefix("eval/"): values.tolist() for key, values in per_sequence.items()}
+    values = {key.removeprefix("eval/"): v.tolist() for key, v in per_sequence.items()}
+    fields = {
+        "reward": "reward",
+        "gold_reward": "gold_reward",
+        "kl": "kl",
+        "length": "response_length",
+        "ended": "eos_rate",
+    }
     samples = [
         {"index": rank + i * world_size, "prompt": prompt, "response": response}
-        | {"reward": columns["reward"][i], "gold_reward": columns.get("gold_reward", [None] * len(prompt_texts))[i]}
-        | {"kl": columns["kl"][i], "length": columns["response_length"][i], "ended": columns["eos_rate"][i]}
+        | {name: values[key][i] if key in values else None for name, key in fields.items()}
         for i, (prompt, response) in enumerate(zip(prompt_texts, response_texts))
     ]
     samples = sorted(all_gather_list(samples), key=lambda sample: sample["index"])

@@ -31,6 +31,11 @@ def test_torchrun_run_writes_samples_and_model_card_and_evaluate_reproduces_it(t
         assert sum(s["ended"] for s in batch) / 16 == pytest.approx(row["eval/eos_rate"])
         assert all(s["ended"] == (s["length"] < 24) or s["ended"] for s in batch)
     assert samples[0]["kl"] == 0.0 and samples[-1]["response"] != samples[15]["response"]
+    # each row's scores are its own prompt and response's (not another row's): the gold scorer, recomputed
+    from toy.gold import score
+
+    gold = score([s["prompt"] for s in samples], [s["response"] for s in samples])
+    assert gold == pytest.approx([s["gold_reward"] for s in samples], abs=1e-5) and len(set(gold)) > 1
 
     card = (out / "policy" / "README.md").read_text()
     assert "ppo.py" in card and "torchrun --nproc_per_node 2 ppo.py" in card and "toy/reward_model" in card
