@@ -1,8 +1,8 @@
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import launcher
 import pytest
 import torch
 
@@ -59,24 +59,13 @@ def tiny_lm():
     return GPTNeoXForCausalLM(config).eval()
 
 
-def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600):
-    """Run an algorithm script as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS}
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(29500 + os.getpid() % 1000),
-            str(REPO / script),
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, str(REPO / script), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+def run_script(
+    script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600, env: dict | None = None
+):
+    """Run a script (a path from the repository root) as `python SCRIPT ARGS` or, with nproc > 1, as `torchrun
+    --nproc_per_node nproc SCRIPT ARGS` would (tests/launcher.py); returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS, **(env or {})}
+    result = launcher.run([str(REPO / script), *args], env, str(REPO), nproc, timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -84,20 +73,21 @@ def run_script(script: str, *args: str, nproc: int = 1, check: bool = True, time
     return result
 
 
-def kill_at_first_checkpoint(script: str, args: list[str], output_dir) -> dict:
-    """Start a run, SIGKILL it as soon as its first checkpoint exists, and return that checkpoint."""
-    import signal
+def kill_at_first_checkpoint(
+    script: str, args: list[str], output_dir, nproc: int = 1, checkpoint: str = "checkpoint.pt"
+):
+    """Start a run, SIGKILL every process of it as soon as its first checkpoint exists, and return that checkpoint."""
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS}
-    proc = subprocess.Popen([sys.executable, str(REPO / script), *args, "--output-dir", str(output_dir)], env=env,
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoint, deadline = Path(output_dir) / "checkpoint.pt", time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS}
+    argv = [str(REPO / script), *args, "--output-dir", str(output_dir)]
+    run = launcher.start(argv, env, str(REPO), nproc)
+    path, deadline = Path(output_dir) / checkpoint, time.time() + 300
+    while not path.exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return torch.load(checkpoint, weights_only=True)
+    run.kill()
+    run.wait()
+    return torch.load(path, weights_only=True)
 
 
 def read_metrics(output_dir) -> list[dict]:

@@ -227,17 +227,9 @@ def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
 def test_statistics_over_the_whole_batch_on_two_ranks(tmp_path):
     """tests/dist_checks.py under torchrun: each rank holds other data; the running score statistics, each
     micro-batch's share of the minibatch's tokens and the whitening statistics are over both ranks' data."""
-    import os
-    import subprocess
-    import sys
+    from conftest import REPO, run_script
 
-    from conftest import REPO
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 200), str(REPO / "tests" / "dist_checks.py"), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script("tests/dist_checks.py", str(tmp_path), nproc=2, env={"PYTHONPATH": str(REPO)})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     scores = np.concatenate([np.arange(4.0) * (r + 1) + s * 10 - r for s in range(3) for r in range(2)])
     for out in ranks:

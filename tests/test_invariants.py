@@ -5,12 +5,10 @@ on the first minibatch of every iteration the ratio is 1 and the value net's out
 the logged losses are the tested loss functions' outputs, weighted by each micro-batch's share of the tokens."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, THREADS, read_metrics
+from conftest import REPO, read_metrics, run_script
 
 import apa
 import awr
@@ -30,17 +28,7 @@ def record(script: str, runs: list[list[str]], generate: str = "") -> list[list[
     """The events of each run of `script` (one process), as tests/record_run.py saves them; `generate`: a
     module:function replacing common.generate."""
     out = runs[0][runs[0].index("--output-dir") + 1] + ".events.pt"
-    cmd = [
-        sys.executable,
-        str(REPO / "tests" / "record_run.py"),
-        script,
-        out,
-        json.dumps(runs),
-        *([generate] * bool(generate)),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                            env={"OMP_NUM_THREADS": THREADS, "PATH": "", "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("tests/record_run.py", script, out, json.dumps(runs), *([generate] * bool(generate)))
     return torch.load(out, weights_only=False)
 
 

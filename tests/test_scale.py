@@ -1,15 +1,11 @@
 """Scale features: one update for any rank count / FSDP / micro-batch split, FSDP + LoRA checkpoints and resume,
 activation checkpointing, --num-layers-unfrozen, and the reference computing exactly what the policy computes."""
 
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script
+from conftest import FAST, REPO, kill_at_first_checkpoint, read_metrics, run_script
 
 # one minibatch per update epoch (the whole rollout): its composition cannot depend on how the ranks shuffle
 EQUIVALENCE = [
@@ -75,26 +71,6 @@ def test_alol_one_update_for_one_rank_and_fsdp_micro_batches(small_toy_data, tmp
     assert_same_training(tmp_path / "one", tmp_path / "fsdp", ("loss/policy", "train/reward"), lr=2e-5)
 
 
-def torchrun_killed_at_first_checkpoint(script: str, args: list[str], output_dir) -> int:
-    """Start a 2-rank run, SIGKILL every process of it once its first checkpoint exists; returns its iteration."""
-    port = str(29500 + (os.getpid() + 7) % 1000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(REPO / script), *args, "--output-dir", str(output_dir)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint, deadline = output_dir / "checkpoint" / "state.pt", time.time() + 300  # --fsdp: a sharded checkpoint
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    for pid in os.listdir("/proc"):  # the launcher and its workers: every process naming this output directory
-        try:
-            if pid.isdigit() and str(output_dir).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                os.kill(int(pid), signal.SIGKILL)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            pass
-    proc.wait()
-    return torch.load(checkpoint, weights_only=True)["iteration"]
-
-
 def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -104,7 +80,8 @@ def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
     args = [*FAST, "--total-episodes", "32", "--fsdp", *lora, *short]  # 2 iterations, a checkpoint after each
     run_script("ppo.py", *args, "--output-dir", str(tmp_path / "straight"), nproc=2)
     out = tmp_path / "killed"
-    assert torchrun_killed_at_first_checkpoint("ppo.py", args, out) < 2, "the run finished before it could be killed"
+    killed = kill_at_first_checkpoint("ppo.py", args, out, nproc=2, checkpoint="checkpoint/state.pt")  # --fsdp: sharded
+    assert killed["iteration"] < 2, "the run finished before it could be killed"
     run_script("ppo.py", *args, "--output-dir", str(out), "--resume", nproc=2)
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(out)
     assert [r["iteration"] for r in resumed] == [0, 1, 2]
@@ -220,11 +197,7 @@ def test_fsdp_keeps_gradients_sharded_through_micro_batches(tmp_path):
     """2 ranks, a 70m-shaped model, 4 micro-batches (tests/dist_fsdp_grads.py): the gradients each rank holds after
     every micro-batch are half of the full float32 gradients, as the scripts accumulate them; with FSDP2's sync off
     until the last micro-batch (the old way) a rank held the full unsharded gradients. The final gradients agree."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 100), str(REPO / "tests" / "dist_fsdp_grads.py"), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("tests/dist_fsdp_grads.py", str(tmp_path), nproc=2, env={"PYTHONPATH": str(REPO)})
     for rank in range(2):
         out = __import__("json").loads((tmp_path / f"rank{rank}.json").read_text())
         full = out["full_gradient_bytes"]

@@ -1,0 +1,280 @@
+"""How the tests start the scripts: as `python SCRIPT ARGS` or `torchrun --nproc_per_node N SCRIPT ARGS` would, but
+each run is a fork of a server process that has already imported torch, transformers, peft, datasets and tyro.
+
+A new interpreter spends ~9 s of CPU importing those before a script does anything, and the suite starts ~150 of
+them; a fork starts in milliseconds. Each run is still its own process, with its own argv, environment, working
+directory, stdout/stderr and exit status, running the script's `__main__` (runpy); N ranks are N forks given the
+variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and when one fails the others are stopped, as torchrun
+does. The server never computes with torch (no OpenMP pool, no CUDA) so its forks start clean. A run whose
+environment changes what a library reads when it is imported (HF_*, TRANSFORMERS_*, ...), any run on a machine with
+CUDA, and every run when RLHF_TEST_FORK=0 start a real interpreter instead (tests/test_recipes.py always does: its
+recipes call python and torchrun themselves)."""
+
+import atexit
+import importlib
+import json
+import os
+import runpy
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# imported once by the server (what every script and tests/*.py helper imports, and the toy's model classes)
+PRELOAD = [
+    "numpy",
+    "torch",
+    "torch.distributed",
+    "torch.distributed.checkpoint",
+    "torch.distributed.checkpoint.state_dict",
+    "torch.distributed.fsdp",
+    "torch.nn.parallel",
+    "torch.utils.tensorboard",
+    "transformers",
+    "transformers.models.gpt_neox.modeling_gpt_neox",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "peft",
+    "datasets",
+    "tyro",
+]
+# variables the libraries read when imported: a run that sets them differently gets a real interpreter
+IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "PYTHON")
+HANDLED = {"PYTHONUNBUFFERED", "PYTHONPATH"}  # the forks apply these themselves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(env: dict, rank: int, nproc: int, port: int) -> dict:
+    """What torchrun --nproc_per_node nproc sets for one local rank (OMP_NUM_THREADS=1 unless set, as it does)."""
+    ranks = {k: str(v) for k in ("RANK", "LOCAL_RANK", "ROLE_RANK") for v in [rank]}
+    sizes = {k: str(nproc) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "ROLE_WORLD_SIZE")}
+    extra = {"GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0",
+             "TORCHELASTIC_MAX_RESTARTS": "0"}  # fmt: skip
+    return {"OMP_NUM_THREADS": "1", **env, **ranks, **sizes, **extra}
+
+
+# ---------------------------------------------------------------- the server and its forks
+
+
+def serve():
+    """Read one request per line on stdin; fork its ranks, answer their pids, wait, answer the exit status."""
+    import torch
+
+    torch.set_num_threads(1)  # (no thread pool here that a fork would inherit half of)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    requests = sys.stdin.buffer
+    while line := requests.readline():
+        request = json.loads(line)
+        port = free_port()
+        pids = []
+        for rank in range(request["nproc"]):
+            sys.stdout.flush(), sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                run_rank(request, rank, port)  # never returns
+            pids.append(pid)
+        answer({"pids": pids})
+        answer({"returncode": wait_ranks(pids)})
+
+
+def answer(message: dict):
+    os.write(1, (json.dumps(message) + "\n").encode())
+
+
+def run_rank(request: dict, rank: int, port: int):
+    """In the fork: become `python SCRIPT ARGS` (one rank of torchrun when nproc > 1) and exit with its status."""
+    code = 1
+    try:
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(out, fd), os.close(out)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0), os.close(null)
+        env = request["env"] if request["nproc"] == 1 else torchrun_env(request["env"], rank, request["nproc"], port)
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(request["cwd"])
+        import torch
+
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or os.cpu_count()))
+        if env.get("PYTHONUNBUFFERED"):
+            sys.stdout.reconfigure(write_through=True), sys.stderr.reconfigure(write_through=True)
+        script = os.path.abspath(request["argv"][0])
+        sys.argv = [request["argv"][0], *request["argv"][1:]]
+        sys.path[0] = os.path.dirname(script)
+        sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        code = 0
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:  # what the interpreter makes of sys.exit(code)
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush(), sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def wait_ranks(pids: list[int]) -> int:
+    """Wait for every rank; when one fails, stop the rest (SIGTERM, SIGKILL 30 s later) as torchrun does. The exit
+    status is the first failure's (negative: the signal that killed it), else 0."""
+    codes, first_failure, deadline = {}, 0, None
+    while len(codes) < len(pids):
+        pid, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+        if pid == 0:  # stopping the others: wait a little, then kill
+            if time.time() > deadline:
+                for other in set(pids) - set(codes):
+                    os.kill(other, signal.SIGKILL)
+            time.sleep(0.05)
+            continue
+        if pid not in pids:
+            continue
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid] != 0 and not first_failure:
+            first_failure, deadline = codes[pid], time.time() + 30
+            for other in set(pids) - set(codes):
+                os.kill(other, signal.SIGTERM)
+    return first_failure
+
+
+# ---------------------------------------------------------------- the tests' side
+
+
+class Run:
+    """A started run: poll(), wait(timeout), kill() (every rank), result() (a CompletedProcess)."""
+
+    def __init__(self, argv, pids=None, server=None, popen=None, stdout=None, stderr=None):
+        self.argv, self.pids, self.server, self.popen = argv, pids, server, popen
+        self.stdout, self.stderr, self.returncode = stdout, stderr, None
+
+    def poll(self):
+        if self.returncode is None:
+            if self.popen is not None:
+                self.returncode = self.popen.poll()
+            else:
+                message = self.server.receive(timeout=0)
+                self.returncode = None if message is None else message["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.popen is not None:
+            self.returncode = self.popen.wait(timeout)
+        elif self.returncode is None:
+            message = self.server.receive(timeout)
+            if message is None:
+                raise subprocess.TimeoutExpired(self.argv, timeout)
+            self.returncode = message["returncode"]
+        return self.returncode
+
+    def kill(self):
+        if self.popen is not None:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # torchrun and its workers: one process group
+        else:
+            for pid in self.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def result(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+            raise
+        texts = [Path(p).read_text(errors="replace") for p in (self.stdout, self.stderr)]
+        shutil.rmtree(os.path.dirname(self.stdout), ignore_errors=True)
+        return subprocess.CompletedProcess(self.argv, self.returncode, *texts)
+
+
+class Server:
+    def __init__(self, env: dict, cwd: str):
+        self.env = env
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, cwd=cwd)  # fmt: skip
+        self.buffer = b""
+        self.current: Run | None = None  # the run it answers for (one at a time)
+
+    def serves(self, env: dict) -> bool:
+        keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME) and k not in HANDLED}
+        return self.proc.poll() is None and all(env.get(k) == self.env.get(k) for k in keys)
+
+    def send(self, request: dict):
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def receive(self, timeout: float | None) -> dict | None:
+        end = None if timeout is None else time.time() + timeout
+        while b"\n" not in self.buffer:
+            left = None if end is None else max(0.0, end - time.time())
+            if not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the test launcher's server stopped (exit status {self.proc.wait()})")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+
+_server: Server | None = None
+
+
+def start(argv: list[str], env: dict, cwd: str, nproc: int = 1) -> Run:
+    """Start `python argv...` (nproc == 1) or `torchrun --nproc_per_node nproc argv...`."""
+    global _server
+    outputs = tempfile.mkdtemp(prefix="launcher-")
+    stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+    if fork_allowed():
+        if _server is None or _server.proc.poll() is not None:
+            _server = Server({**os.environ, "OMP_NUM_THREADS": "1"}, cwd)
+        if _server.serves(env):
+            if _server.current is not None and _server.current.poll() is None:  # a run a failed test left behind
+                _server.current.kill()
+                _server.current.wait()
+            _server.send({"argv": argv, "env": env, "cwd": str(cwd), "nproc": nproc, "stdout": stdout,
+                          "stderr": stderr})  # fmt: skip
+            pids = _server.receive(timeout=None)["pids"]
+            _server.current = Run(argv, pids=pids, server=_server, stdout=stdout, stderr=stderr)
+            return _server.current
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                                      str(free_port())]  # fmt: skip
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        popen = subprocess.Popen([sys.executable, *launcher, *argv], stdout=out, stderr=err, env=env, cwd=cwd,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    return Run(argv, popen=popen, stdout=stdout, stderr=stderr)
+
+
+def run(argv: list[str], env: dict, cwd: str, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    return start(argv, env, cwd, nproc).result(timeout)
+
+
+def fork_allowed() -> bool:
+    import torch
+
+    return os.environ.get("RLHF_TEST_FORK", "1") != "0" and hasattr(os, "fork") and not torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    serve()
