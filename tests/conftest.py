@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 THREADS = os.environ.get("RLHF_TEST_THREADS") or ("1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 torch.set_num_threads(int(THREADS))
 os.environ["OMP_NUM_THREADS"] = THREADS  # the scripts the tests start (bench/ starts them itself) inherit it
+launcher.BASE_ENV = dict(os.environ)  # what every test starts from (the launcher's server imports under it)
 
 # A few iterations of the toy task with small batches: what every end-to-end test runs.
 FAST = [

@@ -239,6 +239,7 @@ class Server:
 
 
 _server: Server | None = None
+BASE_ENV = dict(os.environ)  # the environment the server imports under (conftest sets it before any test runs)
 
 
 def start(argv: list[str], env: dict, cwd: str, nproc: int = 1) -> Run:
@@ -248,7 +249,7 @@ def start(argv: list[str], env: dict, cwd: str, nproc: int = 1) -> Run:
     stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
     if fork_allowed():
         if _server is None or _server.proc.poll() is not None:
-            _server = Server({**os.environ, "OMP_NUM_THREADS": "1"}, cwd)
+            _server = Server({**BASE_ENV, "OMP_NUM_THREADS": "1"}, cwd)
         if _server.serves(env):
             if _server.current is not None and _server.current.poll() is None:  # a run a failed test left behind
                 _server.current.kill()
