@@ -18,6 +18,37 @@ torch.set_num_threads(int(THREADS))
 os.environ["OMP_NUM_THREADS"] = THREADS  # the scripts the tests start (bench/ starts them itself) inherit it
 launcher.BASE_ENV = dict(os.environ)  # what every test starts from (the launcher's server imports under it)
 
+# The longest tests, longest first: pytest-xdist hands tests out one at a time in collection order (pyproject: --dist
+# load --maxschedchunk 1), so starting these first lets the two workers finish together. (Order only: a name missing
+# here runs in its file's place.)
+LONGEST_FIRST = [
+    "test_short_default_run_reaches_a_gold_reward_broken_variants_do_not",
+    "test_short_alol_run_reaches_a_gold_reward_plain_sft_does_not",
+    "test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy",
+    "test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks",
+    "test_value_head_beats_the_mean_on_unseen_prompts",
+    "test_alol_variants_train_on_the_weights_they_define",
+    "test_alol_recipe_runs_on_stand_ins",
+    "test_large_vocabulary_pass_memory_does_not_grow_with_the_rows",
+    "test_torchrun_run_writes_samples_and_model_card_and_evaluate_reproduces_it",
+    "test_smoke_comparison_writes_the_table_and_every_plot",
+    "test_ppo_max_recipe_runs_on_stand_ins",
+    "test_frontier_smoke_writes_table_json_and_plot",
+    "test_apa_recipe_runs_on_stand_ins",
+    "test_one_update_for_any_split_into_ranks_and_micro_batches",
+    "test_alol_one_update_for_one_rank_and_fsdp_micro_batches",
+    "test_run_writes_the_contract_and_resumes_exactly_after_a_kill",
+    "test_kill_and_resume_continues_exactly",
+    "test_alol_trains_on_a_messages_dataset",
+    "test_fsdp_keeps_gradients_sharded_through_micro_batches",
+    "test_bf16_reference_computes_what_the_policy_computes",
+]
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.originalname) if item.originalname in LONGEST_FIRST else 99)
+
+
 # A few iterations of the toy task with small batches: what every end-to-end test runs.
 FAST = [
     "--total-episodes",
@@ -61,12 +92,12 @@ def tiny_lm():
 
 
 def run_script(
-    script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600, env: dict | None = None
+    script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600, env: dict | None = None, cwd=REPO
 ):
     """Run a script (a path from the repository root) as `python SCRIPT ARGS` or, with nproc > 1, as `torchrun
     --nproc_per_node nproc SCRIPT ARGS` would (tests/launcher.py); returns the CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS, **(env or {})}
-    result = launcher.run([str(REPO / script), *args], env, str(REPO), nproc, timeout)
+    result = launcher.run([str(REPO / script), *args], env, str(cwd), nproc, timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

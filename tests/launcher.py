@@ -45,7 +45,8 @@ PRELOAD = [
     "tyro",
 ]
 # variables the libraries read when imported: a run that sets them differently gets a real interpreter
-IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "PYTHON")
+# (not TORCHINDUCTOR_CACHE_DIR, which torch sets in the test process itself)
+IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "PYTHON")
 HANDLED = {"PYTHONUNBUFFERED", "PYTHONPATH"}  # the forks apply these themselves
 
 

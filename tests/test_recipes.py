@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, THREADS, read_metrics
+from conftest import REPO, THREADS, read_metrics, run_script
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -70,10 +70,7 @@ def make_trlx_checkpoint(path) -> tuple[nn.Module, object]:
 
 
 def convert(tmp_path, *flags) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "recipes" / "convert_reward_model.py"), *flags]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": THREADS}
-    )
+    return run_script("recipes/convert_reward_model.py", *flags, check=False, cwd=tmp_path)
 
 
 def test_trlx_reward_checkpoint_converted_scores_as_the_authors_model(tmp_path):
