@@ -272,6 +272,23 @@ def run(argv: list[str], env: dict, cwd: str, nproc: int = 1, timeout: float = 6
     return start(argv, env, cwd, nproc).result(timeout)
 
 
+class Subprocess:
+    """Stands in for the subprocess module inside a module under test (bench/ starts the scripts itself): its
+    `python SCRIPT ...` and `python -m torch.distributed.run --nproc_per_node N SCRIPT ...` commands start through
+    start() above; any other command, and everything else, is subprocess's own."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    def run(self, cmd, *args, cwd=None, env=None, timeout=None, **kwargs):
+        cmd, nproc = [str(c) for c in cmd], 1
+        if cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"]:
+            cmd, nproc = [cmd[0], *cmd[5:]], int(cmd[4])
+        if cmd[0] != sys.executable or len(cmd) < 2 or not cmd[1].endswith(".py"):
+            return subprocess.run(cmd, *args, cwd=cwd, env=env, timeout=timeout, **kwargs)
+        return run(cmd[1:], dict(env or os.environ), str(cwd or os.getcwd()), nproc, timeout or 3600)
+
+
 def fork_allowed() -> bool:
     import torch
 
