@@ -70,40 +70,69 @@ def torchrun_env(env: dict, rank: int, nproc: int, port: int) -> dict:
 
 
 def serve():
-    """Read one request per line on stdin; fork its ranks, answer their pids, wait, answer the exit status."""
+    """Requests come one per line on stdin (from the tests, answered on stdout) or on the Unix socket LAUNCHER_SOCKET
+    (from the `python` and `torchrun` shims below, with their stdin/stdout/stderr passed along): fork the request's
+    ranks, answer their pids, wait, answer the exit status."""
     import torch
 
     torch.set_num_threads(1)  # (no thread pool here that a fork would inherit half of)
     for name in PRELOAD:
         importlib.import_module(name)
-    requests = sys.stdin.buffer
-    while line := requests.readline():
-        request = json.loads(line)
-        port = free_port()
-        pids = []
-        for rank in range(request["nproc"]):
-            sys.stdout.flush(), sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                run_rank(request, rank, port)  # never returns
-            pids.append(pid)
-        answer({"pids": pids})
-        answer({"returncode": wait_ranks(pids)})
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(os.environ["LAUNCHER_SOCKET"])
+    listener.listen()
+    pending = b""
+    while True:
+        if b"\n" not in pending and listener in select.select([0, listener], [], [])[0]:
+            connection = listener.accept()[0]
+            with connection:
+                _, fds, _, _ = socket.recv_fds(connection, 1, 3)  # the shim's stdin, stdout and stderr
+                request = json.loads(connection.makefile().readline())
+                if serves(request["env"], os.environ):
+                    request["env"].pop("LAUNCHER_SOCKET")  # (its own python commands: real ones; this one waits)
+                    fork_and_wait(request, lambda m, c=connection: c.sendall((json.dumps(m) + "\n").encode()), fds)
+                else:
+                    connection.sendall(b'{"fallback": true}\n')
+                for fd in fds:
+                    os.close(fd)
+            continue
+        while b"\n" not in pending:
+            chunk = os.read(0, 65536)
+            if not chunk:  # the tests have finished
+                return
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        fork_and_wait(json.loads(line), lambda m: os.write(1, (json.dumps(m) + "\n").encode()))
 
 
-def answer(message: dict):
-    os.write(1, (json.dumps(message) + "\n").encode())
+def serves(env: dict, server_env: dict) -> bool:
+    """Whether a fork of a server imported under `server_env` runs as a new interpreter given `env` would."""
+    keys = {k for k in (*env, *server_env) if k.startswith(IMPORT_TIME) and k not in HANDLED}
+    return all(env.get(k) == server_env.get(k) for k in keys)
 
 
-def run_rank(request: dict, rank: int, port: int):
+def fork_and_wait(request: dict, answer, fds=None):
+    port = free_port()
+    pids = []
+    for rank in range(request["nproc"]):
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            run_rank(request, rank, port, fds)  # never returns
+        pids.append(pid)
+    answer({"pids": pids})
+    answer({"returncode": wait_ranks(pids)})
+
+
+def run_rank(request: dict, rank: int, port: int, fds=None):
     """In the fork: become `python SCRIPT ARGS` (one rank of torchrun when nproc > 1) and exit with its status."""
     code = 1
     try:
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(out, fd), os.close(out)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0), os.close(null)
+        if fds is None:  # the tests' runs: stdout and stderr to files, no stdin
+            fds = [os.open(os.devnull, os.O_RDONLY)]
+            fds += [os.open(request[k], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for k in ("stdout", "stderr")]
+        for fd, source in enumerate(fds):
+            os.dup2(source, fd)
         env = request["env"] if request["nproc"] == 1 else torchrun_env(request["env"], rank, request["nproc"], port)
         os.environ.clear()
         os.environ.update(env)
@@ -211,15 +240,15 @@ class Run:
 
 class Server:
     def __init__(self, env: dict, cwd: str):
-        self.env = env
+        self.socket = os.path.join(tempfile.mkdtemp(prefix="launcher-"), "socket")
+        self.env = {**env, "LAUNCHER_SOCKET": self.socket}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=env, cwd=cwd)  # fmt: skip
+                                     env=self.env, cwd=cwd)  # fmt: skip
         self.buffer = b""
         self.current: Run | None = None  # the run it answers for (one at a time)
 
     def serves(self, env: dict) -> bool:
-        keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME) and k not in HANDLED}
-        return self.proc.poll() is None and all(env.get(k) == self.env.get(k) for k in keys)
+        return self.proc.poll() is None and serves(env, self.env)
 
     def send(self, request: dict):
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -243,14 +272,58 @@ _server: Server | None = None
 BASE_ENV = dict(os.environ)  # the environment the server imports under (conftest sets it before any test runs)
 
 
+def server() -> Server:
+    global _server
+    if _server is None or _server.proc.poll() is not None:
+        _server = Server({**BASE_ENV, "OMP_NUM_THREADS": "1"}, str(Path(__file__).parent.parent))
+    return _server
+
+
+def shims(env: dict) -> dict:
+    """`env` for a shell script (a recipe) whose `python SCRIPT ...` and `torchrun --nproc_per_node N SCRIPT ...`
+    should start as forks of the server: `python` and `torchrun` on its PATH become shims that ask the server (any
+    other use of them, and a server that does not serve that environment, runs the real ones)."""
+    if not fork_allowed():
+        return env
+    bin_dir = os.path.join(os.path.dirname(server().socket), "bin")
+    os.makedirs(bin_dir, exist_ok=True)
+    for name in ("python", "torchrun"):
+        path = os.path.join(bin_dir, name)
+        with open(path, "w") as f:
+            f.write(f'#!/bin/sh\nexec "{sys.executable}" -S "{__file__}" {name} "$@"\n')
+        os.chmod(path, 0o755)
+    return {**env, "PATH": f"{bin_dir}:{env.get('PATH', '')}", "LAUNCHER_SOCKET": server().socket}
+
+
+def shim(name: str, args: list[str]):
+    """A `python` or `torchrun` shim (see shims): run as a fork of the server when it can, else exec the real one."""
+    real = sys.executable if name == "python" else os.path.join(os.path.dirname(sys.executable), name)
+    nproc = 1
+    if name == "torchrun" and len(args) > 2 and args[0] in ("--nproc_per_node", "--nproc-per-node"):
+        nproc, args = int(args[1]), args[2:]
+    elif name == "torchrun":
+        args = []  # a form the shim does not handle
+    if args and args[0].endswith(".py") and os.environ.get("LAUNCHER_SOCKET"):
+        with socket.socket(socket.AF_UNIX) as connection:
+            connection.connect(os.environ["LAUNCHER_SOCKET"])
+            socket.send_fds(connection, [b"r"], [0, 1, 2])
+            request = {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "nproc": nproc}
+            connection.sendall((json.dumps(request) + "\n").encode())
+            replies = connection.makefile()
+            reply = json.loads(replies.readline())
+            if "pids" in reply:
+                code = json.loads(replies.readline())["returncode"]
+                sys.exit(code if code >= 0 else 128 - code)
+    os.execv(real, [real, *sys.argv[2:]])  # the real one, with the arguments as given
+
+
 def start(argv: list[str], env: dict, cwd: str, nproc: int = 1) -> Run:
     """Start `python argv...` (nproc == 1) or `torchrun --nproc_per_node nproc argv...`."""
     global _server
     outputs = tempfile.mkdtemp(prefix="launcher-")
     stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
     if fork_allowed():
-        if _server is None or _server.proc.poll() is not None:
-            _server = Server({**BASE_ENV, "OMP_NUM_THREADS": "1"}, cwd)
+        server()
         if _server.serves(env):
             if _server.current is not None and _server.current.poll() is None:  # a run a failed test left behind
                 _server.current.kill()
@@ -296,4 +369,4 @@ def fork_allowed() -> bool:
 
 
 if __name__ == "__main__":
-    serve()
+    shim(sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else serve()
