@@ -118,7 +118,7 @@ def kill_at_first_checkpoint(
     while not path.exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.02)
     run.kill()
-    run.wait()
+    run.result()  # (its output is not needed; this also removes it)
     return torch.load(path, weights_only=True)
 
 

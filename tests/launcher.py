@@ -1,16 +1,17 @@
 """How the tests start the scripts: as `python SCRIPT ARGS` or `torchrun --nproc_per_node N SCRIPT ARGS` would, but
 each run is a fork of a server process that has already imported torch, transformers, peft, datasets and tyro.
 
-A new interpreter spends ~9 s of CPU importing those before a script does anything, and the suite starts ~150 of
-them; a fork starts in milliseconds. Each run is still its own process, with its own argv, environment, working
-directory, stdout/stderr and exit status, running the script's `__main__` (runpy); N ranks are N forks given the
-variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and when one fails the others are stopped, as torchrun
-does. The server never computes with torch (no OpenMP pool, no CUDA) so its forks start clean. A run whose
-environment changes what a library reads when it is imported (HF_*, TRANSFORMERS_*, ...), any run on a machine with
-CUDA, and every run when RLHF_TEST_FORK=0 start a real interpreter instead (tests/test_recipes.py always does: its
-recipes call python and torchrun themselves)."""
+A new interpreter spends ~9 s of CPU importing those before a script does anything, and the suite starts about a
+hundred script processes; a fork starts in milliseconds. Each run is still its own process, with its own argv,
+environment, working directory, stdout/stderr and exit status, running the script's `__main__` (runpy); N ranks are
+N forks given the variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and when one fails the others are
+stopped, as torchrun does. The server never computes with torch (no OpenMP pool, no CUDA) so its forks start clean.
+The recipes' own `python` and `torchrun` commands reach the server through shims on their PATH (see shims()). A run
+whose environment changes what a library reads when it is imported (HF_*, TRANSFORMERS_*, ...), any run on a
+machine with CUDA, and every run when RLHF_TEST_FORK=0 start a real interpreter instead."""
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -78,6 +79,7 @@ def serve():
     torch.set_num_threads(1)  # (no thread pool here that a fork would inherit half of)
     for name in PRELOAD:
         importlib.import_module(name)
+    gc.freeze()  # the forks' garbage collector skips what was imported here (and leaves those pages shared)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(os.environ["LAUNCHER_SOCKET"])
     listener.listen()
@@ -99,6 +101,7 @@ def serve():
         while b"\n" not in pending:
             chunk = os.read(0, 65536)
             if not chunk:  # the tests have finished
+                shutil.rmtree(os.path.dirname(os.environ["LAUNCHER_SOCKET"]), ignore_errors=True)
                 return
             pending += chunk
         line, pending = pending.split(b"\n", 1)

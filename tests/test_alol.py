@@ -101,7 +101,8 @@ def test_priority_sampling_follows_positive_advantages():
 
 
 def test_value_head_beats_the_mean_on_unseen_prompts():
-    """V_ref fit on pi_ref's sample rewards for 240 toy prompts predicts them on 260 others better than their mean."""
+    """V_ref fit on pi_ref's sample rewards for 240 toy prompts predicts them on 260 others better than their mean.
+    (Measured: MSE 0.95 of the mean's with 8 samples of up to 24 tokens, 0.97 with 48 tokens; 0.99 with 6 samples.)"""
     from transformers import GenerationConfig
 
     from common import generate, left_pad, position_ids
@@ -118,7 +119,7 @@ def test_value_head_beats_the_mean_on_unseen_prompts():
     torch.manual_seed(0)
     queries, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = GenerationConfig(max_new_tokens=48, do_sample=True, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
+    config = GenerationConfig(max_new_tokens=24, do_sample=True, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
     responses, _ = generate(policy, queries.repeat(samples, 1), mask.repeat(samples, 1), config, 1024)
     texts = tokenizer.batch_decode(queries.repeat(samples, 1), skip_special_tokens=True)
     rewards = score(texts, tokenizer.batch_decode(responses, skip_special_tokens=True)).view(samples, -1).T  # (P, S)
