@@ -209,12 +209,22 @@ ALOL_RUNS = {"a-lol": [], "a-lol-ref-free": [], "a-lol-seq": ["--sampling", "uni
              "r-lol": ["--reward-transform", "sigmoid"], "wbc": [], "nll": []}  # fmt: skip
 
 
-def test_alol_variants_train_on_the_weights_they_define(small_toy_data, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_toy_data(tmp_path_factory):
+    """The first 64 train and 24 test rows of the toy dataset: seven recorded A-LoL runs score them all."""
+    out = tmp_path_factory.mktemp("tiny_toy_data")
+    for split, rows in (("train", 64), ("test", 24)):
+        lines = open(REPO / "toy" / "data" / f"{split}.jsonl").readlines()[:rows]
+        (out / f"{split}.jsonl").write_text("".join(lines))
+    return str(out)
+
+
+def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, tmp_path):
     """Every variant end to end: r(x, y) from the scores (sigmoid first when asked, then the missing-EOS penalty),
     A = r - V_ref, the variant's weights, rows drawn only among positive weights (in proportion to them unless
     uniform or nll), the loss given the drawn rows' weights; at the first step pi = pi_ref; the logged loss is the
     tested loss weighted by each micro-batch's share of the examples."""
-    runs = [[*ALOL_FLAGS, "--dataset", small_toy_data, "--variant", variant, *flags, "--output-dir",
+    runs = [[*ALOL_FLAGS, "--dataset", tiny_toy_data, "--variant", variant, *flags, "--output-dir",
              str(tmp_path / variant)] for variant, flags in ALOL_RUNS.items()]  # fmt: skip
     for (variant, flags), events in zip(ALOL_RUNS.items(), record("alol", runs)):
         (_, (_, _, ended), _, raw_scores) = next(e for e in events if e[0] == "score")  # the training pairs first
