@@ -243,7 +243,8 @@ class Run:
 
 class Server:
     def __init__(self, env: dict, cwd: str):
-        self.socket = os.path.join(tempfile.mkdtemp(prefix="launcher-"), "socket")
+        short = "/tmp" if os.path.isdir("/tmp") else None  # (a Unix socket's path must stay under 108 bytes)
+        self.socket = os.path.join(tempfile.mkdtemp(prefix="launcher-", dir=short), "socket")
         self.env = {**env, "LAUNCHER_SOCKET": self.socket}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=self.env, cwd=cwd)  # fmt: skip
@@ -308,7 +309,10 @@ def shim(name: str, args: list[str]):
         args = []  # a form the shim does not handle
     if args and args[0].endswith(".py") and os.environ.get("LAUNCHER_SOCKET"):
         with socket.socket(socket.AF_UNIX) as connection:
-            connection.connect(os.environ["LAUNCHER_SOCKET"])
+            try:
+                connection.connect(os.environ["LAUNCHER_SOCKET"])
+            except OSError:  # no server there: the real one
+                os.execv(real, [real, *sys.argv[2:]])
             socket.send_fds(connection, [b"r"], [0, 1, 2])
             request = {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "nproc": nproc}
             connection.sendall((json.dumps(request) + "\n").encode())
