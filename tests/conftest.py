@@ -128,11 +128,15 @@ def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
 
 
+def toy_rows(source: Path, out: Path, train: int, test: int) -> str:
+    """The first `train` and `test` rows of a toy dataset directory, written to `out` (A-LoL scores every row first)."""
+    out.mkdir(exist_ok=True)
+    for split, rows in (("train", train), ("test", test)):
+        (out / f"{split}.jsonl").write_text("".join(open(source / f"{split}.jsonl").readlines()[:rows]))
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def small_toy_data(tmp_path_factory):
     """The first 256 train and 80 test rows of the toy dataset: fast offline (A-LoL) runs."""
-    out = tmp_path_factory.mktemp("small_toy_data")
-    for split, rows in (("train", 256), ("test", 80)):
-        lines = open(REPO / "toy" / "data" / f"{split}.jsonl").readlines()[:rows]
-        (out / f"{split}.jsonl").write_text("".join(lines))
-    return str(out)
+    return toy_rows(REPO / "toy" / "data", tmp_path_factory.mktemp("small_toy_data"), 256, 80)

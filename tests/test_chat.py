@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script
+from conftest import FAST, REPO, read_metrics, run_script, toy_rows
 from test_real_checkpoints import save_classifier
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -179,13 +179,9 @@ def test_ppo_on_conversational_prompts_matches_the_plain_text_run(tmp_path):
 
 
 def test_alol_trains_on_a_messages_dataset(tmp_path):
-    messages = tmp_path / "messages"  # the first 256 train and 80 test rows: A-LoL scores them all before it trains
-    messages.mkdir()
-    for split, rows in (("train", 256), ("test", 80)):
-        lines = open(REPO / "toy" / "chat" / "messages" / f"{split}.jsonl").readlines()[:rows]
-        (messages / f"{split}.jsonl").write_text("".join(lines))
+    messages = toy_rows(REPO / "toy" / "chat" / "messages", tmp_path / "messages", 256, 80)
     out = tmp_path / "run"
-    run_script("alol.py", "--dataset", str(messages), "--total-steps", "4",
+    run_script("alol.py", "--dataset", messages, "--total-steps", "4",
                "--batch-size", "8", "--eval-size", "16", "--value-samples", "1", "--value-epochs", "1",
                "--max-new-tokens", "24", "--eval-every", "4", "--output-dir", str(out))  # fmt: skip
     rows = read_metrics(out)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_script
+from conftest import REPO, read_metrics, run_script, toy_rows
 
 import apa
 import awr
@@ -212,11 +212,7 @@ ALOL_RUNS = {"a-lol": [], "a-lol-ref-free": [], "a-lol-seq": ["--sampling", "uni
 @pytest.fixture(scope="module")
 def tiny_toy_data(tmp_path_factory):
     """The first 64 train and 24 test rows of the toy dataset: seven recorded A-LoL runs score them all."""
-    out = tmp_path_factory.mktemp("tiny_toy_data")
-    for split, rows in (("train", 64), ("test", 24)):
-        lines = open(REPO / "toy" / "data" / f"{split}.jsonl").readlines()[:rows]
-        (out / f"{split}.jsonl").write_text("".join(lines))
-    return str(out)
+    return toy_rows(REPO / "toy" / "data", tmp_path_factory.mktemp("tiny_toy_data"), 64, 24)
 
 
 def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, tmp_path):
