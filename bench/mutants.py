@@ -5,7 +5,7 @@ plausible bug would. For each, the repository is copied, the line is changed in 
 (fast ones: unit tests, the recorded-run invariants, the two-rank checks) run there. A mutant is killed when they fail.
 The unmutated copy must pass the same tests first, so a kill means the mutation was noticed, not a broken setup.
 
-    python bench/mutants.py                   # every mutant, two at a time: 6-12 minutes on 2 CPU cores
+    python bench/mutants.py                   # every mutant, two at a time: 4-12 minutes on 2 CPU cores
     python bench/mutants.py --only ppo-kl-sign apa-anchor-pi-old
     python bench/mutants.py --list
 

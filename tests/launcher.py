@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def torchrun_env(env: dict, rank: int, nproc: int, port: int) -> dict:
     """What torchrun --nproc_per_node nproc sets for one local rank (OMP_NUM_THREADS=1 unless set, as it does)."""
-    ranks = {k: str(v) for k in ("RANK", "LOCAL_RANK", "ROLE_RANK") for v in [rank]}
+    ranks = {k: str(rank) for k in ("RANK", "LOCAL_RANK", "ROLE_RANK")}
     sizes = {k: str(nproc) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "ROLE_WORLD_SIZE")}
     extra = {"GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0",
