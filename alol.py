@@ -254,10 +254,11 @@ def main():
         if args.stop_strings:  # trlX's stop sequences: cut at the first, stripped, ended with EOS, re-tokenized
             responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
         input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        temp = args.temperature
-        logprobs = common.chunked_logprobs(unwrapped_policy, input_ids, attention_mask, responses, temp, chunk, dtype)
+        temp, lengths = args.temperature, padding.row_lengths(attention_mask, queries.shape[1])  # (one read)
+        batch = (input_ids, attention_mask, responses)
+        logprobs = common.chunked_logprobs(unwrapped_policy, *batch, temp, chunk, dtype, lengths)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(ref_model, input_ids, attention_mask, responses, temp, chunk, dtype)
+            ref_logprobs = common.chunked_logprobs(ref_model, *batch, temp, chunk, dtype, lengths)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = data.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = data.response_texts(tokenizer, queries, responses)
@@ -325,8 +326,7 @@ def main():
         run.fail(f"no training row has a positive {'reward' if args.variant in ('r-lol', 'wbc') else 'advantage'}")
     setup_metrics["train/kept_fraction"] = kept.float().mean().item()
     setup_metrics["train/advantage_mean"] = advantages.mean().item()
-    weights = sampling_weights.to(device)
-    row_counts = torch.ones(len(train_prompts), device=device)  # every example counts once in a batch's mean
+    row_counts = torch.ones(len(train_prompts))  # every example counts once in a batch's mean
 
     run.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
@@ -341,20 +341,24 @@ def main():
     for iteration in range(start_iteration + 1, args.total_steps + 1):
         # the global batch is drawn the same way for any number of ranks; this rank trains on its share
         generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration)
-        batch_rows = sample_rows(sampling_weights, args.batch_size, priority, generator)[rank::world_size]
+        batch_rows = sample_rows(sampling_weights, args.batch_size, priority, generator)
         policy_optimizer.zero_grad(set_to_none=True)
         step_stats_sum = 0.0
         # the loss is a mean over the global batch's examples: each micro-batch's is weighted by its share of them
         for micro_rows, example_share, sync in common.micro_batches(batch_rows, row_counts, args.micro_batch_size):
             rows = micro_rows.tolist()
-            input_ids, attention_mask, context_length, responses, response_mask = common.pad_pairs(
+            input_ids, attention_mask, context_length, responses, response_mask, lengths = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
             )
-            padding.count_padding("update", attention_mask.sum(), attention_mask.numel())
+            padding.count_padding("update", sum(lengths.prompt) + sum(lengths.response), attention_mask.numel())
+            # the rows' loss weights, rewards and advantages (on the host) copied to the device in one go
+            row_weights, row_rewards, row_advantages = padding.to_device(
+                torch.stack([sampling_weights[micro_rows], rewards[micro_rows], advantages[micro_rows]]), device
+            )
             # offline: T = 1; no grad, so DDP's module is not used here
             with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
                 ref_logprobs = common.chunked_logprobs(
-                    ref_model, input_ids, attention_mask, responses, 1.0, chunk, dtype
+                    ref_model, input_ids, attention_mask, responses, 1.0, chunk, dtype, lengths
                 )
             with models.gradient_sync([policy], sync):
                 with common.autocast(device, dtype):  # offline: T = 1
@@ -362,15 +366,15 @@ def main():
                 logprobs = common.gather_logprobs(logits, responses)
                 # ALGO LOGIC: the variant's loss
                 loss, loss_stats = policy_loss(
-                    logprobs, ref_logprobs, response_mask, weights[rows], args.variant, args.clip_eps, args.kl_beta
+                    logprobs, ref_logprobs, response_mask, row_weights, args.variant, args.clip_eps, args.kl_beta
                 )
                 (loss * example_share).backward()
             with torch.no_grad():
                 step_stats = {
                     "loss/policy": loss,
                     **loss_stats,
-                    "train/reward": rewards[rows].mean().to(device),
-                    "train/advantage": advantages[rows].mean().to(device),
+                    "train/reward": row_rewards.mean(),
+                    "train/advantage": row_advantages.mean(),
                     "train/kl": torch.where(response_mask, logprobs - ref_logprobs, 0.0).sum(1).mean(),
                     "train/response_length": response_mask.sum(1).float().mean(),
                 }
@@ -395,7 +399,7 @@ def main():
             }
             if iteration % args.eval_every == 0 or iteration == args.total_steps:
                 eval_metrics = {"eval/iteration": iteration, **evaluate()}
-            if iteration == args.total_steps and world_size > 1:
+            if iteration == args.total_steps and torch.distributed.is_initialized():
                 row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
             stats = []  # per-iteration statistics since the last logged row

@@ -19,6 +19,7 @@ class Rollout(NamedTuple):
     responses: torch.Tensor  # (B, R) = input_ids[:, P:]
     response_mask: torch.Tensor  # (B, R), bool: 1 up to and including the first stop token
     ended: torch.Tensor  # (B,), bool: stopped by itself, not cut at --max-new-tokens
+    lengths: padding.RowLengths  # each row's prompt and response lengths, on the host (read from the device once)
     prompt_texts: list  # what the scorers read: strings, or message lists (conversational)
     response_texts: list[str]
 
@@ -48,58 +49,80 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def micro_batches(minibatch: torch.Tensor, mask: torch.Tensor, micro_batch_size: int = 0, parts: int = 0):
-    """(rows, share, sync) per micro-batch of a minibatch's rows (`micro_batch_size` rows, or `parts` parts). A loss
-    is a mean over the minibatch's tokens on all ranks (`mask`: (B, R) tokens, or (B,) counts): each micro-batch's
-    is weighted by its `share` of them, times the world size (DDP and FSDP average gradients over ranks), so any split
-    gives the same update. Gradients are synchronised (`sync`) on the last micro-batch only."""
-    total = all_reduce_sum(mask[minibatch].sum())  # of the minibatch on all ranks
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    groups = minibatch.tensor_split(parts) if parts else minibatch.split(micro_batch_size or len(minibatch))
-    for i, rows in enumerate(groups):
-        yield rows, mask[rows].sum() * world_size / total, i == len(groups) - 1
+def micro_batches(rows: torch.Tensor, counts: torch.Tensor, micro_batch_size: int = 0, parts: int = 0):
+    """This rank's (rows, share, sync) per micro-batch of a step whose rows on all ranks are `rows` (on the host: the
+    same draw on every rank, rank r taking rows r, r + world size, ...), `micro_batch_size` rows at a time or in
+    `parts` parts. A loss is a mean over the step's units on all ranks (`counts`, per row of the data, on the host:
+    1 per example, or its tokens): each micro-batch's is weighted by its `share` of them, times the world size (DDP
+    and FSDP average gradients over ranks), so any split gives the same update, with no collective and no read of
+    the device. Gradients are synchronised (`sync`) on the last micro-batch only."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    total = counts[rows].sum().item()
+    local = rows[rank::world_size]
+    groups = local.tensor_split(parts) if parts else local.split(micro_batch_size or len(local))
+    for i, group in enumerate(groups):
+        yield group, counts[group].sum().item() * world_size / total, i == len(groups) - 1
 
 
-def token_micro_batches(minibatch: torch.Tensor, attention_mask: torch.Tensor, context_length: int, size: int):
-    """The update's micro-batches of a minibatch's rows: rows of similar length together (at most `size` rows,
-    --micro-batch-size, 0 = all, or their tokens at full width), each with only the columns its rows use, as many on
-    every rank. Yields (mb, seq, context, share, sync): `mb` (rows, response columns) indexes the (B, R) tensors, `seq`
-    (rows, columns) the (B, P + R) ones, of which the first `context` columns are prompt; `share`, `sync` as below."""
-    prompt_lengths = attention_mask[minibatch, :context_length].sum(1).tolist()
-    response_lengths = attention_mask[minibatch, context_length:].sum(1).tolist()
-    rows = size or len(minibatch)
-    groups = padding.length_groups(prompt_lengths, response_lengths, rows, rows * attention_mask.shape[1])
-    parts = int(all_reduce_max(torch.tensor(len(groups), device=attention_mask.device)))
-    while len(groups) < parts:  # another rank needs more: split the largest
-        k = max(range(len(groups)), key=lambda g: len(groups[g]))
-        groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
-    response_mask = attention_mask[:, context_length:]
-    total = all_reduce_sum(response_mask[minibatch].sum())
+def token_micro_batches(schedule: list[torch.Tensor], lengths: padding.RowLengths, size: int) -> list[list[tuple]]:
+    """The update's micro-batches of every minibatch of `schedule` (host tensors of row indices), planned once per
+    update from the host `lengths`: rows of similar length together (at most `size` rows, --micro-batch-size, 0 =
+    all, or their tokens at full width), each with only the columns its rows use, as many on every rank (one
+    all-reduce for the whole update, no read of the device per minibatch). Per minibatch a list of (mb, seq, context,
+    share, sync): `mb` (rows, response columns) indexes the (B, R) tensors, `seq` (rows, columns) the (B, P + R)
+    ones, of which the first `context` columns are prompt; `share`, `sync` as in `micro_batches`."""
+    prompt, response, context_length = lengths.prompt, lengths.response, lengths.context_length
+    plans, tokens = [], []
+    for minibatch in schedule:
+        rows = minibatch.tolist()
+        n = size or len(rows)
+        groups = padding.length_groups([prompt[i] for i in rows], [response[i] for i in rows], n, n * lengths.width)
+        plans.append([[rows[i] for i in group] for group in groups])
+        tokens.append(sum(response[i] for i in rows))
+    counts = padding.to_device(torch.tensor([len(groups) for groups in plans] + tokens), lengths.device)
+    counts = torch.cat([all_reduce_max(counts[: len(plans)]), all_reduce_sum(counts[len(plans) :])]).tolist()
+    parts, totals = counts[: len(plans)], counts[len(plans) :]
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    for n, group in enumerate(groups):
-        rows = minibatch[group]
-        p, r = max(prompt_lengths[i] for i in group), max(response_lengths[i] for i in group)
-        mb, seq = (rows, slice(0, r)), (rows, slice(context_length - p, context_length + r))
-        padding.count_padding("update", attention_mask[seq].sum(), len(group) * (p + r))
-        yield mb, seq, p, response_mask[mb].sum() * world_size / total, n == len(groups) - 1
+    for groups, n in zip(plans, parts):
+        while len(groups) < n:  # another rank needs more: split the largest
+            k = max(range(len(groups)), key=lambda g: len(groups[g]))
+            groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
+    device_rows = padding.rows_on_device([group for groups in plans for group in groups], lengths.device)
+    out = []
+    for groups, total in zip(plans, totals):
+        micro = []
+        for n, group in enumerate(groups):
+            rows = device_rows.pop(0)
+            p, r = max(prompt[i] for i in group), max(response[i] for i in group)
+            mb, seq = (rows, slice(0, r)), (rows, slice(context_length - p, context_length + r))
+            real = sum(prompt[i] + response[i] for i in group)
+            padding.count_padding("update", real, len(group) * (p + r))
+            share = sum(response[i] for i in group) * world_size / total
+            micro.append((mb, seq, p, share, n == len(groups) - 1))
+        out.append(micro)
+    return out
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return padding.to_device(ids, device), padding.to_device(mask, device)
 
 
 def pad_pairs(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
-    """Given (prompt, response) token ids, the rollout layout: left-padded prompts then right-padded
-    responses. Returns input_ids, attention_mask, context_length, responses (B, R), response_mask (B, R)."""
-    queries, query_mask = left_pad(prompts, pad_id, device)
+    """Given (prompt, response) token ids, the rollout layout: left-padded prompts then right-padded responses.
+    Returns input_ids, attention_mask, context_length, responses (B, R), response_mask (B, R) and the row lengths
+    (padding.RowLengths: known on the host, so no pass reads them from the device)."""
     width = max(len(r) for r in responses)
-    padded = torch.tensor([r + [pad_id] * (width - len(r)) for r in responses], device=device)
-    response_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses], device=device)
+    queries, query_mask = left_pad(prompts, pad_id, device)
+    padded = padding.to_device(torch.tensor([r + [pad_id] * (width - len(r)) for r in responses]), device)
+    response_mask = padding.to_device(torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in responses]), device)
     input_ids, attention_mask = torch.cat([queries, padded], 1), torch.cat([query_mask, response_mask], 1)
-    return input_ids, attention_mask, queries.shape[1], padded, response_mask.bool()
+    context_length = queries.shape[1]
+    lengths = padding.RowLengths(context_length, input_ids.shape[1], [len(p) for p in prompts],
+                                 [len(r) for r in responses], input_ids.device)  # fmt: skip
+    return input_ids, attention_mask, context_length, padded, response_mask.bool(), lengths
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,23 +135,26 @@ def generate(model, queries, query_mask, config, chunk_size: int, tokenizer=None
     """Sample responses with the KV cache, `chunk_size` prompts of similar length at a time, each left-padded only to
     its own longest (a row stops at a stop token, or at a stop string of the generation `config`, which needs the
     `tokenizer`). Returns responses (B, R) and response_mask (B, R): 1 up to and including the first stop token."""
-    lengths = query_mask.sum(1)
-    order = torch.argsort(lengths, descending=True, stable=True)
+    lengths = query_mask.sum(1).tolist()  # (one read of the device)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # longest prompts first
+    chunks = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
     stops = torch.tensor(config.eos_token_id, device=queries.device)
-    chunks = []
-    with models.gathered(model):  # under --fsdp: one all-gather for the whole generation, none per decode step
-        for start in range(0, len(order), chunk_size):
-            rows = order[start : start + chunk_size]
-            width = int(lengths[rows].max())
+    outputs = []
+    # under --fsdp one all-gather, none per decode step; under autocast each trained float32 weight is cast once per
+    # autocast block, not per step (autocast caches the casts of weights that train; frozen ones are stored in the
+    # compute dtype: models.frozen_linears_to)
+    with models.gathered(model):
+        for chunk, rows in zip(chunks, padding.rows_on_device(chunks, queries.device)):
+            width = max(lengths[i] for i in chunk)
             inputs = dict(input_ids=queries[rows, -width:], attention_mask=query_mask[rows, -width:])
             cache = models.kv_cache(model, queries.device)  # 16-bit under autocast
             out = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, past_key_values=cache)
             out = out[:, width:]
-            chunks.append((rows, out))
-            real = lengths[rows].sum() + response_mask_of(out, stops).sum()
-            padding.count_padding("generate", real, len(rows) * (width + out.shape[1]))
-    responses = queries.new_full((len(queries), max(out.shape[1] for _, out in chunks)), config.pad_token_id)
-    for rows, out in chunks:
+            outputs.append((rows, out))
+            real = sum(lengths[i] for i in chunk) + response_mask_of(out, stops).sum()
+            padding.count_padding("generate", real, len(chunk) * (width + out.shape[1]))
+    responses = queries.new_full((len(queries), max(out.shape[1] for _, out in outputs)), config.pad_token_id)
+    for rows, out in outputs:
         responses[rows, : out.shape[1]] = out
     return responses, response_mask_of(responses, stops)
 
@@ -150,13 +176,17 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
 
 
 @torch.no_grad()
-def chunked_logprobs(model, input_ids, attention_mask, responses, temperature: float, chunk_size: int, dtype):
-    """log pi of `responses` = input_ids[:, -R:] (B, R): no grad, in sorted, trimmed chunks, gathered once."""
+def chunked_logprobs(
+    model, input_ids, attention_mask, responses, temperature: float, chunk_size: int, dtype, lengths=None
+):
+    """log pi of `responses` = input_ids[:, -R:] (B, R): no grad, in sorted, trimmed chunks, gathered once.
+    `lengths`: the batch's padding.RowLengths, if the caller has them (else read from the device here)."""
     context_length = input_ids.shape[1] - responses.shape[1]
+    lengths = _lengths(lengths, attention_mask, context_length)
     chunk_size = models.rows_per_forward(model, responses.shape[1] + 1, chunk_size)
     logprobs = torch.zeros(responses.shape, device=input_ids.device)  # padding stays 0
     with models.gathered(model), autocast(input_ids.device, dtype):
-        for rows, columns in padding.sorted_chunks(attention_mask, context_length, chunk_size):
+        for rows, columns in padding.sorted_chunks(lengths, chunk_size):
             ids, mask = input_ids[rows, columns], attention_mask[rows, columns]
             context, width = context_length - columns.start, columns.stop - context_length
             padding.count_padding("passes", mask.sum(), mask.numel())
@@ -166,17 +196,25 @@ def chunked_logprobs(model, input_ids, attention_mask, responses, temperature: f
 
 
 @torch.no_grad()
-def chunked_values(value_model, input_ids, attention_mask, response_length: int, chunk_size: int, dtype):
+def chunked_values(value_model, input_ids, attention_mask, response_length: int, chunk_size: int, dtype, lengths=None):
     """V(s_t) (B, R) of each of the last R tokens, read at the token before it: no grad, in sorted, trimmed chunks."""
     context_length = input_ids.shape[1] - response_length
+    lengths = _lengths(lengths, attention_mask, context_length)
     values = torch.zeros((len(input_ids), response_length), device=input_ids.device)  # padding stays 0
     with models.gathered(value_model), autocast(input_ids.device, dtype):
-        for rows, columns in padding.sorted_chunks(attention_mask, context_length, chunk_size):
+        for rows, columns in padding.sorted_chunks(lengths, chunk_size):
             mask = attention_mask[rows, columns]
             padding.count_padding("passes", mask.sum(), mask.numel())
             width = columns.stop - context_length
             values[rows, :width] = value_model(input_ids[rows, columns], mask)[:, -width - 1 : -1]
     return values
+
+
+def _lengths(lengths, attention_mask, context_length: int) -> padding.RowLengths:
+    """The caller's RowLengths of this batch and split, or the batch's read from the device."""
+    if lengths is not None and (lengths.context_length, lengths.width) == (context_length, attention_mask.shape[1]):
+        return lengths
+    return padding.row_lengths(attention_mask, context_length)
 
 
 @torch.no_grad()
@@ -243,10 +281,11 @@ class RunningMoments:
     def update(self, x: torch.Tensor):
         # float64 sums of x shifted by the running mean: scores around 1e6 keep their variance (float32 sums do not)
         shifted = x.double() - self.mean
-        stats = all_reduce_sum(torch.stack([shifted.sum(), (shifted**2).sum(), shifted.new_tensor(x.numel())]))
-        n = stats[2].item()
-        batch_mean = self.mean + stats[0].item() / n
-        batch_var = max(stats[1].item() / n - (stats[0].item() / n) ** 2, 0.0)
+        total, squares, n = all_reduce_sum(
+            torch.stack([shifted.sum(), (shifted**2).sum(), shifted.new_tensor(x.numel())])
+        ).tolist()  # (one read of the device)
+        batch_mean = self.mean + total / n
+        batch_var = max(squares / n - (total / n) ** 2, 0.0)
         delta, total = batch_mean - self.mean, self.count + n
         self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.mean, self.count = self.mean + delta * n / total, total

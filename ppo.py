@@ -219,16 +219,17 @@ def main():
     logger = run.Logger(output_dir, args, rank, num_iterations, start_iteration)
 
     @torch.no_grad()
-    def logprobs_and_values(input_ids, attention_mask, responses, with_values=True):
+    def logprobs_and_values(input_ids, attention_mask, responses, lengths=None, with_values=True):
         """The rollout-time log-probs of `responses` (the last columns of input_ids) under the policy and under pi_ref,
-        and the values: no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass)."""
-        chunk, temp = args.rollout_forward_batch_size, args.temperature
-        logprobs = common.chunked_logprobs(unwrapped_policy, input_ids, attention_mask, responses, temp, chunk, dtype)
+        and the values: no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass);
+        `lengths`: the rollout's host copy of its row lengths (padding.RowLengths), for grouping rows by length."""
+        chunk, temp, batch = args.rollout_forward_batch_size, args.temperature, (input_ids, attention_mask, responses)
+        logprobs = common.chunked_logprobs(unwrapped_policy, *batch, temp, chunk, dtype, lengths)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(ref_model, input_ids, attention_mask, responses, temp, chunk, dtype)
+            ref_logprobs = common.chunked_logprobs(ref_model, *batch, temp, chunk, dtype, lengths)
         values = None
         if with_values:  # V(s_t) is read at the token before a_t.
-            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], chunk, dtype)
+            values = common.chunked_values(value_model, *batch[:2], responses.shape[1], chunk, dtype, lengths)
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
@@ -244,16 +245,19 @@ def main():
         input_ids = torch.cat([queries, responses], 1)  # (B, P + R): the sequences every later pass reads
         attention_mask = torch.cat([query_mask, response_mask], 1)
         ended = torch.isin(responses, stop_ids).any(1)  # (B,): stopped by itself, not cut at --max-new-tokens
+        lengths = padding.row_lengths(attention_mask, queries.shape[1])  # on the host: one read for every pass
         prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
         response_texts = data.response_texts(tokenizer, queries, responses)
-        return common.Rollout(input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts)
+        return common.Rollout(
+            input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts
+        )
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
-        logprobs, ref_logprobs, _ = logprobs_and_values(r.input_ids, r.attention_mask, r.responses, with_values=False)
+        logprobs, ref_logprobs, _ = logprobs_and_values(*r[:3], r.lengths, with_values=False)
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
         return run.evaluation_metrics(
             score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
@@ -268,14 +272,13 @@ def main():
         t_start, n = run.clock(device), args.rollout_batch_size
         # ---- rollout: sample responses to this rank's share of the prompts
         indices = data.prompt_indices(len(train_prompts), n, iteration - 1, args.seed, rank, world_size)
-        input_ids, attention_mask, responses, response_mask, ended, prompt_texts, response_texts = rollout(
+        input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts = rollout(
             [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
         )
-        context_length = input_ids.shape[1] - responses.shape[1]
         t_generate = run.clock(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
-        logprobs, ref_logprobs, values = logprobs_and_values(input_ids, attention_mask, responses)
+        logprobs, ref_logprobs, values = logprobs_and_values(input_ids, attention_mask, responses, lengths)
         scores = score_fn(prompt_texts, response_texts, ended)
         scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
@@ -302,20 +305,19 @@ def main():
 
         # ---- update: update_epochs passes of shuffled minibatches
         per_minibatch = []  # each minibatch's statistics (a (K,) tensor), stacked after the update
-        permutations = [torch.randperm(local_batch, device=device) for _ in range(args.update_epochs)]
+        permutations = [torch.randperm(local_batch) for _ in range(args.update_epochs)]  # (on the host)
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         if args.kl_control == "apa-authors":  # ALGO LOGIC: their epochs are consecutive steps on each minibatch
             schedule = [minibatch for minibatch in schedule[: local_batch // local_mini_batch] for _ in permutations]
-        for minibatch in schedule:
+        # every minibatch's micro-batches, planned at once from the rollout's lengths (no read of the device here)
+        for micro_batches in common.token_micro_batches(schedule, lengths, args.micro_batch_size):
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
             minibatch_stats = 0.0
             # A loss is a token mean over the whole minibatch on all ranks, so each micro-batch's is weighted by its
             # share of those tokens. mb indexes its rows and response columns, seq its rows and the columns they use,
             # of which the first `context` are the prompt's.
-            for mb, seq, context, token_share, sync in common.token_micro_batches(
-                minibatch, attention_mask, context_length, args.micro_batch_size
-            ):
+            for mb, seq, context, token_share, sync in micro_batches:
                 mb_mask = response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
@@ -388,7 +390,7 @@ def main():
         }
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
-        if iteration == num_iterations and world_size > 1:
+        if iteration == num_iterations and torch.distributed.is_initialized():
             row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):

@@ -67,6 +67,12 @@ def parameters(hidden: int, layers: int, vocab: int) -> int:
     return 2 * vocab * hidden + layers * (12 * hidden**2 + 13 * hidden) + 2 * hidden
 
 
+def linear_parameters(hidden: int, layers: int, vocab: int) -> int:
+    """GPT-NeoX parameters in Linear layers (12 h^2 + 9 h per layer: QKV, output, the MLP's two) and the untied head
+    (V h): what a frozen net stores in the compute dtype (models.frozen_linears_to) and autocast casts when trained."""
+    return layers * (12 * hidden**2 + 9 * hidden) + vocab * hidden
+
+
 def memory_model(
     shape: tuple[int, int, int], rm_params: int, mode: str, world: int, nbytes: int, rows: int, seq: int,
     gen_rows: int, response: int, k_act: float, runtime: float, unfrozen: int = -1,
@@ -75,17 +81,27 @@ def memory_model(
     model; nbytes the compute dtype's bytes; rows per forward/backward (micro-batch), seq = prompt + response
     tokens; gen_rows generated at once. The peak is the static memory plus the largest transient phase."""
     hidden, layers, vocab = shape
-    p = parameters(hidden, layers, vocab)
+    p, linear = parameters(hidden, layers, vocab), linear_parameters(hidden, layers, vocab)
     fsdp, lora, ac = mode.startswith("fsdp"), "LoRA" in mode, "AC" in mode
     trained = 0.0 if lora else (1.0 if unfrozen < 0 else (unfrozen * 12 * hidden**2 + vocab * hidden) / p)
     shard = world if fsdp else 1
     per_net = (nbytes * p if lora else 4 * p + 12 * trained * p) / shard  # weights (+ grads + AdamW m, v) of a net
     ddp_buckets = 0 if fsdp or world == 1 else 4 * trained * p  # DDP's gradient buckets, one more gradient copy
+    # the reference: under FSDP gathered in the compute dtype; else its Linear weights stored in the compute dtype,
+    # the rest (embeddings, norms) in float32, so that it computes exactly what the policy computes
+    reference = nbytes * p / world if fsdp else nbytes * linear + 4 * (p - linear)
     static = {
         "policy + value": 2 * (per_net + ddp_buckets),
-        "reference": 0 if lora else (nbytes * p / world if fsdp else 4 * p),  # float32 under DDP: exact KL
+        "reference": 0 if lora else reference,
         "reward model": nbytes * rm_params / shard,
     }
+    # under 16-bit autocast (not FSDP, which gathers in that dtype): the 16-bit copies of the trained float32 Linear
+    # weights that autocast keeps until its block ends (the policy's in generation and in its no-grad pass, both
+    # nets' in the update, whose forwards share one block); frozen Linear weights are stored in that dtype already
+    trained_linear = 0 if lora else (linear if unfrozen < 0 else unfrozen * 12 * hidden**2 + vocab * hidden)
+    cast = nbytes < 4 and not fsdp
+    policy_copies = nbytes * trained_linear if cast else 0
+    value_copies = nbytes * (trained_linear - vocab * hidden) if cast else 0  # (a value net has no LM head)
     gathered = nbytes * max(p, rm_params) if fsdp else 0  # one full model during a no-grad pass / generation
     kv_cache = 2 * layers * hidden * nbytes * gen_rows * seq
     logits = 4 * rows * response * vocab * 3  # float32 logits / T, their log-softmax and its gradient
@@ -93,13 +109,14 @@ def memory_model(
     activations = 2 * rows * seq * hidden * nbytes * kept  # policy and value net both wait for backward
     layer_gather = 2 * nbytes * 12 * hidden**2 if fsdp else 0  # a layer in use and the next one prefetched
     transient = {
-        "generation": gathered + kv_cache,
-        "no-grad passes": gathered + 4 * gen_rows * response * vocab * 2,
-        "update": activations + logits + layer_gather,
+        "generation": gathered + kv_cache + policy_copies,
+        "no-grad passes": gathered + 4 * gen_rows * response * vocab * 2 + policy_copies,
+        "update": activations + logits + layer_gather + policy_copies + value_copies,
     }
     phase = max(transient, key=transient.get)
     return {**static, "runtime": runtime, "peak phase": phase, phase: transient[phase],
-            "total": sum(static.values()) + runtime + transient[phase]}  # fmt: skip
+            "total": sum(static.values()) + runtime + transient[phase], "autocast copies": policy_copies + value_copies,
+            **{f"phase/{name}": value for name, value in transient.items()}}  # fmt: skip
 
 
 def measure(size: str, mode: str, args: Args, models: tuple[str, str], run_dir: Path) -> dict:

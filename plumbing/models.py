@@ -353,9 +353,10 @@ class RewardModel:
             max(len(ids) for ids in encoded),
             self.options.batch_size,
         )
-        scores = torch.zeros(len(encoded), device=self.device)
+        groups = padding.length_groups(lengths, [0] * len(encoded), batch_size, batch_size * width)
+        chunk_scores = []
         with gathered(self.model):  # chunks of similar length (padding.length_groups): little padding
-            for rows in padding.length_groups(lengths, [0] * len(encoded), batch_size, batch_size * width):
+            for rows in groups:
                 chunk = [encoded[j] for j in rows]
                 width = max(len(ids) for ids in chunk)  # right padding: every model type reads positions from 0
                 # a decoder reads the last token that is not its pad_token_id: pad with an id no row holds, so that
@@ -365,10 +366,13 @@ class RewardModel:
                 self.model.config.pad_token_id = pad
                 input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
                 mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
-                padding.count_padding("passes", mask.sum(), mask.numel())
+                padding.count_padding("passes", sum(len(ids) for ids in chunk), mask.numel())
+                inputs = dict(input_ids=padding.to_device(input_ids, self.device),
+                              attention_mask=padding.to_device(mask, self.device))  # fmt: skip
                 with common.autocast(self.device, self.dtype):
-                    logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                scores[rows] = logits[:, 0].float()
+                    chunk_scores.append(self.model(**inputs).logits[:, 0].float())
+        scores = torch.empty(len(encoded), device=self.device)
+        scores[padding.rows_on_device([[j for rows in groups for j in rows]], self.device)[0]] = torch.cat(chunk_scores)
         return scores
 
 
@@ -488,7 +492,7 @@ def prepare_model(model: nn.Module, args, device, train: bool) -> nn.Module:
         return shard_model(model, dtype)
     frozen_linears_to(model, dtype)
     model = model.to(device)
-    if train and dist.is_initialized() and dist.get_world_size() > 1:  # gradients are views into the all-reduce
+    if train and dist.is_initialized():  # (under torchrun, one rank too); gradients are views into the all-reduce
         return DDP(model, gradient_as_bucket_view=True)  # buckets: no second copy
     return model
 
@@ -779,7 +783,7 @@ def write_model_card(directory: str, output_dir: str, args):
     evaluation (the last row of metrics.jsonl)."""
     script = os.path.basename(sys.argv[0])
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+    launcher = f"torchrun --nproc_per_node {world_size}" if dist.is_initialized() else "python"
     command = " ".join([launcher, script, *map(shlex.quote, sys.argv[1:])])
     flags = dataclasses.asdict(args)
     with open(os.path.join(directory, "training_args.json"), "w") as f:

@@ -2,6 +2,8 @@
 by length, grouped so that padding plus a per-call cost is least) and which columns each call keeps, and the meter
 behind time/padding_fraction_* (padding / computed tokens)."""
 
+from typing import NamedTuple
+
 import torch
 
 import common
@@ -37,33 +39,72 @@ def length_groups(prompt_lengths: list[int], response_lengths: list[int], max_ro
     return groups[::-1]
 
 
-def sorted_chunks(attention_mask: torch.Tensor, context_length: int, chunk_size: int):
+class RowLengths(NamedTuple):
+    """Each row's prompt and response lengths in a (left-padded prompt, right-padded response) batch, on the host:
+    read from the device once per batch, then every pass and micro-batch plan groups rows by them without reading the
+    device again. Lengths are extents: the columns from a row's first real token to the end of the prompt part, and
+    from there to its last real token (the token counts in that layout; with other layouts, every real token)."""
+
+    context_length: int  # columns of the prompt part
+    width: int  # columns in all
+    prompt: list[int]
+    response: list[int]
+    device: torch.device
+
+
+def row_lengths(attention_mask: torch.Tensor, context_length: int) -> RowLengths:
+    """RowLengths of a batch: one device-to-host transfer."""
+    real, columns = attention_mask.bool(), torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    first = torch.where(real, columns, attention_mask.shape[1]).min(1).values
+    last = torch.where(real, columns, -1).max(1).values
+    extents = torch.stack([(context_length - first).clamp(min=0), (last + 1 - context_length).clamp(min=0)])
+    prompt, response = extents.tolist()
+    return RowLengths(context_length, attention_mask.shape[1], prompt, response, attention_mask.device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without waiting for the device's queue (from pinned memory on CUDA)."""
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def rows_on_device(groups: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Each group's row indices as a device tensor: one host-to-device copy for all of them."""
+    flat = to_device(torch.tensor([i for group in groups for i in group], dtype=torch.long), device)
+    return list(flat.split([len(group) for group in groups]))
+
+
+def sorted_chunks(lengths: RowLengths, chunk_size: int):
     """(rows, columns) per chunk of at most `chunk_size` rows of a (left-padded prompt, right-padded response) batch:
     rows of similar length together (`length_groups`), and only the columns some row of the chunk uses (at least
-    one column before `context_length`, for the logit of the first response token)."""
-    prompt_lengths = attention_mask[:, :context_length].sum(1).tolist()
-    response_lengths = attention_mask[:, context_length:].sum(1).tolist()
-    width = attention_mask.shape[1]
-    for group in length_groups(prompt_lengths, response_lengths, chunk_size, chunk_size * width):
-        rows = torch.tensor(group, device=attention_mask.device)
-        p, r = max(max(prompt_lengths[i] for i in group), 1), max(response_lengths[i] for i in group)
-        yield rows, slice(context_length - p, context_length + max(r, 1))
+    one column before the prompt's end, for the logit of the first response token)."""
+    prompt, response, context = lengths.prompt, lengths.response, lengths.context_length
+    groups = length_groups(prompt, response, chunk_size, chunk_size * lengths.width)
+    for group, rows in zip(groups, rows_on_device(groups, lengths.device)):
+        p, r = max(max(prompt[i] for i in group), 1), max(response[i] for i in group)
+        yield rows, slice(context - p, context + max(r, 1))
 
 
-PADDING = {"generate": [0, 0], "passes": [0, 0], "update": [0, 0]}  # (padding tokens, computed tokens) this iteration
+# (padding tokens, computed tokens) this iteration: padding counted where it is computed (a device tensor: no read
+# of the device per call), read once per iteration by padding_fractions
+PADDING = {"generate": [0, 0], "passes": [0, 0], "update": [0, 0]}
 
 
-def count_padding(kind: str, real_tokens, computed_tokens):
-    PADDING[kind][0] += int(computed_tokens) - int(real_tokens)
-    PADDING[kind][1] += int(computed_tokens)
+def count_padding(kind: str, real_tokens, computed_tokens: int):
+    """Add a call's tokens to the meter: `real_tokens` an int or a tensor (added up where it lives), `computed_tokens`
+    the padded shape's size (an int)."""
+    PADDING[kind][0] = PADDING[kind][0] + (computed_tokens - real_tokens)
+    PADDING[kind][1] += computed_tokens
 
 
 def padding_fractions() -> dict[str, float]:
     """time/padding_fraction_{generate,passes,update} since the last call, over all ranks: padding / computed tokens
-    (generate: prefill columns and the decode steps of rows that had stopped)."""
-    totals = common.all_reduce_sum(torch.tensor([v for pair in PADDING.values() for v in pair], dtype=torch.float64))
-    out = {f"time/padding_fraction_{k}": (totals[2 * i] / totals[2 * i + 1].clamp(min=1)).item()
-           for i, k in enumerate(PADDING)}  # fmt: skip
+    (generate: prefill columns and the decode steps of rows that had stopped). One read of the device."""
+    counted = [pad for pad, _ in PADDING.values() if isinstance(pad, torch.Tensor)]
+    device = next((t.device for t in counted if t.device.type != "cpu"), torch.device("cpu"))
+    values = [torch.as_tensor(v, dtype=torch.float64, device=device) for pair in PADDING.values() for v in pair]
+    totals = common.all_reduce_sum(torch.stack(values)).tolist()
+    out = {f"time/padding_fraction_{k}": totals[2 * i] / max(totals[2 * i + 1], 1) for i, k in enumerate(PADDING)}
     for pair in PADDING.values():
         pair[0] = pair[1] = 0
     return out

@@ -40,17 +40,25 @@ def repo_path(path: str) -> str:
     return str(REPO / path) if not os.path.exists(path) and (REPO / path).exists() else path
 
 
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on CUDA torch's per-device backend: NCCL for CUDA tensors, gloo for host tensors and the object
+    collectives (a plain "nccl" group serves CUDA tensors only: a host tensor in a collective would stop the run)."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
+
 def setup_distributed(timeout_minutes: float = 60) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); under torchrun joins the process group (nccl on CUDA, gloo on CPU). A rank waits
-    up to `timeout_minutes` in a collective (NCCL's default 10 would stop a run while rank 0 writes a 6.9B save)."""
+    """(rank, world_size, device). Launched by torchrun (which sets WORLD_SIZE, also for --nproc_per_node 1) the
+    process joins the process group, so one GPU runs every collective an 8-GPU run does; `python X.py` runs alone,
+    with none. A rank waits up to `timeout_minutes` in a collective (NCCL's default 10 would stop a run while rank 0
+    writes a 6.9B save)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     quiet_libraries()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.cuda.set_device(device)  # (before any collective: NCCL and the object collectives use it)
+    if "WORLD_SIZE" in os.environ:
+        backend = process_group_backend(device)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
 
@@ -131,8 +139,8 @@ def check_flags(args, world_size: int, local_mini_batch: int, positive: str = ""
             f"--micro-batch-size {args.micro_batch_size} does not divide the {local_mini_batch} rows each rank gets "
             "per gradient step; pass a divisor of it (0 = no micro-batching)"
         )
-    if args.fsdp and world_size == 1:
-        fail("--fsdp shards the models over ranks; launch with torchrun --nproc_per_node N (N > 1) or drop --fsdp")
+    if args.fsdp and not dist.is_initialized():
+        fail("--fsdp shards the models over ranks; launch with torchrun --nproc_per_node N or drop --fsdp")
     if args.num_layers_unfrozen < -1:
         fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} is out of range; pass -1 (train all) or N >= 0")
     if args.push_to_hub:

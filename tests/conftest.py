@@ -91,13 +91,21 @@ def tiny_lm():
     return GPTNeoXForCausalLM(config).eval()
 
 
+def skip_without_devices(nproc: int):
+    """On a CUDA machine each rank takes cuda:LOCAL_RANK: a run of more ranks than GPUs is skipped, with the reason."""
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        pytest.skip(f"needs {nproc} GPUs (each rank takes its own), {torch.cuda.device_count()} here")
+
+
 def run_script(
-    script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600, env: dict | None = None, cwd=REPO
-):
-    """Run a script (a path from the repository root) as `python SCRIPT ARGS` or, with nproc > 1, as `torchrun
-    --nproc_per_node nproc SCRIPT ARGS` would (tests/launcher.py); returns the CompletedProcess."""
+    script: str, *args: str, nproc: int = 1, check: bool = True, timeout: int = 600, env: dict | None = None, cwd=REPO,
+    torchrun: bool = False,
+):  # fmt: skip
+    """Run a script (a path from the repository root) as `python SCRIPT ARGS` or, with nproc > 1 or `torchrun`, as
+    `torchrun --nproc_per_node nproc SCRIPT ARGS` would (tests/launcher.py); returns the CompletedProcess."""
+    skip_without_devices(nproc)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS, **(env or {})}
-    result = launcher.run([str(REPO / script), *args], env, str(cwd), nproc, timeout)
+    result = launcher.run([str(REPO / script), *args], env, str(cwd), nproc, timeout, torchrun)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -111,6 +119,7 @@ def kill_at_first_checkpoint(
     """Start a run, SIGKILL every process of it as soon as its first checkpoint exists, and return that checkpoint."""
     import time
 
+    skip_without_devices(nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS}
     argv = [str(REPO / script), *args, "--output-dir", str(output_dir)]
     run = launcher.start(argv, env, str(REPO), nproc)

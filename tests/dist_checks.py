@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from common import RunningMoments, masked_whiten, micro_batches, token_micro_batches
+from plumbing.padding import row_lengths
 from ppo_max import normalize_scores
 
 dist.init_process_group("gloo")
@@ -21,19 +22,23 @@ for step in range(3):
     normalize_scores(scores, stats, "paper", 0.8)
 out["moments"] = {"mean": stats.mean, "std": stats.std}
 
-# a minibatch of rows [0, 3, 1] with responses of different lengths on each rank, micro-batches of 2 rows
+# a step drawn the same on both ranks: rows [0, 3, 1, 5, 6, 2] of a dataset with these token counts; rank r takes
+# rows r, r + 2, ...; micro-batches of 2 rows
+counts = torch.tensor([3, 1, 4, 2, 1, 1, 2, 5])
+out["micro_batches"] = [(rows.tolist(), share, sync) for rows, share, sync in micro_batches(
+    torch.tensor([0, 3, 1, 5, 6, 2]), counts, 2)]  # fmt: skip
 lengths = [[3, 1, 4, 2], [1, 1, 2, 5]][rank]
 mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
-out["micro_batches"] = [(rows.tolist(), share.item(), sync) for rows, share, sync in micro_batches(
-    torch.tensor([0, 3, 1]), mask, 2)]  # fmt: skip
 
 # the update's micro-batches: left-padded prompts (3 columns) and right-padded responses (5), a budget of one full row
 prompt_lengths = [[3, 1, 2, 3], [1, 2, 3, 1]][rank]
 prompts = torch.arange(3)[None] >= 3 - torch.tensor(prompt_lengths)[:, None]
 attention_mask = torch.cat([prompts, mask], 1).long()
 out["token_micro_batches"] = [
-    (mb[0].tolist(), mb[1].stop, seq[1].start, seq[1].stop, context, share.item(), sync)
-    for mb, seq, context, share, sync in token_micro_batches(torch.tensor([0, 3, 1, 2]), attention_mask, 3, 1)
+    (mb[0].tolist(), mb[1].stop, seq[1].start, seq[1].stop, context, share, sync)
+    for mb, seq, context, share, sync in token_micro_batches(
+        [torch.tensor([0, 3, 1, 2])], row_lengths(attention_mask, 3), 1
+    )[0]
 ]
 out["prompt_lengths"] = prompt_lengths
 

@@ -136,7 +136,8 @@ def run_rank(request: dict, rank: int, port: int, fds=None):
             fds += [os.open(request[k], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for k in ("stdout", "stderr")]
         for fd, source in enumerate(fds):
             os.dup2(source, fd)
-        env = request["env"] if request["nproc"] == 1 else torchrun_env(request["env"], rank, request["nproc"], port)
+        torchrun = request["nproc"] > 1 or request.get("torchrun")
+        env = torchrun_env(request["env"], rank, request["nproc"], port) if torchrun else request["env"]
         os.environ.clear()
         os.environ.update(env)
         os.chdir(request["cwd"])
@@ -324,8 +325,8 @@ def shim(name: str, args: list[str]):
     os.execv(real, [real, *sys.argv[2:]])  # the real one, with the arguments as given
 
 
-def start(argv: list[str], env: dict, cwd: str, nproc: int = 1) -> Run:
-    """Start `python argv...` (nproc == 1) or `torchrun --nproc_per_node nproc argv...`."""
+def start(argv: list[str], env: dict, cwd: str, nproc: int = 1, torchrun: bool = False) -> Run:
+    """Start `python argv...` (nproc == 1, not `torchrun`) or `torchrun --nproc_per_node nproc argv...`."""
     global _server
     outputs = tempfile.mkdtemp(prefix="launcher-")
     stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
@@ -335,21 +336,21 @@ def start(argv: list[str], env: dict, cwd: str, nproc: int = 1) -> Run:
             if _server.current is not None and _server.current.poll() is None:  # a run a failed test left behind
                 _server.current.kill()
                 _server.current.wait()
-            _server.send({"argv": argv, "env": env, "cwd": str(cwd), "nproc": nproc, "stdout": stdout,
-                          "stderr": stderr})  # fmt: skip
+            _server.send({"argv": argv, "env": env, "cwd": str(cwd), "nproc": nproc, "torchrun": torchrun,
+                          "stdout": stdout, "stderr": stderr})  # fmt: skip
             pids = _server.receive(timeout=None)["pids"]
             _server.current = Run(argv, pids=pids, server=_server, stdout=stdout, stderr=stderr)
             return _server.current
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                                      str(free_port())]  # fmt: skip
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    launcher = launcher if nproc > 1 or torchrun else []
     with open(stdout, "w") as out, open(stderr, "w") as err:
         popen = subprocess.Popen([sys.executable, *launcher, *argv], stdout=out, stderr=err, env=env, cwd=cwd,
                                  stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     return Run(argv, popen=popen, stdout=stdout, stderr=stderr)
 
 
-def run(argv: list[str], env: dict, cwd: str, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    return start(argv, env, cwd, nproc).result(timeout)
+def run(argv: list[str], env: dict, cwd: str, nproc: int = 1, timeout: float = 600, torchrun: bool = False):
+    return start(argv, env, cwd, nproc, torchrun).result(timeout)
 
 
 class Subprocess:

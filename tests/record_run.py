@@ -26,11 +26,13 @@ def snapshot(x):
         return x.detach().clone().cpu()
     if isinstance(x, common.RunningMoments):
         return {"running_moments": x.state_dict()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+        return type(x)(*(snapshot(v) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(snapshot(v) for v in x)
     if isinstance(x, dict):
         return {k: snapshot(v) for k, v in x.items()}
-    if isinstance(x, (int, float, str, bool, slice, type(None))):
+    if isinstance(x, (int, float, str, bool, slice, type(None), torch.device)):
         return x
     return type(x).__name__  # models, generators, ...: their name only
 
@@ -52,6 +54,29 @@ def recorded_generator(name, fn):
         for item in fn(*args, **kwargs):
             events.append((name, (), {}, snapshot(item)))
             yield item
+
+    return wrapper
+
+
+class RecordedList(list):
+    """A list whose items are recorded (as `name` events) when it is iterated."""
+
+    def __init__(self, name, items):
+        super().__init__(items)
+        self.name = name
+
+    def __iter__(self):
+        for item in super().__iter__():
+            events.append((self.name, (), {}, snapshot(item)))
+            yield item
+
+
+def recorded_plan(name, fn):
+    """A function returning a list of lists (token_micro_batches' plan): each item recorded when it is used."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return [RecordedList(name, items) for items in fn(*args, **kwargs)]
 
     return wrapper
 
@@ -88,7 +113,7 @@ if __name__ == "__main__":
     for fn in ("chunked_logprobs", "chunked_values", "penalize_missing_eos", "pad_pairs"):
         setattr(common, fn, recorded(fn, getattr(common, fn)))
     common.micro_batches = recorded_generator("micro_batch", common.micro_batches)
-    common.token_micro_batches = recorded_generator("token_micro_batch", common.token_micro_batches)
+    common.token_micro_batches = recorded_plan("token_micro_batch", common.token_micro_batches)
     models.load_scorers = recorded_scorers(models.load_scorers)
     torch.nn.utils.clip_grad_norm_ = clip_grad_norm_(torch.nn.utils.clip_grad_norm_)
     recorded_runs = []

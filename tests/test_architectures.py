@@ -54,7 +54,7 @@ def save_tiny(kind: str, path) -> str:
 def batch():
     """Left-padded prompts of different lengths and right-padded responses: (input_ids, attention_mask, P, rows)."""
     prompts, responses = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], [[20, 21, 22], [23, 24], [25, EOS]]
-    input_ids, attention_mask, context, response_ids, _ = common.pad_pairs(prompts, responses, PAD, "cpu")
+    input_ids, attention_mask, context, response_ids, *_ = common.pad_pairs(prompts, responses, PAD, "cpu")
     return input_ids, attention_mask, context, response_ids, list(zip(prompts, responses))
 
 

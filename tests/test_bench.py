@@ -227,3 +227,21 @@ def test_throughput_smoke_runs_a_script_and_writes_its_table(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="unknown --algorithms"):
         sys.argv = ["throughput.py", "--algorithms", "alol", "--output-dir", str(tmp_path)]
         throughput.main()
+
+
+def test_device_wheels_are_the_versions_requirements_and_this_environment_pin():
+    """bench/device_wheels.txt (what bench/device_wheels.sh downloads and bench/device_check.py installs on the GPU
+    machine, both reading that file) pins requirements.txt's versions, and for their dependencies the versions this
+    environment runs; the check's install stage finds one wheel file per line."""
+    import importlib.metadata
+
+    def pins(path):
+        lines = [line.split("#")[0].strip() for line in open(REPO / path)]
+        return dict(line.lower().split("==") for line in lines if line)
+
+    wanted, required = pins("bench/device_wheels.txt"), pins("requirements.txt")
+    assert {"transformers", "peft", "tyro", "datasets"} <= set(wanted)
+    for name, version in wanted.items():
+        assert version == required.get(name, importlib.metadata.version(name)), name
+    for script in ("bench/device_wheels.sh", "bench/device_check.py"):
+        assert "bench/device_wheels.txt" in (REPO / script).read_text()

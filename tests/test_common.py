@@ -155,10 +155,10 @@ def test_prompts_are_left_truncated():
 def test_pad_pairs_builds_the_rollout_layout():
     from common import pad_pairs
 
-    input_ids, attention_mask, context_length, responses, response_mask = pad_pairs(
+    input_ids, attention_mask, context_length, responses, response_mask, lengths = pad_pairs(
         [[5, 6], [7]], [[8], [9, 1]], 0, "cpu"
     )
-    assert context_length == 2
+    assert context_length == 2 and (lengths.prompt, lengths.response, lengths.context_length) == ([2, 1], [1, 2], 2)
     assert input_ids.tolist() == [[5, 6, 8, 0], [0, 7, 9, 1]]
     assert attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
     assert responses.tolist() == [[8, 0], [9, 1]] and response_mask.tolist() == [[True, False], [True, True]]
@@ -235,10 +235,11 @@ def test_statistics_over_the_whole_batch_on_two_ranks(tmp_path):
     for out in ranks:
         assert out["moments"]["mean"] == pytest.approx(scores.mean(), rel=1e-5)
         assert out["moments"]["std"] == pytest.approx(scores.std(), rel=1e-4)
-    # minibatch rows [0, 3, 1]: tokens 3 + 2 + 1 on rank 0, 1 + 5 + 1 on rank 1 (13 in all); shares x world size 2
-    for out, tokens in zip(ranks, [(5, 1), (6, 1)]):
-        assert out["micro_batches"] == [[[0, 3], pytest.approx(tokens[0] * 2 / 13), False],
-                                        [[1], pytest.approx(tokens[1] * 2 / 13), True]]  # fmt: skip
+    # a step's rows [0, 3, 1, 5, 6, 2] (13 tokens): rank 0 takes 0, 1, 6 (3 + 1, then 2 tokens), rank 1 3, 5, 2
+    # (2 + 1, then 4); shares of all 13, x world size 2
+    for out, rows, tokens in zip(ranks, [([0, 1], [6]), ([3, 5], [2])], [(4, 2), (3, 4)]):
+        assert out["micro_batches"] == [[rows[0], pytest.approx(tokens[0] * 2 / 13), False],
+                                        [rows[1], pytest.approx(tokens[1] * 2 / 13), True]]  # fmt: skip
     # the update's micro-batches (a budget of one full row: 8 tokens, 5 of them response): rows of similar length
     # together, only the columns they use, the same number on both ranks, each weighted by its share of both ranks'
     # response tokens (x 2 ranks)
@@ -318,7 +319,8 @@ def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update(m
     prompt_lengths, response_lengths = [120, 9, 75, 24, 99, 15, 51, 6], [60, 3, 18, 45, 9, 36, 27, 54]
     prompts = [torch.randint(3, 600, (n,), generator=generator).tolist() for n in prompt_lengths]
     responses = [torch.randint(3, 600, (n,), generator=generator).tolist() for n in response_lengths]
-    input_ids, attention_mask, context, response_ids, response_mask = pad_pairs(prompts, responses, 1, "cpu")
+    input_ids, attention_mask, context, response_ids, response_mask, lengths = pad_pairs(prompts, responses, 1, "cpu")
+    assert padding.row_lengths(attention_mask, context) == lengths  # what the device holds, read once
     advantages = torch.randn(response_ids.shape, generator=generator)
     with torch.no_grad():
         full = gather_logprobs(response_logits(policy, input_ids, attention_mask, context, 1.0), response_ids)
@@ -333,7 +335,7 @@ def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update(m
     full_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
     parts, widths, loss = 0, [], 0.0
-    for mb, seq, prompt_width, share, _ in token_micro_batches(torch.arange(8), attention_mask, context, 0):
+    for mb, seq, prompt_width, share, _ in token_micro_batches([torch.arange(8)], lengths, 0)[0]:
         logits = response_logits(policy, input_ids[seq], attention_mask[seq], prompt_width, 1.0)
         part = masked_mean(-gather_logprobs(logits, response_ids[mb]) * advantages[mb], response_mask[mb]) * share
         part.backward()
@@ -341,3 +343,48 @@ def test_sorted_trimmed_passes_and_micro_batches_compute_the_full_width_update(m
     assert parts > 1 and min(widths) < input_ids.shape[1]  # split by length, columns trimmed
     assert loss == pytest.approx(full_loss.item(), abs=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(policy.parameters(), full_grads))
+
+
+def weight_casts(model, fn) -> int:
+    """How many times `fn()` casts one of `model`'s float32 matrices to bf16 (autocast's weight casts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sizes = {p.shape for p in model.parameters() if p.dim() == 2}
+
+    class Count(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            source = args[0] if args else None
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                Count.casts += source.dtype == torch.float32 and source.shape in sizes
+            return func(*args, **kwargs)
+
+    with Count():
+        fn()
+    return Count.casts
+
+
+def test_generation_under_autocast_casts_each_trained_weight_once_not_per_decode_step():
+    """The rollout's generate() under bf16 autocast samples from the trained float32 policy with each Linear weight
+    cast to bf16 once per autocast block, not once per decode step: autocast caches the casts of weights that train
+    (for 4 and for 12 decode steps alike). Frozen float32 weights would be cast again at every step, which is why the
+    reference's Linear weights are stored in bf16 (models.frozen_linears_to)."""
+    import common
+    from plumbing.models import load_causal_lm
+
+    policy = load_causal_lm("toy/policy", torch.float32)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in policy.modules())
+    queries = torch.randint(3, 600, (6, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(queries)
+
+    def rollout(steps: int):
+        config = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=True, top_k=0, top_p=1.0,
+                                  eos_token_id=[0], pad_token_id=1)  # fmt: skip
+        with common.autocast(queries.device, torch.bfloat16):
+            return common.generate(policy, queries, mask, config, chunk_size=3)
+
+    assert [weight_casts(policy, lambda n=n: rollout(n)) for n in (4, 12)] == [linears, linears]
+    policy.requires_grad_(False)  # frozen float32 weights: a cast per weight, per decode step and chunk
+    assert weight_casts(policy, lambda: rollout(4)) >= 4 * linears

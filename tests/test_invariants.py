@@ -47,7 +47,7 @@ def per_step(events, start: int, end: int, loss: str, micro_batch: str = "token_
         if name == micro_batch:
             shares.append(out[-2] if micro_batch == "micro_batch" else out[3])
         elif name == loss:
-            current.append((shares.pop(0).item(), out[0].item() if isinstance(out, tuple) else out.item()))
+            current.append((float(shares.pop(0)), out[0].item() if isinstance(out, tuple) else out.item()))
         elif name == "clip_grad_norm_" and current:
             steps, current, shares = [*steps, current], [], []
     return steps
@@ -172,7 +172,7 @@ def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(t
     steps, current = [], []  # per optimizer step: [rows, share, pad_pairs args, ptx_loss event] per micro-batch
     for event in events:
         if event[0] == "micro_batch":
-            current.append([event[3][0], event[3][1].item()])
+            current.append([event[3][0], float(event[3][1])])
         elif event[0] in ("pad_pairs", "ptx_loss"):
             current[-1].append(event)
         elif event[0] == "clip_grad_norm_" and current:

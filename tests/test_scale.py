@@ -233,3 +233,42 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks(tmp_p
     rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [0, 1, 2] and first_kl == 0.0
     assert rows[2]["train/kl"] != 0.0 and rows[2]["policy/abs_log_ratio_first_mb"] < 1e-5
+
+
+def test_on_cuda_the_process_group_serves_host_and_device_tensors(monkeypatch):
+    """A plain "nccl" group takes CUDA tensors only: a host tensor in any collective (an object collective, a CPU
+    statistic) would stop every multi-GPU run. With CUDA availability faked, setup_distributed must start a group
+    whose backends (torch's own parsing of the backend string) serve both; and `python X.py` starts none."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from plumbing import run
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: started.append(backend))
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # torchrun --nproc_per_node 1
+        monkeypatch.setenv(name, value)
+    rank, world_size, device = run.setup_distributed()
+    assert (rank, world_size, device) == (0, 1, torch.device("cuda:0")) and len(started) == 1
+    backends = BackendConfig(started[0]).get_device_backend_map()
+    assert backends.get("cpu") == "gloo" and backends.get("cuda") == "nccl"
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # python X.py
+        monkeypatch.delenv(name)
+    run.setup_distributed()
+    assert len(started) == 1
+
+
+def test_one_process_torchrun_joins_a_process_group_and_runs_its_collectives(tmp_path):
+    """`torchrun --nproc_per_node 1` runs every collective path an 8-GPU run does (DDP, the replica check, the
+    reductions over ranks), so one GPU can check them; the same run as `python` joins none. Both train the same."""
+    args = [*EQUIVALENCE, "--total-episodes", "16"]
+    run_fixed("ppo", [*args, "--output-dir", str(tmp_path / "python")])
+    run_script("tests/fixed_rollouts.py", "ppo", *args, "--output-dir", str(tmp_path / "torchrun"), torchrun=True)
+    alone, joined = read_metrics(tmp_path / "python")[-1], read_metrics(tmp_path / "torchrun")[-1]
+    assert "dist/max_param_difference" not in alone and joined["dist/max_param_difference"] == 0.0
+    card = (tmp_path / "torchrun" / "policy" / "training_args.json").read_text()
+    assert '"command": "torchrun --nproc_per_node 1' in card and '"world_size": 1' in card
+    for key in KEYS:
+        assert alone[key] == pytest.approx(joined[key], rel=1e-6, abs=1e-6), key
