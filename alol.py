@@ -77,12 +77,15 @@ class Args:
     sampling: Literal["auto", "priority", "uniform"] = "auto"
     """priority: with replacement, proportional to A+ (r for r-lol/wbc); auto = priority except for nll"""
     value_samples: int = 8  # pi_ref samples per held-out prompt to fit V_ref on
+    value_size: int = 0  # held-out prompts V_ref is fitted on (after the --eval-size ones; 0 = all; the authors: 280)
     value_greedy: bool = False  # pi_ref's V_ref samples greedy (the A-LoL authors: one per prompt), not sampled
     value_epochs: int = 30  # epochs of V_ref fitting (the epoch with the best held-out loss is kept)
     value_lr: float = 3e-3  # V_ref head learning rate (the authors: 1e-5 on LLaMA-7B)
     # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train a LoRA adapter on the frozen base; the reference is the policy with its adapter off
     lora_r: int = 16  # LoRA rank
+    lora_alpha: float = 0.0  # LoRA alpha: the adapter's output is scaled by alpha / r (0 = 2 x --lora-r)
+    lora_dropout: float = 0.0  # dropout on the adapter's input, in the training forward only (QLoRA's recipe: 0.1)
     micro_batch_size: int = 0  # rows per forward/backward on each rank; a step's gradients add up over them (0 = all)
     dist_timeout: float = 60  # minutes a rank waits for the others in a collective (a 6.9B save takes minutes)
     fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
@@ -100,7 +103,7 @@ class Args:
 
 # ALGO LOGIC: the ranges of A-LoL's own flags (plumbing/run.py checks those every script shares)
 POSITIVE_FLAGS = "total_steps batch_size log_every value_samples value_epochs clip_eps"
-NON_NEGATIVE_FLAGS = "kl_beta"
+NON_NEGATIVE_FLAGS = "kl_beta value_size"
 
 
 # ALGO LOGIC: the pieces of A-LoL, as plain functions the tests import
@@ -216,10 +219,14 @@ def main():
     train_responses = [ids[: args.max_new_tokens] for ids in response_ids]
     held_out_rows = data.load_rows(args.dataset, args.eval_split)[0]
     held_out_prompts = data.tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
-    eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size :]
-    eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size :]
-    if not value_prompts:
-        run.fail(f"split '{args.eval_split}' has no prompts left after --eval-size {args.eval_size} to fit V_ref on")
+    value_end = args.eval_size + args.value_size if args.value_size else len(held_out_prompts)
+    eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size : value_end]
+    eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size : value_end]
+    if len(value_prompts) < (args.value_size or 1):
+        run.fail(
+            f"split '{args.eval_split}' has {len(value_prompts)} prompts after --eval-size {args.eval_size} to fit "
+            f"V_ref on, fewer than --value-size {args.value_size or 1}; lower --value-size or --eval-size"
+        )
     # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the scorers
     # (eval_score_fn: None without --eval-reward)
     policy, ref_policy = models.policy_and_reference(args, device)

@@ -72,11 +72,15 @@ class Args:
     # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
     lora_r: int = 16  # LoRA rank
+    lora_alpha: float = 0.0  # LoRA alpha: the adapter's output is scaled by alpha / r (0 = 2 x --lora-r)
+    lora_dropout: float = 0.0  # dropout on the adapter's input, in the training forward only (QLoRA's recipe: 0.1)
     micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)
     dist_timeout: float = 60  # minutes a rank waits for the others in a collective (a 6.9B save takes minutes)
     fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
     activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
     num_layers_unfrozen: int = -1  # train only the top N decoder layers, final norm and heads (APA paper: 2); -1 = all
+    value_num_layers_unfrozen: int | None = None  # the same for the value network (default: --num-layers-unfrozen)
+    value_head: Literal["linear", "mlp"] = "linear"  # the value network's head: linear, or trlX's MLP (h -> 2h -> 1)
     # ---- evaluation, checkpoints and logging
     eval_every: int = 16  # evaluate every N iterations (and before the first and after the last)
     eval_size: int = 128  # number of held-out prompts to evaluate on

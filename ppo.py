@@ -81,11 +81,15 @@ class Args:
     # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
     lora_r: int = 16  # LoRA rank
+    lora_alpha: float = 0.0  # LoRA alpha: the adapter's output is scaled by alpha / r (0 = 2 x --lora-r)
+    lora_dropout: float = 0.0  # dropout on the adapter's input, in the training forward only (QLoRA's recipe: 0.1)
     micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)
     dist_timeout: float = 60  # minutes a rank waits for the others in a collective (a 6.9B save takes minutes)
     fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
     activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
     num_layers_unfrozen: int = -1  # train only the top N decoder layers, final norm and heads (APA paper: 2); -1 = all
+    value_num_layers_unfrozen: int | None = None  # the same for the value network (default: --num-layers-unfrozen)
+    value_head: Literal["linear", "mlp"] = "linear"  # the value network's head: linear, or trlX's MLP (h -> 2h -> 1)
     # ---- evaluation, checkpoints and logging
     eval_every: int = 16  # evaluate every N iterations (and before the first and after the last)
     eval_size: int = 128  # number of held-out prompts to evaluate on
@@ -139,11 +143,17 @@ def adaptive_kl_update(kl_coef: float, kl: float, kl_target: float, n: int, hori
     return kl_coef * (1 + error * n / horizon)
 
 
-def authors_kl_input(logprobs, ref_logprobs, attention_mask, world_size: int) -> float:
-    """The APA authors' controller input (--kl-control apa-authors): k3 = exp(d) - 1 - d of d = log pi - log pi_ref
-    at every position of prompt and response (`logprobs` of input_ids[:, 1:]), padding counted as 0, averaged over
-    the positions, then over ranks."""
-    d = (logprobs - ref_logprobs) * attention_mask[:, :-1]
+def authors_kl_input(logprobs, ref_logprobs, attention_mask, lengths, chunk_size: int, world_size: int) -> float:
+    """The APA authors' controller input (--kl-control apa-authors; microsoft/RLHF-APA@cfe7da2,
+    trlx/trainer/accelerate_ppo_trainer.py, make_experience): k3 = exp(d) - 1 - d of d = log pi - log pi_ref at every
+    position of prompt and response (`logprobs` of input_ids[:, 1:]), masked by the predicting position's mask,
+    averaged over the positions of the rollout's LAST chunk of `chunk_size` rows as that chunk is padded (to its own
+    longest prompt and response; their mean_kl is overwritten chunk by chunk, so the last one is fed), then over
+    ranks. `lengths`: the rollout's padding.RowLengths."""
+    start, context = (len(logprobs) - 1) // chunk_size * chunk_size, lengths.context_length
+    p, r = (max(side[start:]) for side in (lengths.prompt, lengths.response))
+    columns = slice(context - p, context + r - 1)  # the chunk's positions but its last (which predicts nothing)
+    d = (logprobs[start:, columns] - ref_logprobs[start:, columns]) * attention_mask[start:, columns]
     return common.all_reduce_sum((d.exp() - 1 - d).mean()).item() / world_size
 
 
@@ -300,7 +310,9 @@ def main():
             kl_coef = adaptive_kl_update(kl_coef, kl_control_input, args.kl_target, n, args.kl_horizon)
         else:  # a pass over every position of prompt and response (the log-probs of input_ids[:, 1:])
             passes = logprobs_and_values(input_ids, attention_mask, input_ids[:, 1:], with_values=False)
-            kl_control_input = authors_kl_input(*passes[:2], attention_mask, world_size)
+            kl_control_input = authors_kl_input(
+                *passes[:2], attention_mask, lengths, args.rollout_forward_batch_size, world_size
+            )
         t_score = run.clock(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
@@ -350,8 +362,9 @@ def main():
             value_optimizer.step()
             per_minibatch.append(minibatch_stats)
             if args.kl_control == "apa-authors" and len(per_minibatch) % args.update_epochs == 0:  # ALGO LOGIC
+                # n: the minibatch on all ranks (trlX's n_steps is its per-process batch; the authors ran one process)
                 kl_coef = adaptive_kl_update(
-                    kl_coef, kl_control_input, args.kl_target, local_mini_batch, args.kl_horizon
+                    kl_coef, kl_control_input, args.kl_target, args.mini_batch_size, args.kl_horizon
                 )
         stats = common.all_reduce_sum(torch.stack(per_minibatch)) / world_size  # (minibatches, K), averaged over ranks
         if not torch.isfinite(stats).all():

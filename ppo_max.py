@@ -5,7 +5,7 @@ at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network
 whitened over the whole batch, then update epochs over shuffled minibatches.
 PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe;
 `--recipe released` switches to the MOSS-RLHF release (github.com/OpenLMLab/MOSS-RLHF, train_ppo_en.sh): score /
-running_std, KL coef 0.01, no critic warm-up, LR warm-up then inverse-sqrt decay, AdamW eps 1e-6, no weight decay;
+running_std, KL coef 0.01, no critic warm-up, LR warm-up then inverse-sqrt decay (both recipes: the release's AdamW);
 docs/algorithms.md, "PPO-max", lists what still differs and why):
     r_t = -eta k1_t + [t = last] clip((score - running_mean) / running_std, -delta, delta),  eta FIXED
     no advantage whitening (`--norm-adv` on), one gradient-norm clip over policy and critic together,
@@ -65,7 +65,7 @@ class Args:
     lr: float = 3e-4  # policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)
     value_lr: float = 3e-4  # value network learning rate
     adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-    weight_decay: float = 0.01  # AdamW weight decay (torch's default; the released recipe: 0)
+    weight_decay: float = 0.0  # AdamW weight decay (ALGO LOGIC: the MOSS-RLHF release's 0; the paper gives none)
     max_grad_norm: float = 1.0  # gradient clipping by global norm, one norm over policy and critic together
     gamma: float = 1.0  # discount
     gae_lambda: float = 0.95  # GAE lambda
@@ -85,11 +85,15 @@ class Args:
     # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train LoRA adapters (policy, value net) on frozen bases; pi_ref is the policy, adapter off
     lora_r: int = 16  # LoRA rank
+    lora_alpha: float = 0.0  # LoRA alpha: the adapter's output is scaled by alpha / r (0 = 2 x --lora-r)
+    lora_dropout: float = 0.0  # dropout on the adapter's input, in the training forward only (QLoRA's recipe: 0.1)
     micro_batch_size: int = 0  # rows per forward/backward per rank; a minibatch's gradients add up over them (0 = all)
     dist_timeout: float = 60  # minutes a rank waits for the others in a collective (a 6.9B save takes minutes)
     fsdp: bool = False  # shard every model over the ranks with FSDP2; weights are gathered once per no-grad pass
     activation_checkpointing: bool = False  # recompute decoder layers' activations in backward instead of storing them
     num_layers_unfrozen: int = -1  # train only the top N decoder layers, final norm and heads (APA paper: 2); -1 = all
+    value_num_layers_unfrozen: int | None = None  # the same for the value network (default: --num-layers-unfrozen)
+    value_head: Literal["linear", "mlp"] = "linear"  # the value network's head: linear, or trlX's MLP (h -> 2h -> 1)
     # ---- evaluation, checkpoints and logging
     eval_every: int = 16  # evaluate every N iterations (and before the first and after the last)
     eval_size: int = 128  # number of held-out prompts to evaluate on
@@ -227,15 +231,16 @@ def main():
         stop_strings=args.stop_strings or None,
     )
 
-    released = args.recipe == "released"  # ALGO LOGIC: the release's AdamW: eps 1e-6 (critic 1e-8), no weight decay
-    adamw = dict(betas=args.adam_betas, weight_decay=0 if released else args.weight_decay, fused=device.type == "cuda")
-    policy_optimizer = torch.optim.AdamW(models.trainable(policy), lr=args.lr, eps=1e-6 if released else 1e-8, **adamw)
+    adamw = dict(betas=args.adam_betas, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    # ALGO LOGIC: the MOSS-RLHF release's AdamW eps, 1e-6 for the policy (the critic: 1e-8; the paper gives neither)
+    policy_optimizer = torch.optim.AdamW(models.trainable(policy), lr=args.lr, eps=1e-6, **adamw)
     value_optimizer = torch.optim.AdamW(models.trainable(value_model), lr=args.value_lr, **adamw)
     # The trained (model, optimizer) pairs are saved in every checkpoint and restored by --resume.
     trained = {"policy": (policy, policy_optimizer), "value_model": (value_model, value_optimizer)}
     score_stats = common.RunningMoments()
     kl_coef = args.kl_coef if args.kl_coef is not None else {"paper": 0.05, "released": 0.01}[args.recipe]  # ALGO LOGIC
-    critic_warmup_steps = args.critic_warmup_steps if args.critic_warmup_steps is not None else (0 if released else 4)
+    warmup = {"paper": 4, "released": 0}[args.recipe]
+    critic_warmup_steps = args.critic_warmup_steps if args.critic_warmup_steps is not None else warmup
     start_iteration = 0
     if args.resume:
         checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)

@@ -127,7 +127,7 @@ MUTANTS = [
            "torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)\n"
            "            torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)",
            (f"{INVARIANTS}[ppo_max]",)),
-    Mutant("ppo-max-released-eps", "ppo_max.py", "eps=1e-6 if released else 1e-8", "eps=1e-8", (RELEASED,)),
+    Mutant("ppo-max-release-eps", "ppo_max.py", "lr=args.lr, eps=1e-6, **adamw", "lr=args.lr, **adamw", (RELEASED,)),
     Mutant("ppo-ptx-rollout-token-share", "ppo_max.py", "(loss + args.ptx_coef * ptx * ptx_share).backward()",
            "(loss + args.ptx_coef * ptx * token_share).backward()", (f"{SPLITS}[ppo_max]",)),
     # ---- A-LoL

@@ -36,6 +36,11 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
         run.fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
     where = f"split '{split}' of --dataset '{name}'"
     columns = ds.column_names
+    for column in (c for c in ("prompt", "messages", response_column) if c in columns):
+        for i, row in enumerate(ds[column]):
+            problem = conversation_problem(row)
+            if problem:
+                run.fail(f"row {i} of {where} ('{column}') {problem}")
     if "prompt" not in columns and ("messages" in columns or response_column in columns):
         column = "messages" if "messages" in columns else response_column
         prompts, responses = zip(*(_split_dialogue(d, f"row {i} of {where}") for i, d in enumerate(ds[column])))
@@ -67,6 +72,29 @@ def is_conversation(x) -> bool:
         and len(x) > 0
         and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
     )
+
+
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know (TRL's conversational format)
+
+
+def conversation_problem(x) -> str | None:
+    """Why a row that is a list of messages is not one this project reads, as words that follow "row i of ...":
+    ShareGPT's `from` / `value` keys, a message without role and content strings, or a role chat templates do not
+    know (ShareGPT's human / gpt). None for anything else (a valid conversation, or not a list of messages)."""
+    if not isinstance(x, list) or not x or not all(isinstance(m, dict) for m in x):
+        return None
+    expected = "expected messages of {'role', 'content'} with roles " + ", ".join(ROLES)
+    for m in x:
+        m = {k: v for k, v in m.items() if v is not None}  # (a dataset gives every message every row's keys)
+        if "from" in m and "value" in m and "role" not in m:
+            return (f"has ShareGPT messages ({{'from': {m['from']!r}, 'value': ...}}); {expected} (ShareGPT's human "
+                    "and gpt are user and assistant)")  # fmt: skip
+        if not (isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"has a message with keys {sorted(m)}, not 'role' and 'content' strings; {expected}"
+        if m["role"] not in ROLES:
+            hint = " (ShareGPT's human and gpt are user and assistant)" if m["role"] in ("human", "gpt") else ""
+            return f"has a message with role {m['role']!r}; {expected}{hint}"
+    return None
 
 
 def _last_assistant(messages: list):
@@ -143,19 +171,30 @@ def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> list[l
 
 def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids: list[int]) -> list[list[int]]:
     """Token ids of each dataset response as the policy would generate it after its tokenized prompt, ending with
-    a stop token. Plain text: the response's own tokens (no special tokens: a LLaMA tokenizer would put a BOS
-    between prompt and response) + EOS. Conversational: what the chat template writes after the generation prompt
-    for the assistant turn, up to and including its first stop token (the end-of-turn token)."""
-    if not (prompts and is_conversation(prompts[0])):
-        return [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    a stop token: the ids that follow the prompt's in the tokenization of prompt and response together, so that
+    prompt ids + response ids are the ids of the whole text (a legacy SentencePiece tokenizer, LLaMA's, would give
+    " Sure" tokenized alone an extra leading "▁"). Plain text: prompt + response, + EOS. Conversational: what the
+    chat template writes after the generation prompt for the assistant turn, up to and including its first stop
+    token (the end-of-turn token). Where the prompt's ids are not a prefix of the whole's (a merge across the
+    boundary), the response's text is tokenized on its own, without special tokens."""
+    conversational = bool(prompts) and is_conversation(prompts[0])
     out = []
     for prompt, response in zip(prompts, responses):
-        head = render_chat(tokenizer, prompt, "--model", add_generation_prompt=True)
-        full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], "--model")
-        if not full.startswith(head):
-            run.fail("the --model chat template renders an assistant turn that does not continue its generation prompt")
-        ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
-        stops = [i for i, t in enumerate(ids) if t in stop_ids]
+        if conversational:
+            head = render_chat(tokenizer, prompt, "--model", add_generation_prompt=True)
+            full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], "--model")
+            if not full.startswith(head):
+                run.fail("the --model chat template renders an assistant turn that does not continue its generation "
+                         "prompt")  # fmt: skip
+            encode = dict(add_special_tokens=False)  # (the template writes any BOS itself)
+        else:
+            head, full, encode = prompt, prompt + response, {}
+        head_ids, full_ids = (tokenizer(text, **encode)["input_ids"] for text in (head, full))
+        if full_ids[: len(head_ids)] == head_ids:
+            ids = full_ids[len(head_ids) :]
+        else:
+            ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+        stops = [i for i, t in enumerate(ids) if t in stop_ids] if conversational else []
         out.append(ids[: stops[0] + 1] if stops else ids + [tokenizer.eos_token_id])
     return out
 

@@ -137,15 +137,35 @@ def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fals
     return model.eval()
 
 
-def add_lora(model, r: int, task_type: str):
-    """Freeze the base, add a LoRA adapter to every linear layer (plus the score head for SEQ_CLS)."""
+class TrainingDropout(nn.Module):
+    """LoRA's dropout, in the training forward only (gradients enabled): the scripts keep every model in eval mode,
+    so sampling, the reference (the adapter switched off) and the no-grad passes see the adapter without it."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return nn.functional.dropout(x, self.p, training=torch.is_grad_enabled())
+
+
+def add_lora(model, r: int, task_type: str, alpha: float = 0.0, dropout: float = 0.0):
+    """Freeze the base, add a LoRA adapter to every linear layer (plus the score head for SEQ_CLS): rank `r`, scale
+    `alpha` / r (alpha 0: 2 r), `dropout` on the adapter's input in the training forward (TrainingDropout)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+    config = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules="all-linear",
+                        task_type=task_type)  # fmt: skip
     model = get_peft_model(model, config)
     for p in model.parameters():
         if p.requires_grad:  # trained weights in float32 even when the frozen base is bf16
             p.data = p.data.float()
+    if dropout > 0:
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, nn.ModuleDict):
+                for name in list(dropouts):
+                    dropouts[name] = TrainingDropout(dropout)
     return model
 
 
@@ -281,7 +301,9 @@ class RewardModel:
       the response as the assistant's turn, or as HH text when it has none.
     - append_eos: the reward tokenizer's EOS is appended to the text of a response that "ended" with a stop token
       (TRL's RewardTrainer tokenizes text + EOS), to "always" every response (trlX's HH reward function), or
-      "never"; never after a chat template, which writes its own end-of-turn, nor to a pair.
+      "never"; never after a chat template, which writes its own end-of-turn, nor to a pair. A response cut at
+      --max-new-tokens (not ended) gets no end-of-turn from the template either (its text is cut after the
+      response, unless "always"): the reward model sees no EOS the policy never wrote.
     - An input longer than the model's maximum length is truncated from the left, after any leading BOS/CLS
       (`truncate`, counted in `num_truncated`).
     - A decoder's score is read at the last real token, whatever its padding token (an EOS that is also the pad
@@ -311,7 +333,7 @@ class RewardModel:
         self.tokenizer, self.flag, self.options, self.device, self.dtype = tokenizer, flag, options, device, dtype
         self.num_truncated = 0
 
-    def encode(self, prompt, response: str, ended: bool) -> list[int]:
+    def encode(self, prompt, response: str, ended: bool | None) -> list[int]:
         """The token ids the reward model reads for one sample."""
         tokenizer, eos = self.tokenizer, self.tokenizer.eos_token_id
         templated = data.is_conversation(prompt) and tokenizer.chat_template
@@ -323,6 +345,8 @@ class RewardModel:
         elif templated:  # the conversation as the reward model was trained on it, special tokens once
             turns = prompt + [{"role": "assistant", "content": response}]
             text = data.render_chat(tokenizer, turns, self.flag)
+            if ended is False and self.options.append_eos != "always":  # cut at --max-new-tokens: its turn never ended,
+                text = _up_to(text, response)  # so no end-of-turn (or EOS) the policy did not write
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(data.render_plain(prompt) + response)["input_ids"]
@@ -346,7 +370,7 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: list, responses: list[str], ended: torch.Tensor | None = None) -> torch.Tensor:
-        ended = ended.tolist() if ended is not None else [False] * len(prompts)
+        ended = ended.tolist() if ended is not None else [None] * len(prompts)  # (None: not known)
         encoded = [self.encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
         lengths, width, batch_size = (
             [len(ids) for ids in encoded],
@@ -374,6 +398,14 @@ class RewardModel:
         scores = torch.empty(len(encoded), device=self.device)
         scores[padding.rows_on_device([[j for rows in groups for j in rows]], self.device)[0]] = torch.cat(chunk_scores)
         return scores
+
+
+def _up_to(text: str, content: str) -> str:
+    """`text` cut right after the last occurrence of `content` (or of it stripped, as a template may write it)."""
+    for part in (content, content.rstrip(), content.strip()):
+        if part and part in text:
+            return text[: text.rindex(part) + len(part)]
+    return text
 
 
 def _unused_id(used: set[int]) -> int:
@@ -477,13 +509,13 @@ def frozen_linears_to(model: nn.Module, dtype: torch.dtype):
             module.to(dtype)
 
 
-def prepare_model(model: nn.Module, args, device, train: bool) -> nn.Module:
-    """For a trained model --num-layers-unfrozen and --activation-checkpointing; then --fsdp shards it (frozen ones
-    too), moving one layer at a time to the device, or it is moved whole and, with several ranks, DDP wraps a
-    trained one. Frozen Linear weights are stored in the compute dtype (--dtype)."""
+def prepare_model(model: nn.Module, args, device, train: bool, num_layers_unfrozen: int | None = None) -> nn.Module:
+    """For a trained model --num-layers-unfrozen (or `num_layers_unfrozen`) and --activation-checkpointing; then
+    --fsdp shards it (frozen ones too), moving one layer at a time to the device, or it is moved whole and, under
+    torchrun, DDP wraps a trained one. Frozen Linear weights are stored in the compute dtype (--dtype)."""
     dtype = run.resolve_dtype(args.dtype, device)
     if train:
-        freeze_bottom_layers(model, args.num_layers_unfrozen)
+        freeze_bottom_layers(model, args.num_layers_unfrozen if num_layers_unfrozen is None else num_layers_unfrozen)
         if args.activation_checkpointing:
             checkpoint_layers(model)
     else:
@@ -515,7 +547,7 @@ def policy_and_reference(args, device) -> tuple[nn.Module, nn.Module | None]:
     policy = load_causal_lm(args.model, trained_weights_dtype(args, device), args.trust_remote_code,
                             args.use_generation_config)  # fmt: skip
     if args.use_lora:
-        policy = add_lora(policy, args.lora_r, "CAUSAL_LM")
+        policy = add_lora(policy, args.lora_r, "CAUSAL_LM", args.lora_alpha, args.lora_dropout)
     policy = prepare_model(policy, args, device, train=True)
     if args.use_lora:
         return policy, None
@@ -526,11 +558,18 @@ def policy_and_reference(args, device) -> tuple[nn.Module, nn.Module | None]:
 
 def value_network(path: str, flag: str, args, device) -> nn.Module:
     """A separate value network: `path`'s backbone and a scalar head (a LoRA adapter and a trained head under
-    --use-lora), prepared for training like the policy."""
+    --use-lora), prepared for training like the policy; --value-head mlp replaces the head with trlX's MLP (h -> 2h
+    -> 1, the APA authors'), --value-num-layers-unfrozen freezes its bottom layers as --num-layers-unfrozen does the
+    policy's (by default the same)."""
     value_model = load_value_model(path, trained_weights_dtype(args, device), flag, args.trust_remote_code)
+    if args.value_head == "mlp":
+        model = hf_model(value_model)
+        hidden = model.config.get_text_config().hidden_size
+        mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, 1))
+        setattr(model, "score" if hasattr(model, "score") else "classifier", mlp.float())
     if args.use_lora:
-        value_model.model = add_lora(value_model.model, args.lora_r, "SEQ_CLS")
-    return prepare_model(value_model, args, device, train=True)
+        value_model.model = add_lora(value_model.model, args.lora_r, "SEQ_CLS", args.lora_alpha, args.lora_dropout)
+    return prepare_model(value_model, args, device, train=True, num_layers_unfrozen=args.value_num_layers_unfrozen)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -753,7 +792,9 @@ def save_final_policy(policy, tokenizer, output_dir: str, args):
             empty = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
         empty.generation_config = hf_model(policy).generation_config
         empty.checkpoint_generation_config = getattr(hf_model(policy), "checkpoint_generation_config", None)
-        policy = add_lora(empty, args.lora_r, "CAUSAL_LM") if args.use_lora else empty
+        policy = (
+            add_lora(empty, args.lora_r, "CAUSAL_LM", args.lora_alpha, args.lora_dropout) if args.use_lora else empty
+        )
         policy.load_state_dict(state, strict=False, assign=True)
         hf_model(policy).tie_weights()
     elif dist.is_initialized() and dist.get_rank() != 0:

@@ -111,7 +111,7 @@ def check_batch_sizes(args, world_size: int, positive: str = "", non_negative: s
 # The ranges of the flags the scripts share (those a script has); a script names its own algorithm's flags.
 POSITIVE_COUNTS = """total_episodes rollout_batch_size mini_batch_size update_epochs rollout_forward_batch_size
 max_new_tokens max_prompt_length eval_every eval_size lora_r""".split()
-NON_NEGATIVE = "save_every micro_batch_size missing_eos_penalty weight_decay".split()
+NON_NEGATIVE = "save_every micro_batch_size missing_eos_penalty weight_decay lora_alpha".split()
 POSITIVE = "temperature lr value_lr max_grad_norm dist_timeout".split()
 UNIT_INTERVAL = ["gamma", "gae_lambda"]
 
@@ -130,6 +130,8 @@ def check_flags(args, world_size: int, local_mini_batch: int, positive: str = ""
             value = getattr(args, name, None)
             if value is not None and not (ok(value) and value == value):  # value == value: not NaN
                 fail(f"--{name.replace('_', '-')} {value} is out of range; it must be {wanted}")
+    if not 0 <= getattr(args, "lora_dropout", 0.0) < 1:
+        fail(f"--lora-dropout {args.lora_dropout} is out of range; it must be in [0, 1)")
     if not all(0 <= beta < 1 for beta in getattr(args, "adam_betas", ())):
         fail(f"--adam-betas {args.adam_betas} is out of range; both must be in [0, 1)")
     if args.dtype == "float16":
@@ -141,8 +143,10 @@ def check_flags(args, world_size: int, local_mini_batch: int, positive: str = ""
         )
     if args.fsdp and not dist.is_initialized():
         fail("--fsdp shards the models over ranks; launch with torchrun --nproc_per_node N or drop --fsdp")
-    if args.num_layers_unfrozen < -1:
-        fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} is out of range; pass -1 (train all) or N >= 0")
+    for name in ("num_layers_unfrozen", "value_num_layers_unfrozen"):
+        value = getattr(args, name, None)
+        if value is not None and value < -1:
+            fail(f"--{name.replace('_', '-')} {value} is out of range; pass -1 (train all) or N >= 0")
     if args.push_to_hub:
         import huggingface_hub
 

@@ -49,7 +49,8 @@ run torchrun --nproc_per_node "$NPROC" "$repo/alol.py" \
   --train-split train --eval-split test --eval-size 280 \
   --reward-model "$REWARD_DIR" --eval-reward "$EVAL_REWARD_DIR" --reward-transform sigmoid --missing-eos-penalty 0 \
   --max-prompt-length 640 --max-new-tokens 128 --stop-strings "###" \
-  --use-lora --lora-r 64 --dtype bfloat16 --total-steps 9000 --batch-size 16 --micro-batch-size 4 \
-  --lr 2e-4 --adam-betas 0.9 0.999 --weight-decay 0 --max-grad-norm 0.3 --clip-eps 0.9 --sampling auto \
-  --value-greedy --value-samples 1 --value-epochs 10 --value-lr 1e-5 \
+  --use-lora --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 --dtype bfloat16 \
+  --total-steps 9000 --batch-size 16 --micro-batch-size 4 \
+  --lr 2e-4 --adam-betas 0.9 0.999 --weight-decay 0.01 --max-grad-norm 0.3 --clip-eps 0.9 --sampling auto \
+  --value-greedy --value-samples 1 --value-size 280 --value-epochs 10 --value-lr 1e-5 \
   --eval-every 900 --save-every 900 --log-every 10 --seed 42 --output-dir "$OUT" "${algo[@]}" "$@"

@@ -31,11 +31,14 @@ case $algorithm in
   ppo) script=ppo.py seed=100 prompt_length=896 reward_clip=10  # seq_length 1024 - 128 new tokens
        lr=$([ "$size" = 1b ] && echo 1e-6 || echo 8e-6)
        # their trlX fork's controller: k3 over prompt + response, fed after every minibatch, epochs per minibatch
-       algo=(--kl-coef 0.05 --kl-target 6 --kl-horizon 10000 --kl-control apa-authors --clip-eps 0.2 --value-clip 0.2) ;;
+       algo=(--kl-coef 0.05 --kl-target 6 --kl-horizon 10000 --kl-control apa-authors --clip-eps 0.2 --value-clip 0.2)
+       value=() ;;  # their value head: an MLP on the policy's own trunk, frozen below the top 2 layers like it
   apa) script=apa.py seed=0 prompt_length=872 reward_clip=100 lr=1e-6  # seq_length 1000 - 128
-       algo=(--lam 0.1) ;;                                               # their advantage coefficient 10 = 1 / lambda
+       algo=(--lam 0.1)                                                  # their advantage coefficient 10 = 1 / lambda
+       value=(--value-num-layers-unfrozen -1) ;;  # their value net: a fully trainable copy with an MLP head
   awr) script=awr.py seed=0 prompt_length=872 reward_clip=100 lr=1e-6
-       algo=(--beta 2 --max-weight 0) ;;                                 # exp(0.5 A), weights not clipped
+       algo=(--beta 2 --max-weight 0)                                    # exp(0.5 A), weights not clipped
+       value=(--value-num-layers-unfrozen -1) ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 # total_steps 20000 optimizer steps of one minibatch, 2 epochs per rollout batch: episodes = 20000 x minibatch / 2
@@ -62,7 +65,8 @@ run torchrun --nproc_per_node "$NPROC" "$repo/$script" \
   --eval-reward "" --stop-strings "Human:" "human:" "Assistant:" "assistant:" \
   --max-new-tokens 128 --max-prompt-length "$prompt_length" --temperature 1.0 \
   --total-episodes "$episodes" --rollout-batch-size "$rollouts" --mini-batch-size "$minibatch" --update-epochs 2 \
-  --rollout-forward-batch-size "$chunk" --num-layers-unfrozen 2 --dtype bfloat16 "${scale[@]}" \
+  --rollout-forward-batch-size "$chunk" --num-layers-unfrozen 2 --value-head mlp "${value[@]}" \
+  --dtype bfloat16 "${scale[@]}" \
   --lr "$lr" --value-lr "$lr" --adam-betas 0.9 0.95 --weight-decay 1e-6 --max-grad-norm 1.0 \
   --gamma 1 --gae-lambda 0.95 --reward-clip "$reward_clip" --vf-coef 1 "${algo[@]}" \
   --eval-every "$every" --save-every "$every" --seed "$seed" --output-dir "$OUT" "$@"

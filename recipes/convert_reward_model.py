@@ -92,6 +92,11 @@ def base_config(path: str, fmt: str):
     if fmt == "oasst":
         local = path if os.path.isdir(path) else os.path.dirname(local_files(path, None)[0])
         fields = json.loads(Path(local, "config.json").read_text())
+        if fields.get("pooling", "last") != "last":  # (GPTNeoXRewardModel's `pooling`: "last" or "mean")
+            run.fail(
+                f"--checkpoint '{path}' pools its hidden states by '{fields['pooling']}' (config.json 'pooling'); "
+                "only last-token pooling converts to a sequence classifier: use a checkpoint trained with 'last'"
+            )
         return GPTNeoXConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "architectures")})
     return models._load(AutoConfig, path, "--base")
 

@@ -19,11 +19,12 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 run() { if [ -n "${DRY_RUN:-}" ]; then printf "%q " "$@"; echo; else "$@"; fi; }
 case $recipe in
   # the paper: normalised and clipped scores (delta 0.8), KL 0.05, critic warm-up, 128 rollouts / 32 per step
+  # (GAE lambda 0.9: the paper's Appendix C.3; the release's 0.95)
   paper) nproc=8 algo=(--recipe paper --kl-coef 0.05 --reward-clip 0.8 --value-lr 1.65e-6 --critic-warmup-steps 4
-                       --total-episodes 128000 --rollout-batch-size 128 --mini-batch-size 32 --micro-batch-size 2) ;;
+                       --gae-lambda 0.9 --total-episodes 128000 --rollout-batch-size 128 --mini-batch-size 32 --micro-batch-size 2) ;;
   # train_ppo_en.sh: 7 processes x 2 rollouts, one step each; score / running std, KL 0.01, 100 LR warm-up steps
   released) nproc=7 algo=(--recipe released --kl-coef 0.01 --value-lr 1.5e-6 --lr-warmup-steps 100
-                          --total-episodes 14000 --rollout-batch-size 14 --mini-batch-size 14 --micro-batch-size 2) ;;
+                          --gae-lambda 0.95 --total-episodes 14000 --rollout-batch-size 14 --mini-batch-size 14 --micro-batch-size 2) ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 
@@ -46,6 +47,6 @@ run torchrun --nproc_per_node "$NPROC" "$repo/ppo_max.py" \
   --model "$POLICY" --chat-template "$repo/recipes/templates/moss.jinja" --dataset "$DATA_DIR" \
   --train-split train --eval-split test --eval-size 128 --reward-model "$REWARD_DIR" --eval-reward "" \
   --missing-eos-penalty 0 --max-prompt-length 1536 --max-new-tokens 512 --temperature 0.8 \
-  --lr 5e-7 --update-epochs 1 --gamma 1 --gae-lambda 0.95 --clip-eps 0.2 --value-clip 0.2 --max-grad-norm 1.0 \
+  --lr 5e-7 --update-epochs 1 --gamma 1 --clip-eps 0.2 --value-clip 0.2 --max-grad-norm 1.0 \
   --dtype bfloat16 --activation-checkpointing --eval-every 100 --save-every 100 --seed 42 --output-dir "$OUT" \
   "${algo[@]}" "$@"

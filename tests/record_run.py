@@ -81,6 +81,17 @@ def recorded_plan(name, fn):
     return wrapper
 
 
+def recorded_temperature(fn):
+    """common.response_logits, recording only the temperature each forward divides its logits by."""
+
+    @functools.wraps(fn)
+    def wrapper(model, input_ids, attention_mask, context_length, temperature):
+        events.append(("response_logits", (temperature,), {}, None))
+        return fn(model, input_ids, attention_mask, context_length, temperature)
+
+    return wrapper
+
+
 def recorded_scorers(load_scorers):
     @functools.wraps(load_scorers)
     def wrapper(*args, **kwargs):
@@ -107,12 +118,13 @@ if __name__ == "__main__":
         module, function = sys.argv[4].split(":")
         common.generate = getattr(importlib.import_module(module), function)
     for fn in ("compute_rewards", "compute_advantages", "policy_loss", "value_loss", "rewards_from_scores",
-               "advantages_and_weights", "sample_rows", "ptx_loss"):  # fmt: skip
+               "advantages_and_weights", "sample_rows", "ptx_loss", "fit_value_head"):  # fmt: skip
         if hasattr(script, fn):
             setattr(script, fn, recorded(fn, getattr(script, fn)))
     for fn in ("chunked_logprobs", "chunked_values", "penalize_missing_eos", "pad_pairs"):
         setattr(common, fn, recorded(fn, getattr(common, fn)))
     common.micro_batches = recorded_generator("micro_batch", common.micro_batches)
+    common.response_logits = recorded_temperature(common.response_logits)
     common.token_micro_batches = recorded_plan("token_micro_batch", common.token_micro_batches)
     models.load_scorers = recorded_scorers(models.load_scorers)
     torch.nn.utils.clip_grad_norm_ = clip_grad_norm_(torch.nn.utils.clip_grad_norm_)

@@ -70,6 +70,21 @@ def test_variant_losses_and_gradients_hand_computed(variant):
     assert torch.allclose(logprobs.grad, hand_gradient(variant), atol=1e-6)  # padding gets none
 
 
+@pytest.mark.parametrize("variant", ["a-lol", "r-lol", "a-lol-seq"])
+def test_importance_weight_is_clipped_from_both_sides(variant):
+    """rho (per sequence; per token for a-lol-seq) is clipped to [1 - eps, 1 + eps]: with eps 0.9, rows whose every
+    token has a ratio of 0.05 (sequence: 0.0025) count as 0.1 and rows of 3 (sequence: 9) as 1.9 (the first test's
+    smallest ratio, 0.37, never reaches 1 - eps)."""
+    ref = torch.tensor([[-1.0, -2.0], [-1.5, -0.5]])
+    logprobs = ref + torch.tensor([[math.log(0.05)] * 2, [math.log(3.0)] * 2])
+    mask, weights = torch.ones(2, 2, dtype=torch.bool), torch.tensor([2.0, 0.5])
+    loss, stats = policy_loss(logprobs, ref, mask, weights, variant, clip_eps=0.9, kl_beta=0.0)
+    clipped = torch.tensor([[0.1], [1.9]])
+    expected = (weights * (clipped * -logprobs).sum(1)).mean()  # (per token or per sequence: the same here)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert stats["policy/rho_clipfrac"].item() == 1.0 and stats["policy/rho_mean"].item() == pytest.approx(1.0)
+
+
 def test_rewards_transform_then_missing_eos_penalty():
     scores, ended = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([True, False, True])
     assert rewards_from_scores(scores, ended, "none", 0.5).tolist() == [0.0, 1.5, -1.0]

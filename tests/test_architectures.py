@@ -122,3 +122,24 @@ def test_ppo_with_lora_on_a_llama_shaped_model(tmp_path):
     sft, first = read_metrics(out)
     assert sft["eval/kl"] == 0.0 and first["policy/abs_log_ratio_first_mb"] < 1e-5
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "policy" / "config.json").exists()
+
+
+def test_lora_alpha_and_dropout_reach_peft_and_dropout_acts_in_the_training_forward_only(tiny_lm):
+    """--lora-alpha / --lora-dropout (A-LoL's QLoRA adapter: r 64, alpha 16, dropout 0.1) reach peft's config; the
+    dropout acts in the training forward (gradients on) and never in sampling or the no-grad passes."""
+    model = models.add_lora(tiny_lm, 4, "CAUSAL_LM", alpha=16, dropout=0.5)
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.5)
+    assert {
+        layer.scaling["default"] for layer in model.modules() if isinstance(getattr(layer, "scaling", None), dict)
+    } == {4.0}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # (a new adapter is a no-op: B = 0)
+            p.data.normal_(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits
+    training = [model(ids).logits.detach() for _ in range(2)]
+    assert torch.equal(first, second) and not torch.allclose(training[0], training[1])
+    assert models.add_lora(models.load_causal_lm(str(REPO / "toy" / "policy"), torch.float32), 8,
+                           "CAUSAL_LM").peft_config["default"].lora_alpha == 16  # alpha 0: 2 r  # fmt: skip

@@ -41,8 +41,28 @@ def test_load_rows_reads_the_conversational_formats(tmp_path):
     "rows, expected",
     [
         ([{"prompt": [USER]}, {"prompt": "plain"}], "row 1 of split 'train'"),
-        ([{"prompt": [{"role": "user"}]}], "is a list, not a string"),
+        ([{"prompt": [{"role": "user"}]}], "row 0 of split 'train' of --dataset"),
+        ([{"prompt": [{"role": "user"}]}], "has a message with keys ['role'], not 'role' and 'content' strings"),
         ([{"messages": [ANSWER]}], "has no prompt"),
+        # ShareGPT: its from / value keys, or its human / gpt roles under role / content: the row, what and the roles
+        (
+            [
+                {"messages": [USER, ANSWER]},
+                {"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "o"}]},
+            ],
+            "row 1 of split 'train' of --dataset",
+        ),
+        (
+            [{"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "o"}]}],
+            "has ShareGPT messages ({'from': 'human', 'value': ...}); expected messages of {'role', 'content'} with "
+            "roles system, user, assistant, tool (ShareGPT's human and gpt are user and assistant)",
+        ),
+        (
+            [{"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "o"}]}],
+            "has a message with role 'human'; expected messages of {'role', 'content'} with roles system, user, "
+            "assistant, tool (ShareGPT's human and gpt are user and assistant)",
+        ),
+        ([{"prompt": [{"role": "narrator", "content": "once"}]}], "('prompt') has a message with role 'narrator'"),
     ],
 )
 def test_malformed_conversations_are_one_line_errors(rows, expected, tmp_path):
@@ -144,6 +164,26 @@ def test_reward_model_sees_its_own_chat_template_or_plain_text(tmp_path):
     with torch.no_grad():
         hh = model(torch.tensor([tokenizer(HH_PROMPT + " " + response)["input_ids"]])).logits[0, 0]
     assert torch.allclose(plain([[USER]], [" " + response]), hh.unsqueeze(0), atol=1e-5)
+
+
+def test_a_cut_response_gets_no_end_of_turn_from_the_reward_models_template(tmp_path):
+    """A template that ends every assistant turn with EOS (MOSS-RLHF's `</s>`): a response that ended is scored with
+    it, one cut at --max-new-tokens without it (the release scores the cut ids as they are); --reward-append-eos
+    always keeps it for both."""
+    tokenizer = save_classifier("gpt-neox", tmp_path / "rm", "right")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    tokenizer.save_pretrained(tmp_path / "rm")
+    eos, response = tokenizer.eos_token_id, ANSWER["content"]
+    score = load_scorer(str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32, ScoringOptions(batch_size=8))
+    ended, cut = score.encode([USER], response, True), score.encode([USER], response, False)
+    assert ended[-1] == eos and cut == ended[:-1] and eos not in cut
+    assert cut == tokenizer(f"<user>{USER['content']}<assistant>{response}")["input_ids"]
+    always = load_scorer(str(tmp_path / "rm"), "rm", torch.device("cpu"), torch.float32,
+                         ScoringOptions(batch_size=8, append_eos="always"))  # fmt: skip
+    assert always.encode([USER], response, False) == ended
 
 
 def test_a_template_that_rejects_a_conversation_is_one_line(tmp_path):

@@ -123,11 +123,35 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
         assert rows[1]["train/kl_coef"] == pytest.approx(expected, rel=1e-9) and expected != rows[0]["train/kl_coef"]
 
 
+@pytest.mark.parametrize("script", [*ONLINE, "alol"])
+def test_every_pass_divides_by_the_sampling_temperature(script, tiny_toy_data, tmp_path):
+    """--temperature 0.7: every log-prob describes the distribution sampled, so each pass divides its logits by T
+    (the rollout's pi_old and pi_ref, the update's forward, the evaluation's): KL exactly 0 before training and ratio
+    1 on every iteration's first minibatch, and every recorded forward at T (but PPO-ptx's SFT NLL and A-LoL's
+    offline training passes, at T = 1 by design). A pass that forgot T would show in both."""
+    flags = [*FLAGS, *EXTRA.get(script, []), "--temperature", "0.7"]
+    if script == "alol":
+        flags = [*ALOL_FLAGS, "--dataset", tiny_toy_data, "--temperature", "0.7"]
+    (events,) = record(script, [[*flags, "--output-dir", str(tmp_path / "run")]])
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["eval/kl"] == 0.0  # the initial policy against itself, at T
+    temperatures = [e[1][0] for e in events if e[0] == "response_logits"]
+    chunked = [e[1][4] for e in events if e[0] == "chunked_logprobs"]
+    if script == "alol":  # two evaluations (policy and pi_ref at T each); 2 steps x 2 micro-batches offline (T = 1)
+        assert sorted(chunked) == [0.7] * 4 + [1.0] * 4 and set(temperatures) == {0.7, 1.0}
+        return
+    assert rows[1]["train/kl"] == 0.0
+    assert all(row["policy/abs_log_ratio_first_mb"] < 1e-6 for row in rows[1:])
+    assert set(chunked) == {0.7} and set(temperatures) == {0.7} and len(temperatures) >= 8
+
+
 def test_apa_authors_controller_input_and_schedule(tmp_path):
-    """--kl-control apa-authors: the controller is fed the mean over every position of prompt + response (padding
-    counted as 0) of k3 = exp(d) - 1 - d, d = log pi_old - log pi_ref, after every minibatch (n = the minibatch),
-    and the update epochs are consecutive steps on one minibatch."""
-    flags = [*FLAGS, "--update-epochs", "2", "--kl-control", "apa-authors", "--kl-target", "0.5", "--kl-horizon", "64"]
+    """--kl-control apa-authors: the controller is fed the mean over every position of prompt + response (masked by
+    the predicting position, as theirs) of k3 = exp(d) - 1 - d, d = log pi_old - log pi_ref, over the rollout's last
+    chunk of --rollout-forward-batch-size rows padded to its own longest prompt and response; after every minibatch,
+    with n = the minibatch; and the update epochs are consecutive steps on one minibatch."""
+    flags = [*FLAGS, "--update-epochs", "2", "--kl-control", "apa-authors", "--kl-target", "0.5", "--kl-horizon", "64",
+             "--rollout-forward-batch-size", "3"]  # fmt: skip
     (events,) = record("ppo", [[*flags, "--output-dir", str(tmp_path / "run")]])
     rows = read_metrics(tmp_path / "run")[1:]
     starts = [i for i, e in enumerate(events) if e[0] == "compute_rewards"]
@@ -137,8 +161,17 @@ def test_apa_authors_controller_input_and_schedule(tmp_path):
             events, "chunked_logprobs", start, end
         )[:2]
         assert torch.equal(tokens, input_ids[:, 1:])  # every position after the first, prompt included
-        d = (all_logprobs - all_ref) * attention_mask[:, :-1]  # masked by the predicting position, as theirs
+        context = attention_mask.shape[1] - last(events, "chunked_values", start)[0][1][3]  # the prompt's columns
+        real = attention_mask.bool()
+        columns = torch.arange(real.shape[1])
+        first = torch.where(real, columns, 10**6).min(1).values[6:].min().item()  # the last chunk: rows 6 and 7
+        end_column = torch.where(real, columns, -1).max(1).values[6:].max().item()
+        assert first < context <= end_column  # (left-padded prompts, right-padded responses)
+        d = ((all_logprobs - all_ref) * attention_mask[:, :-1])[6:, first:end_column]  # their chunk's positions
         assert row["train/kl_control_input"] == pytest.approx((d.exp() - 1 - d).mean().item(), rel=1e-5)
+        everything = (all_logprobs - all_ref) * attention_mask[:, :-1]  # (every row: a different number, once it moved)
+        if row["iteration"] == 2:
+            assert row["train/kl_control_input"] != pytest.approx((everything.exp() - 1 - everything).mean().item())
         assert row["train/kl_coef"] == pytest.approx(kl_coef, rel=1e-9)
         for _ in range(2):  # two minibatches of 4 per rollout batch
             kl_coef = ppo.adaptive_kl_update(kl_coef, row["train/kl_control_input"], 0.5, 4, 64)
@@ -249,3 +282,14 @@ def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, tmp_path)
         per_step = [sum(0.5 * e[3][0].item() for e in losses[i : i + 2]) for i in (0, 2)]
         assert row["loss/policy"] == pytest.approx(sum(per_step) / 2, rel=1e-5)
         assert (tmp_path / variant / "policy" / "config.json").exists()
+
+
+def test_alol_fits_v_ref_on_exactly_value_size_prompts(tiny_toy_data, tmp_path):
+    """--value-size N: V_ref is fitted on the N held-out prompts after the --eval-size ones (the A-LoL authors' 280
+    dev prompts), each with --value-samples samples; more than the split holds is a one-line error."""
+    flags = [*ALOL_FLAGS, "--dataset", tiny_toy_data, "--eval-size", "8", "--value-size", "10", "--total-steps", "1"]
+    (events,) = record("alol", [[*flags, "--output-dir", str(tmp_path / "run")]])
+    (_, (features, targets, prompt_ids, *_), _, _) = next(e for e in events if e[0] == "fit_value_head")
+    assert features.shape[0] == len(targets) == 20 and sorted(set(prompt_ids.tolist())) == list(range(10))
+    result = run_script("alol.py", *flags, "--value-size", "17", "--output-dir", str(tmp_path / "big"), check=False)
+    assert result.returncode == 1 and "fewer than --value-size 17" in result.stderr.strip().splitlines()[-1]

@@ -335,6 +335,51 @@ def test_response_text_keeps_its_space_with_sentencepiece():
     assert response_texts(tokenizer, *padded) == [response]  # left-padded tensors too
 
 
+def legacy_sentencepiece_tokenizer():
+    """A tokenizer that works as LLaMA's legacy SentencePiece one does in transformers: every text gets a "▁"
+    prepended and its spaces become "▁" (so " watch" tokenized alone is "▁", "▁watch"; in a sentence, "▁watch"), and
+    "<s>" written as text is its BOS."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # pieces never span words
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    texts = [p + r for p, r in TEXTS] * 20
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_prompt_and_response_ids_are_the_ids_of_the_whole_text_with_sentencepiece():
+    """On a legacy SentencePiece tokenizer (LLaMA's), a response tokenized alone gets an extra leading "▁": the
+    rollout layout (prompt ids, then response ids) must be the tokenization of the whole text, as the authors' code
+    and the reward model see it, for plain prompts and for the A-LoL authors' chat template (which writes <s>)."""
+    from plumbing.data import tokenize_prompts, tokenize_responses
+
+    tokenizer = legacy_sentencepiece_tokenizer()
+    eos = tokenizer.eos_token_id
+    assert tokenizer(" watch", add_special_tokens=False).tokens()[:2] == ["▁", "▁watch"]  # the premise
+    prompts, responses = [p for p, _ in TEXTS], [r for _, r in TEXTS]
+    for prompt, prompt_ids, response_ids in zip(
+        prompts, tokenize_prompts(tokenizer, prompts, 1000), tokenize_responses(tokenizer, prompts, responses, [eos])
+    ):
+        whole = tokenizer(prompt + responses[prompts.index(prompt)])["input_ids"]
+        assert prompt_ids + response_ids == whole + [eos]
+    tokenizer.chat_template = (REPO / "recipes" / "templates" / "alol_policy.jinja").read_text()
+    conversations = [[{"role": "user", "content": p.split("Human: ")[1].split("\n")[0]}] for p in prompts]
+    answers = [r.strip() for r in responses]
+    for messages, answer, prompt_ids, response_ids in zip(
+        conversations, answers, tokenize_prompts(tokenizer, conversations, 1000),
+        tokenize_responses(tokenizer, conversations, answers, [eos]),
+    ):  # fmt: skip
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+        whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert prompt_ids + response_ids == whole + [eos]
+        assert whole[0] == tokenizer.bos_token_id and whole.count(tokenizer.bos_token_id) == 1  # "<s>" as text: BOS
+
+
 def test_value_and_reward_heads_compute_in_float32_under_bf16_autocast():
     """Under bf16 autocast the backbones run in bf16 but the scalar heads in float32: a bf16 head would keep ~3
     significant digits of every value GAE sums."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import launcher
+import pytest
 import torch
 from conftest import REPO, THREADS, read_metrics, run_script
 from torch import nn
@@ -130,6 +131,12 @@ def test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path):
     text = tokenizer.decode([5, 6, 7, 8, 9])
     assert tokenizer(text)["input_ids"] == [5, 6, 7, 8, 9]
     assert torch.allclose(score([text], [""]), expected.unsqueeze(0), atol=1e-4)
+    # a mean-pooled checkpoint (its config's `pooling`) would convert to a last-token classifier silently: refused
+    (tmp_path / "oasst" / "config.json").write_text(json.dumps({**fields, "pooling": "mean"}))
+    refused = convert(tmp_path, "--format", "oasst", "--checkpoint", "oasst", "--output-dir", "rm-mean")
+    assert refused.returncode == 1 and "pools its hidden states by 'mean'" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "rm-mean").exists()
+    (tmp_path / "oasst" / "config.json").write_text(json.dumps({**fields, "pooling": "last"}))
 
 
 # ---------------------------------------------------------------- trlX's stop strings
@@ -299,10 +306,34 @@ def test_alol_recipe_runs_on_stand_ins(tmp_path):
                  "EVAL_REWARD_CHECKPOINT": str(tmp_path / "oasst"), "EVAL_REWARD_DIR": str(tmp_path / "rm-small"),
                  "OUT": str(tmp_path / "run")}  # fmt: skip
     flags = ["--total-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--log-every", "1",
-             "--value-epochs", "1", "--lora-r", "4"]  # fmt: skip
+             "--value-epochs", "1", "--value-size", "16", "--lora-r", "4"]  # fmt: skip
     run_recipe("alol_hh.sh", ["a-lol", *flags, *SHRINK], variables)
     setup, *rows = read_metrics(tmp_path / "run")
     assert [r["iteration"] for r in rows] == [1, 2] and 0 <= setup["train/kept_fraction"] <= 1
     assert (tmp_path / "sft" / "config.json").exists() and (tmp_path / "run" / "adapter").exists()
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 16, 0.1)  # QLoRA's alpha and dropout
     check_dry_runs("alol_hh.sh", [[v] for v in ("a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc",
                                                 "nll")], variables)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recipe, choice, expected",
+    [
+        ("apa_hh.sh", ["ppo", "125m"], ["--kl-control apa-authors", "--value-head mlp", "--mini-batch-size 8"]),
+        ("apa_hh.sh", ["apa", "1b"], ["--value-head mlp --value-num-layers-unfrozen -1", "--lam 0.1"]),
+        ("apa_hh.sh", ["awr", "125m"], ["--value-head mlp --value-num-layers-unfrozen -1", "--max-weight 0"]),
+        ("ppo_max_hh.sh", ["paper"], ["--gae-lambda 0.9", "--critic-warmup-steps 4"]),
+        ("ppo_max_hh.sh", ["released"], ["--gae-lambda 0.95", "--lr-warmup-steps 100"]),
+        ("alol_hh.sh", ["a-lol"], ["--lora-r 64 --lora-alpha 16 --lora-dropout 0.1", "--weight-decay 0.01",
+                                   "--value-size 280"]),
+    ],
+)  # fmt: skip
+def test_recipes_print_the_authors_settings(recipe, choice, expected, tmp_path):
+    """DRY_RUN=1 prints the settings read from the authors' code (docs/recipes.md): the APA authors' MLP value head
+    (a fully trainable copy for APA/AWR), PPO-max's paper GAE lambda, A-LoL's QLoRA adapter scale, its optimizer's
+    weight decay and its 280 V_ref prompts."""
+    variables = {"POLICY": str(tmp_path), "REWARD_DIR": str(tmp_path), "DATA_DIR": str(tmp_path)}
+    command = next(line for line in run_recipe(recipe, choice, variables, dry_run=True).stdout.splitlines()
+                   if line.startswith("torchrun"))  # fmt: skip
+    assert all(flags in command for flags in expected), command

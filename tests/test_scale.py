@@ -152,6 +152,33 @@ def test_freeze_bottom_layers_leaves_top_layers_norm_and_head():
     assert layers == {n - 2, n - 1}
 
 
+def test_value_network_with_its_own_frozen_layers_and_an_mlp_head():
+    """The APA authors' value network (--value-head mlp --value-num-layers-unfrozen -1): a fully trainable copy with
+    trlX's MLP head (h -> 2h -> ReLU -> 1, float32), while --num-layers-unfrozen freezes the policy's bottom layers;
+    by default the value network is frozen like the policy and keeps its linear head."""
+    import dataclasses
+
+    import ppo
+    from plumbing import models
+
+    device = torch.device("cpu")
+    base = dict(model=str(REPO / "toy" / "policy"), num_layers_unfrozen=1)
+    authors = models.value_network(base["model"], "--model", ppo.Args(**base, value_head="mlp",
+                                   value_num_layers_unfrozen=-1), device)  # fmt: skip
+    head = models.hf_model(authors).score
+    hidden = models.hf_model(authors).config.hidden_size
+    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (hidden, 2 * hidden, 1)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in authors.parameters())
+    values = authors(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    assert values.shape == (1, 3)
+    default = models.value_network(base["model"], "--model", dataclasses.replace(ppo.Args(**base)), device)
+    assert isinstance(models.hf_model(default).score, torch.nn.Linear)
+    frozen = {n.split(".layers.")[1].split(".")[0] for n, p in default.named_parameters() if ".layers." in n
+              and not p.requires_grad}  # fmt: skip
+    assert frozen == {str(i) for i in range(models.hf_model(default).config.num_hidden_layers - 1)}
+
+
 def test_num_layers_unfrozen_trains_only_those_parameters(tmp_path):
     out = tmp_path / "run"
     run_script("ppo.py", *FAST, "--num-layers-unfrozen", "2", "--output-dir", str(out))
@@ -217,10 +244,22 @@ def test_large_vocabulary_pass_memory_does_not_grow_with_the_rows(tmp_path):
     assert vocab_memory.passes_peak(model, 8, 512, passes=(True,))["apa-authors pass (every position)"] < 1.5
 
 
+def nested_tensors(state, prefix=""):
+    """{path: tensor} of every tensor in a nested state (dicts and lists), other leaves as they are."""
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in nested_tensors(value, f"{prefix}{key}/").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in nested_tensors(value, f"{prefix}{i}/").items()}
+    return {prefix.rstrip("/"): state}
+
+
 def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks(tmp_path):
     """Under --fsdp each rank writes its own shards (torch.distributed.checkpoint; no full copy on rank 0), and a run
-    written by 2 ranks resumes on 3: the trained weights are loaded (its first rollout already differs from pi_ref)
-    and re-score their rollout exactly."""
+    written by 2 ranks resumes on 3: what it restores (the policy's and the value network's trainable weights, both
+    AdamW states: moments and steps) equals, tensor by tensor, what was saved, and the run re-scores its rollout
+    exactly (its first rollout already differs from pi_ref)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     args = [*FAST, "--rollout-batch-size", "12", "--mini-batch-size", "6", "--eval-size", "6", "--fsdp"]
     args += ["--max-new-tokens", "12", "--eval-every", "2"]
     out = tmp_path / "run"
@@ -229,7 +268,17 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks(tmp_p
     assert "__0_0.distcp" in shards and "__1_0.distcp" in shards and "state.pt" in shards
     assert not (out / "checkpoint.pt").exists()
     first_kl = read_metrics(out)[1]["train/kl"]
-    run_script("ppo.py", *args, "--total-episodes", "24", "--output-dir", str(out), "--resume", nproc=3)
+    dcp_to_torch_save(out / "checkpoint", tmp_path / "saved.pt")  # the shards as one full state
+    saved = nested_tensors(torch.load(tmp_path / "saved.pt", weights_only=False))
+    resume = [*args, "--total-episodes", "24", "--output-dir", str(out), "--resume"]
+    run_script("tests/restored_state.py", "ppo", *resume, nproc=3, env={"RESTORED_STATE": str(tmp_path / "got.pt")})
+    restored = nested_tensors(torch.load(tmp_path / "got.pt", weights_only=False))
+    weights = [k for k in saved if k.startswith(("policy/", "value_model/"))]
+    moments = [k for k in saved if k.endswith(("exp_avg", "exp_avg_sq", "step"))]
+    assert len(weights) > 20 and len(moments) == 3 * len(weights) and set(saved) <= set(restored)
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(restored[key].to(value.dtype), value), key
     rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [0, 1, 2] and first_kl == 0.0
     assert rows[2]["train/kl"] != 0.0 and rows[2]["policy/abs_log_ratio_first_mb"] < 1e-5
