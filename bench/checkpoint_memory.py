@@ -86,7 +86,7 @@ def main():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
     for name in ("load_every_rank", "train_and_save", "resume"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                __file__, "--phase", name, "--size", args.size, "--run-dir", str(run_dir)]  # fmt: skip
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
         results[name] = [json.loads((run_dir / f"rank{r}_{name}.json").read_text()) for r in range(2)]

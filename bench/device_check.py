@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -102,12 +101,6 @@ class Check:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path / "metrics.jsonl")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_data(out: Path) -> str:
@@ -198,9 +191,9 @@ def main():
 
     def torchrun_one(timeout):
         torchrun = [python, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
-        jobs = {s: [*torchrun, "--master_port", str(free_port()), f"{s}.py", *FAST, *extra, "--output-dir",
+        jobs = {s: [*torchrun, "--standalone", f"{s}.py", *FAST, *extra, "--output-dir",
                     str(out / "torchrun" / s)] for s, extra in ONLINE.items()}  # fmt: skip
-        jobs["ppo --fsdp"] = [*torchrun, "--master_port", str(free_port()), "ppo.py", *FAST, "--fsdp",
+        jobs["ppo --fsdp"] = [*torchrun, "--standalone", "ppo.py", *FAST, "--fsdp",
                               "--output-dir", str(out / "torchrun" / "ppo_fsdp")]  # fmt: skip
         problems = []
         for name, (status, tail) in check.in_parallel("torchrun 1", jobs, timeout).items():

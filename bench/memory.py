@@ -121,8 +121,8 @@ def memory_model(
 
 def measure(size: str, mode: str, args: Args, models: tuple[str, str], run_dir: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-           "29611", str(REPO / "ppo.py"), "--model", models[0], "--reward-model", models[1], "--eval-reward", "",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--standalone",
+           str(REPO / "ppo.py"), "--model", models[0], "--reward-model", models[1], "--eval-reward", "",
            "--output-dir", str(run_dir), "--total-episodes", str(args.rollout_batch_size),
            "--rollout-batch-size", str(args.rollout_batch_size), "--mini-batch-size", str(args.rollout_batch_size),
            "--max-new-tokens", str(args.max_new_tokens), "--eval-size", str(args.nproc), "--save-every", "0",

@@ -69,6 +69,15 @@ FAST = [
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for a test whose numbers were measured at one (they depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_lm():
     """A randomly initialised 2-layer GPT-NeoX on the toy tokenizer (no download)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -116,19 +125,25 @@ def run_script(
 def kill_at_first_checkpoint(
     script: str, args: list[str], output_dir, nproc: int = 1, checkpoint: str = "checkpoint.pt"
 ):
-    """Start a run, SIGKILL every process of it as soon as its first checkpoint exists, and return that checkpoint."""
+    """Start a run, SIGKILL every process of it once its first checkpoint is written (tests/pause_after_checkpoint.py
+    holds every rank there: no race with the next iteration), and return that checkpoint (under --fsdp its
+    state.pt)."""
     import time
 
     skip_without_devices(nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS}
-    argv = [str(REPO / script), *args, "--output-dir", str(output_dir)]
+    paused = Path(output_dir).parent / f"{Path(output_dir).name}.paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS, "PAUSED": str(paused)}
+    argv = [str(REPO / "tests" / "pause_after_checkpoint.py"), script.removesuffix(".py"), *args, "--output-dir",
+            str(output_dir)]  # fmt: skip
     run = launcher.start(argv, env, str(REPO), nproc)
-    path, deadline = Path(output_dir) / checkpoint, time.time() + 300
-    while not path.exists() and time.time() < deadline and run.poll() is None:
-        time.sleep(0.02)
+    deadline = time.time() + 300
+    while not paused.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
     run.kill()
-    run.result()  # (its output is not needed; this also removes it)
-    return torch.load(path, weights_only=True)
+    result = run.result()
+    if not paused.exists():
+        raise AssertionError(f"{script} wrote no checkpoint ({result.returncode}):\n{result.stderr[-3000:]}")
+    return torch.load(Path(output_dir) / checkpoint, weights_only=True)
 
 
 def read_metrics(output_dir) -> list[dict]:

@@ -51,19 +51,13 @@ IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", 
 HANDLED = {"PYTHONUNBUFFERED", "PYTHONPATH"}  # the forks apply these themselves
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_env(env: dict, rank: int, nproc: int, port: int) -> dict:
     """What torchrun --nproc_per_node nproc sets for one local rank (OMP_NUM_THREADS=1 unless set, as it does)."""
     ranks = {k: str(rank) for k in ("RANK", "LOCAL_RANK", "ROLE_RANK")}
     sizes = {k: str(nproc) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "ROLE_WORLD_SIZE")}
     extra = {"GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0",
-             "TORCHELASTIC_MAX_RESTARTS": "0"}  # fmt: skip
+             "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "none",
+             "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0"}  # fmt: skip
     return {"OMP_NUM_THREADS": "1", **env, **ranks, **sizes, **extra}
 
 
@@ -115,7 +109,12 @@ def serves(env: dict, server_env: dict) -> bool:
 
 
 def fork_and_wait(request: dict, answer, fds=None):
-    port = free_port()
+    import torch.distributed as dist
+
+    # As torchrun's agent does: the server holds the run's store, on a port the OS picked and that stays bound, and
+    # the ranks join it as clients (TORCHELASTIC_USE_AGENT_STORE): no port is freed and then raced for.
+    store = dist.TCPStore("127.0.0.1", 0, request["nproc"], is_master=True, wait_for_workers=False)
+    port = store.port
     pids = []
     for rank in range(request["nproc"]):
         sys.stdout.flush(), sys.stderr.flush()
@@ -125,6 +124,7 @@ def fork_and_wait(request: dict, answer, fds=None):
         pids.append(pid)
     answer({"pids": pids})
     answer({"returncode": wait_ranks(pids)})
+    del store
 
 
 def run_rank(request: dict, rank: int, port: int, fds=None):
@@ -341,7 +341,7 @@ def start(argv: list[str], env: dict, cwd: str, nproc: int = 1, torchrun: bool =
             pids = _server.receive(timeout=None)["pids"]
             _server.current = Run(argv, pids=pids, server=_server, stdout=stdout, stderr=stderr)
             return _server.current
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]  # (its own free port)
     launcher = launcher if nproc > 1 or torchrun else []
     with open(stdout, "w") as out, open(stderr, "w") as err:
         popen = subprocess.Popen([sys.executable, *launcher, *argv], stdout=out, stderr=err, env=env, cwd=cwd,
@@ -365,6 +365,7 @@ class Subprocess:
         cmd, nproc = [str(c) for c in cmd], 1
         if cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"]:
             cmd, nproc = [cmd[0], *cmd[5:]], int(cmd[4])
+            cmd = [c for c in cmd if c != "--standalone"]  # (the store is the launcher's)
         if cmd[0] != sys.executable or len(cmd) < 2 or not cmd[1].endswith(".py"):
             return subprocess.run(cmd, *args, cwd=cwd, env=env, timeout=timeout, **kwargs)
         return run(cmd[1:], dict(env or os.environ), str(cwd or os.getcwd()), nproc, timeout or 3600)

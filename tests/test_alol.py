@@ -115,9 +115,10 @@ def test_priority_sampling_follows_positive_advantages():
     assert torch.allclose(counts, torch.tensor([1 / 3, 0.0, 1 / 3, 0.0, 1 / 3]), atol=0.005)
 
 
-def test_value_head_beats_the_mean_on_unseen_prompts():
+def test_value_head_beats_the_mean_on_unseen_prompts(one_thread):
     """V_ref fit on pi_ref's sample rewards for 240 toy prompts predicts them on 260 others better than their mean.
-    (Measured: MSE 0.95 of the mean's with 8 samples of up to 24 tokens, 0.97 with 48 tokens; 0.99 with 6 samples.)"""
+    (Measured at one thread, pinned here: the numerics depend on the thread count. MSE 0.95 of the mean's with 8
+    samples of up to 24 tokens, 0.97 with 48 tokens; 0.99 with 6 samples.)"""
     from transformers import GenerationConfig
 
     from common import generate, left_pad, position_ids
