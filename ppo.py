@@ -8,7 +8,9 @@ PPO (Ziegler et al. 2019; Schulman et al. 2017), with k1_t = log pi_old(a_t|s_t)
     L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi / pi_old
     L_V = 0.5 mean_t max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -0.2, 0.2) - R_t)^2)
 
-`diff ppo.py X.py` shows only the `# ALGO LOGIC:` lines: this file is the template.
+This file is the template of the online scripts: `diff ppo.py apa.py` shows only the `# ALGO LOGIC:` lines (and
+`diff apa.py awr.py`); ppo_max.py's and grpo.py's docstrings say what their diffs from it show (rloo.py is a diff of
+grpo.py; alol.py, offline, has its own loop).
 """
 
 import os

@@ -32,6 +32,8 @@ ALGORITHMS = {
     "ppo_max": ("ppo_max.py", []),
     "apa": ("apa.py", []),
     "awr": ("awr.py", []),
+    "grpo": ("grpo.py", []),
+    "rloo": ("rloo.py", []),
     "a-lol": ("alol.py", ["--variant", "a-lol"]),
     "nll": ("alol.py", ["--variant", "nll"]),
 }
@@ -66,7 +68,7 @@ class Args:
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds per algorithm"""
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
-    """which of ppo, ppo_max, apa, awr, a-lol, nll to run"""
+    """which of ppo, ppo_max, apa, awr, grpo, rloo, a-lol, nll to run"""
     output_dir: str = "bench/results"
     """where the runs, results.md and the plots go"""
     extra: str = ""
@@ -93,8 +95,8 @@ def run(name: str, seed: int, args: Args, run_dir: Path) -> None:
     script, _ = ALGORITHMS[name]
     if args.reuse and (run_dir / "policy").exists():
         return
-    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                         "--nproc_per_node", str(args.nproc)]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--standalone"]
+    launcher = [sys.executable] if args.nproc == 1 else torchrun
     cmd = [*launcher, str(REPO / script), "--seed", str(seed), "--output-dir", str(run_dir),
            *script_flags(name, args.mode), *shlex.split(args.extra)]  # fmt: skip
     run_command(cmd, run_dir, f"{name} seed {seed}")

@@ -10,6 +10,8 @@ gold flattens or falls.
     python bench/frontier.py --regime paper       # learning rates / 20 and 4x the samples (slower, see docs/results.md)
     python bench/frontier.py --mode smoke         # CI: two knob values, one seed, a few samples
     python bench/frontier.py --reuse              # keep finished runs: resume an interrupted sweep, or re-plot
+    python bench/frontier.py --algorithms grpo rloo --add   # sweep these, keep the stored rows of the others
+    python bench/frontier.py --extra="--reward-model toy.gold:score" --tag gold   # the gold scorer as the reward
 
 The budget is counted in samples trained on (episodes for the online scripts, steps x batch size for alol.py, whose
 knob is its training length: an offline method has no other way to trade KL for reward).
@@ -18,6 +20,7 @@ knob is its training length: an offline method has no other way to trade KL for 
 import dataclasses
 import importlib
 import json
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ SWEEPS = {
     "ppo_max": ("ppo_max.py", [], "--kl-coef", [0.1, 0.05, 0.02, 0.01]),
     "apa": ("apa.py", [], "--lam", [1.0, 0.5, 0.2, 0.1]),
     "awr": ("awr.py", [], "--beta", [4.0, 2.0, 1.0, 0.5]),
+    "grpo": ("grpo.py", [], "--kl-coef", [0.4, 0.2, 0.04, 0.0]),
+    "rloo": ("rloo.py", [], "--kl-coef", [0.8, 0.4, 0.2, 0.05]),
     "a-lol": ("alol.py", ["--variant", "a-lol"], "--total-steps", [5, 10, 20, 40]),
     "nll": ("alol.py", ["--variant", "nll"], "--total-steps", [5, 10, 20, 40]),
 }
@@ -63,6 +68,12 @@ class Args:
     """runs/, frontier_<regime>.md/.json and frontier_<regime>.png go here"""
     reuse: bool = False
     """keep runs that already finished (their output holds a final policy): resume or re-plot"""
+    add: bool = False
+    """keep the rows of frontier_<regime>.json whose algorithms this sweep does not run (add to a stored frontier)"""
+    extra: str = ""
+    """flags passed to every run, e.g. --extra="--reward-model toy.gold:score" (a verifiable reward)"""
+    tag: str = ""
+    """suffix of the output names (frontier_<regime>_<tag>.*) and run directories, for a sweep with --extra"""
 
 
 def default_lrs(script: str) -> dict[str, float]:
@@ -92,7 +103,7 @@ def run(name: str, value, seed: int, args: Args, run_dir: Path) -> None:
     if args.reuse and (run_dir / "policy").exists():
         return
     cmd = [sys.executable, str(REPO / SWEEPS[name][0]), "--seed", str(seed), "--output-dir", str(run_dir),
-           *run_flags(name, value, args)]  # fmt: skip
+           *run_flags(name, value, args), *shlex.split(args.extra)]  # fmt: skip
     run_command(cmd, run_dir, f"{name} {SWEEPS[name][2]} {value} seed {seed}")
 
 
@@ -185,18 +196,25 @@ def main():
         points[name] = {}
         for value in values:
             for seed in seeds:
-                run_dir = out / "runs" / f"{args.regime}__{name.split()[0]}{'-authors' if '(' in name else ''}"
+                prefix = f"{args.regime}_{args.tag}" if args.tag else args.regime
+                run_dir = out / "runs" / f"{prefix}__{name.split()[0]}{'-authors' if '(' in name else ''}"
                 run_dir = run_dir.with_name(f"{run_dir.name}__{value}__{seed}")
                 run(name, value, seed, args, run_dir)
                 points[name].setdefault(value, []).append(final_eval(run_dir))
     rows = summarize(points)
+    stem = f"frontier_{args.regime}_{args.tag}" if args.tag else f"frontier_{args.regime}"
+    if args.add and (out / f"{stem}.json").exists():  # the stored rows of the other algorithms, in SWEEPS order
+        kept = [r for r in json.loads((out / f"{stem}.json").read_text()) if r["algorithm"] not in points]
+        rows = sorted(kept + rows, key=lambda r: list(SWEEPS).index(r["algorithm"]))
     samples, divisor, _ = REGIMES[args.regime]
     budget = "smoke budget" if args.mode == "smoke" else f"{samples} samples"
     title = f"{args.regime} regime ({budget}, lr / {divisor}), {len(seeds)} seeds"
+    if args.extra:
+        title += f", {args.extra}"
     header = f"# Matched-KL frontier: {title}\n\n"
-    (out / f"frontier_{args.regime}.md").write_text(header + table(rows))
-    (out / f"frontier_{args.regime}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, out / f"frontier_{args.regime}.png", title)
+    (out / f"{stem}.md").write_text(header + table(rows))
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, out / f"{stem}.png", title)
     print(header + table(rows))
 
 

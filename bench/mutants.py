@@ -2,14 +2,17 @@
 
 Each mutant below changes one critical line (a sign, a mask, an index, a missing detach or reduction) the way a
 plausible bug would. For each, the repository is copied, the line is changed in the copy, and the tests named for it
-(fast ones: unit tests, the recorded-run invariants, the two-rank checks) run there. A mutant is killed when they fail.
-The unmutated copy must pass the same tests first, so a kill means the mutation was noticed, not a broken setup.
+(fast ones: unit tests, the recorded-run invariants, the two-rank checks) run there, under a time limit. pytest's
+report (JUnit XML) says how it died: killed (a test's assertion failed: the wrong behaviour was noticed; a script's
+own one-line error counts too), crashed (an exception other than a failed assertion, in a test or in a script it ran,
+or an error in a test's setup), timed out, or survived (every test passed). Each mutant's own test selection must
+pass on the unmutated copy alone first, so a death means the mutation was noticed, not a broken setup.
 
     python bench/mutants.py                   # every mutant, two at a time: 4-12 minutes on 2 CPU cores
     python bench/mutants.py --only ppo-kl-sign apa-anchor-pi-old
     python bench/mutants.py --list
 
-Writes bench/results/mutants.md (one row per mutant: file, tests, killed or survived, seconds).
+Writes bench/results/mutants.md (one row per mutant: file, tests, how it died, the failing test, seconds).
 """
 
 import concurrent.futures
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,8 @@ import tyro
 REPO = Path(__file__).resolve().parent.parent
 REWARDS, PPO, APA_AWR, COMMON = (f"tests/{f}.py" for f in ("test_rewards", "test_ppo", "test_apa_awr", "test_common"))
 ALOL = tuple(f"tests/test_alol.py::test_{t}" for t in ("variant_losses_and_gradients_hand_computed",
-             "rewards_transform_then_missing_eos_penalty", "advantages_and_the_weights_each_variant_trains_with",
+             "importance_weight_is_clipped_from_both_sides", "rewards_transform_then_missing_eos_penalty",
+             "advantages_and_the_weights_each_variant_trains_with",
              "priority_sampling_follows_positive_advantages"))  # fmt: skip
 INVARIANTS = "tests/test_invariants.py::test_what_main_passes_to_the_algorithm_and_the_first_minibatch"
 MODELS, DATA = "plumbing/models.py", "plumbing/data.py"
@@ -42,6 +47,29 @@ SENTENCEPIECE = "tests/test_real_checkpoints.py::test_response_text_keeps_its_sp
 TRLX = "tests/test_recipes.py::test_trlx_reward_checkpoint_converted_scores_as_the_authors_model"
 STOP_CUT = "tests/test_recipes.py::test_stop_strings_cut_at_the_first_one_strip_and_end_with_one_eos"
 STOP_RUN = "tests/test_recipes.py::test_stop_string_rollout_trains_on_the_cut_response"
+TEMPERATURE = "tests/test_invariants.py::test_every_pass_divides_by_the_sampling_temperature"
+FSDP_RESUME = "tests/test_scale.py::test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks"
+MALFORMED = "tests/test_chat.py::test_malformed_conversations_are_one_line_errors"
+CUT_TEMPLATE = "tests/test_chat.py::test_a_cut_response_gets_no_end_of_turn_from_the_reward_models_template"
+WHOLE_TEXT = (
+    "tests/test_real_checkpoints.py::test_prompt_and_response_ids_are_the_ids_of_the_whole_text_with_sentencepiece"
+)
+AUTHORS_KL = "tests/test_invariants.py::test_apa_authors_controller_input_and_schedule"
+AUTHORS_N = "tests/test_ppo.py::test_apa_authors_controller_steps_with_the_global_minibatch_on_any_number_of_ranks"
+LORA = (
+    "tests/test_architectures.py::test_lora_alpha_and_dropout_reach_peft_and_dropout_acts_in_the_training_forward_only"
+)
+VALUE_NET = "tests/test_scale.py::test_value_network_with_its_own_frozen_layers_and_an_mlp_head"
+VALUE_SIZE = "tests/test_invariants.py::test_alol_fits_v_ref_on_exactly_value_size_prompts"
+OASST = "tests/test_recipes.py::test_oasst_reward_head_bias_is_folded_into_the_final_norm"
+GR = "tests/test_grpo_rloo.py::test_"
+GROUPS = f"{GR}group_advantages_and_the_three_scalings"
+LOO = f"{GR}leave_one_out_baseline"
+AGG = f"{GR}each_loss_aggregation_weighs_the_tokens_of_short_and_long_responses"
+EQUAL = f"{GR}a_group_of_equal_rewards_gives_no_policy_gradient_and_no_nan"
+K3, CLIP_HIGH = f"{GR}k3_value_and_gradient", f"{GR}clip_higher_lets_a_positive_advantage_raise_the_ratio_further"
+REINFORCE = f"{GR}rloo_loss_is_reinforce_on_the_sequence_log_prob"
+GR_MAIN = f"{GR}what_main_passes_groups_advantages_and_the_first_minibatch"
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,8 @@ MUTANTS = [
     Mutant("alol-main-always-priority", "alol.py", 'priority = args.sampling == "priority" or (',
            "priority = True or (", (ALOL_RUNS,)),
     # ---- real checkpoints: reward-model input, stop strings, architectures
+    # (noticed only as a crash: LLaMA-family classifiers return no last_hidden_state; on GPT-NeoX the wrong line
+    # behaves like the right one, so no assertion can tell them apart there)
     Mutant("value-net-lora-backbone", MODELS, "model = hf_model(self.model)  #", "model = self.model  #",
            (ARCHITECTURES,)),
     Mutant("chat-rm-extra-eos", MODELS, "if wants_eos and not templated and", "if wants_eos and", (CHAT_RM,)),
@@ -158,6 +188,73 @@ MUTANTS = [
     Mutant("stop-string-no-eos", DATA, '["input_ids"] + [eos]', '["input_ids"]', (STOP_CUT,)),
     Mutant("stop-strings-not-applied", "ppo.py", "if args.stop_strings:  # trlX's", "if False:  # trlX's",
            (STOP_RUN,)),
+    # ---- the temperature in every pass, A-LoL's clip, resume, data and the recipes' settings
+    *[Mutant(f"{script[:-3]}-update-at-t1", script, "attention_mask[seq], context, args.temperature",
+             "attention_mask[seq], context, 1.0", (f"{TEMPERATURE}[{script[:-3]}]",))
+      for script in ("ppo.py", "apa.py", "awr.py", "ppo_max.py")],
+    *[Mutant(f"{script[:-3]}-reference-at-t1", script, "chunked_logprobs(ref_model, *batch, temp,",
+             "chunked_logprobs(ref_model, *batch, 1.0,", (f"{TEMPERATURE}[{script[:-3]}]",))
+      for script in ("ppo.py", "apa.py", "awr.py", "ppo_max.py")],
+    Mutant("alol-evaluation-at-t1", "alol.py", "temp, lengths = args.temperature, padding",
+           "temp, lengths = 1.0, padding", (f"{TEMPERATURE}[alol]",)),
+    Mutant("alol-clip-above-only", "alol.py", "rho = seq_log_ratio.detach().exp().clamp(1 - clip_eps, 1 + clip_eps)",
+           "rho = seq_log_ratio.detach().exp().clamp(max=1 + clip_eps)", ALOL),
+    Mutant("alol-seq-clip-above-only", "alol.py", "ref_logprobs).detach().exp().clamp(1 - clip_eps, 1 + clip_eps)",
+           "ref_logprobs).detach().exp().clamp(max=1 + clip_eps)", ALOL),
+    # (not `set_optimizer_state_dict(...)` -> `pass`: dcp.load already fills the optimizer's own state tensors in
+    # place, and a fresh AdamW has the same hyperparameters, so that change is equivalent; reading no optimizer
+    # shards is the bug)
+    Mutant("fsdp-resume-optimizer-not-read", MODELS, "dcp.load(sharded, checkpoint_id=directory)",
+           'dcp.load({k: v for k, v in sharded.items() if not k.endswith("_optimizer")}, checkpoint_id=directory)',
+           (FSDP_RESUME,)),
+    Mutant("unknown-roles-accepted", DATA, 'if m["role"] not in ROLES:', "if False:", (MALFORMED,)),
+    Mutant("cut-response-end-of-turn", MODELS, "if ended is False and self.options.append_eos",
+           "if False and self.options.append_eos", (CUT_TEMPLATE,)),
+    Mutant("response-tokenized-alone", DATA, "if full_ids[: len(head_ids)] == head_ids:", "if False:", (WHOLE_TEXT,)),
+    Mutant("authors-controller-local-n", "ppo.py", "args.kl_target, args.mini_batch_size, args.kl_horizon",
+           "args.kl_target, local_mini_batch, args.kl_horizon", (AUTHORS_N,)),
+    Mutant("authors-controller-whole-batch", "ppo.py", "start, context = (len(logprobs) - 1) // chunk_size *",
+           "start, context = 0 * chunk_size *", (AUTHORS_KL,)),
+    Mutant("lora-alpha-ignored", MODELS, "lora_alpha=alpha or 2 * r", "lora_alpha=2 * r", (LORA,)),
+    Mutant("lora-dropout-in-no-grad-passes", MODELS, "training=torch.is_grad_enabled())", "training=True)", (LORA,)),
+    Mutant("value-layers-as-the-policys", MODELS, "num_layers_unfrozen=args.value_num_layers_unfrozen)",
+           "num_layers_unfrozen=None)", (VALUE_NET,)),
+    # ---- the critic-free successors
+    Mutant("grpo-baseline-batch-mean", "grpo.py", "centred = (grouped - grouped.mean(1, keepdim=True))",
+           "centred = (grouped - grouped.mean())", (GROUPS,)),
+    Mutant("grpo-group-std-not-divided", "grpo.py", "return centred / (grouped.std(1).repeat_interleave(group_size)",
+           "return centred / (1 + 0 * grouped.std(1).repeat_interleave(group_size)", (GROUPS,)),
+    Mutant("grpo-batch-std-of-this-rank", "grpo.py", "common.all_reduce_sum(torch.stack([x.sum(),",
+           "(torch.stack([x.sum(),", (f"{SPLITS}[grpo]",)),
+    Mutant("grpo-equal-group-nan", "grpo.py", "grouped.std(1).repeat_interleave(group_size) + 1e-4)",
+           "grouped.std(1).repeat_interleave(group_size) + 0)", (GROUPS, EQUAL)),
+    Mutant("grpo-seq-mean-per-micro-batch", "grpo.py", "return per_sequence.sum() * world_size / n_sequences",
+           "return per_sequence.mean()", (AGG, f"{SPLITS}[grpo]")),
+    Mutant("grpo-seq-mean-as-token-mean", "grpo.py", "losses, 0.0).sum(1) / mask.sum(1).clamp(min=1)",
+           "losses, 0.0).sum(1) / mask.sum().clamp(min=1) * len(mask)", (AGG,)),
+    Mutant("grpo-constant-is-token-count", "grpo.py", "world_size / (n_sequences * max_new_tokens)",
+           "world_size / mask.sum()", (AGG,)),
+    Mutant("grpo-clip-high-ignored", "grpo.py", "ratio.clamp(1 - clip_eps, 1 + clip_eps_high)",
+           "ratio.clamp(1 - clip_eps, 1 + clip_eps)", (CLIP_HIGH,)),
+    Mutant("grpo-k3-reversed", "grpo.py", "log_ratio = ref_logprobs - logprobs", "log_ratio = logprobs - ref_logprobs",
+           (K3,)),
+    Mutant("grpo-kl-anchor-pi-old", "grpo.py", "k3(new_logprobs, ref_logprobs[mb])", "k3(new_logprobs, logprobs[mb])",
+           (GR_MAIN + "[grpo]",)),
+    Mutant("grpo-groups-not-consecutive", "grpo.py", "indices = [i for i in indices for _ in range(args.group_size)]",
+           "indices = indices * args.group_size", (GR_MAIN + "[grpo]",)),
+    Mutant("rloo-baseline-includes-itself", "rloo.py", "baseline = (grouped.sum(1, keepdim=True) - grouped) / (",
+           "baseline = grouped.mean(1, keepdim=True) + 0 * (", (LOO,)),
+    Mutant("rloo-kl-not-in-reward", "rloo.py", "rewards = scores - args.kl_coef * kl.sum(1)", "rewards = scores",
+           (GR_MAIN + "[rloo]",)),
+    Mutant("rloo-token-mean-log-prob", "rloo.py", "sequence_logprobs = torch.where(mask, logprobs, 0.0).sum(1)",
+           "sequence_logprobs = torch.where(mask, logprobs, 0.0).sum(1) / mask.sum(1)", (REINFORCE,)),
+    Mutant("rloo-loss-sign", "rloo.py", "return -(advantages * sequence_logprobs)",
+           "return (advantages * sequence_logprobs)", (REINFORCE,)),
+    Mutant("alol-value-size-ignored", "alol.py", "value_end = args.eval_size + args.value_size if args.value_size else",
+           "value_end = len(held_out_prompts) if True else", (VALUE_SIZE,)),
+    Mutant("mean-pooling-converted", "recipes/convert_reward_model.py", 'if fields.get("pooling", "last") != "last":',
+           "if False:", (OASST,)),
+
 ]  # fmt: skip
 
 
@@ -166,12 +263,16 @@ class Args:
     only: tuple[str, ...] = ()  # mutant names to run (default: all)
     list: bool = False  # print the mutants and exit
     workers: int = 2  # mutants tested at once (each test process single-threaded)
+    timeout: float = 300  # seconds a mutant's tests may take (a hang is a death, but not a kill)
     output: str = "bench/results/mutants.md"  # the results table
 
 
-def copy_repo(dest: Path):
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "results", "__pycache__", ".pytest_cache", ".ruff_cache")
-    shutil.copytree(REPO, dest, ignore=ignore)
+IGNORE = shutil.ignore_patterns(".git", ".venv", ".whl", "runs", "results", "__pycache__", ".pytest_cache",
+                                ".ruff_cache")  # fmt: skip
+
+
+def copy_repo(dest: Path, source: Path):
+    shutil.copytree(source, dest, ignore=IGNORE)
 
 
 def apply(mutant: Mutant, root: Path):
@@ -184,22 +285,53 @@ def apply(mutant: Mutant, root: Path):
     compile(path.read_text(), str(path), "exec")  # a mutant must be valid Python: a SyntaxError is not a kill
 
 
-def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[bool, float, str]:
-    """(passed, seconds, last lines of the output) of the tests in the tree at `root`, one process, one thread."""
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """(outcome, seconds, detail) of the tests in the tree at `root`, one process, one thread: outcome "passed",
+    "assertion" (a test's assertion failed), "crashed" (another exception in a test or in a script it ran, or an
+    error in a test's setup) or "timed out"; detail names the first failing test and its first line."""
     env = {**os.environ, "RLHF_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *tests]
+    report = root / "report.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", f"--junitxml={report}", *tests]
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    return result.returncode == 0, time.perf_counter() - start, result.stdout[-600:]
+    try:
+        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timed out", time.perf_counter() - start, f"over {timeout:.0f} s"
+    seconds = time.perf_counter() - start
+    if result.returncode == 0:
+        return "passed", seconds, ""
+    outcomes = []
+    if report.exists():
+        for case in ET.parse(report).iter("testcase"):
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    message = child.get("message") or ""
+                    text = message + (child.text or "")
+                    # pytest reports a failed `assert` as "assert ..." (its rewritten message) or "AssertionError:
+                    # ..." (pytest.fail, raise AssertionError); a script's traceback quoted in it is a crash
+                    assertion = (
+                        child.tag == "failure"
+                        and message.lstrip().startswith(("assert", "AssertionError", "Failed:"))
+                        and "Traceback (most recent call last)" not in text
+                    )
+                    first = message.strip().splitlines()[0][:100] if message.strip() else child.tag
+                    outcomes.append(("assertion" if assertion else "crashed", f"{case.get('name')}: {first}"))
+    if not outcomes:
+        return "crashed", seconds, (result.stdout + result.stderr).strip().splitlines()[-1][:100]
+    outcome = "assertion" if any(o == "assertion" for o, _ in outcomes) else "crashed"
+    return outcome, seconds, next(d for o, d in outcomes if o == outcome)
 
 
-def check(mutant: Mutant | None, tests: tuple[str, ...]) -> tuple[bool, float, str]:
+def check(mutant: Mutant | None, tests: tuple[str, ...], timeout: float, source: Path) -> tuple[str, float, str]:
     with tempfile.TemporaryDirectory(prefix="mutant_") as tmp:
         root = Path(tmp) / "repo"
-        copy_repo(root)
+        copy_repo(root, source)
         if mutant is not None:
             apply(mutant, root)
-        return run_tests(root, tests)
+        return run_tests(root, tests, timeout)
+
+
+RESULT = {"assertion": "killed", "crashed": "crashed", "timed out": "timed out", "passed": "**survived**"}
 
 
 def main():
@@ -217,31 +349,43 @@ def main():
         if apply_check != 1:
             raise SystemExit(f"error: mutant {m.name}: its line occurs {apply_check} times in {m.file}")
     start = time.perf_counter()
-    all_tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-    passed, seconds, output = check(None, all_tests)
-    if not passed:
-        raise SystemExit(f"error: the unmutated tests fail, so no kill would mean anything:\n{output}")
-    print(f"unmutated: {len(all_tests)} test targets pass ({seconds:.0f} s)", flush=True)
+    snapshot = Path(tempfile.mkdtemp(prefix="mutants_snapshot_")) / "repo"
+    copy_repo(snapshot, REPO)  # every copy is of the tree as it was now (the repository may change meanwhile)
+    selections = list(dict.fromkeys(m.tests for m in mutants))  # each mutant's own tests, alone, unmutated
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        checks = pool.map(lambda tests: check(None, tests, args.timeout, snapshot), selections)
+        baseline = dict(zip(selections, checks))
+    broken = {tests: result for tests, result in baseline.items() if result[0] != "passed"}
+    if broken:
+        lines = [f"{' '.join(t)}: {outcome} ({detail})" for t, (outcome, _, detail) in broken.items()]
+        raise SystemExit("error: on the unmutated copy these selections do not pass, so no kill would mean anything:\n"
+                         + "\n".join(lines))  # fmt: skip
+    print(f"unmutated: {len(selections)} test selections pass, each alone ({time.perf_counter() - start:.0f} s)",
+          flush=True)  # fmt: skip
     rows = []
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(check, m, m.tests): m for m in mutants}
+        futures = {pool.submit(check, m, m.tests, args.timeout, snapshot): m for m in mutants}
         for future in concurrent.futures.as_completed(futures):
             m = futures[future]
-            survived, seconds, output = future.result()
-            rows.append((m, not survived, seconds))
-            print(f"{m.name:34s} {'SURVIVED' if survived else 'killed':8s} {seconds:5.1f} s", flush=True)
+            outcome, seconds, detail = future.result()
+            rows.append((m, outcome, seconds, detail))
+            print(f"{m.name:38s} {RESULT[outcome].strip('*'):9s} {seconds:5.1f} s  {detail}", flush=True)
     rows.sort(key=lambda row: MUTANTS.index(row[0]))
-    killed = sum(k for _, k, _ in rows)
+    counts = {result: sum(RESULT[o] == result for _, o, _, _ in rows) for result in RESULT.values()}
     wall = time.perf_counter() - start
-    title = f"# Mutation check: {killed} of {len(rows)} mutants killed ({wall / 60:.1f} min, {args.workers} at a time)"
-    lines = [title, "", "| mutant | file | tests | result | s |", "|---|---|---|---|---|"]
-    for m, k, seconds in rows:
+    title = (f"# Mutation check: {len(rows)} mutants, {counts['killed']} killed by a failed assertion, "
+             f"{counts['crashed']} crashed, {counts['timed out']} timed out, {counts['**survived**']} survived "
+             f"({wall / 60:.1f} min, {args.workers} at a time)")  # fmt: skip
+    lines = [title, "", "| mutant | file | tests | result | how | s |", "|---|---|---|---|---|---|"]
+    for m, outcome, seconds, detail in rows:
         tests = ", ".join(t.replace("tests/", "") for t in m.tests)
-        lines.append(f"| {m.name} | {m.file} | {tests} | {'killed' if k else '**survived**'} | {seconds:.0f} |")
+        how = detail.replace("|", "/")
+        lines.append(f"| {m.name} | {m.file} | {tests} | {RESULT[outcome]} | {how} | {seconds:.0f} |")
+    shutil.rmtree(snapshot.parent, ignore_errors=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines) + "\n")
-    print(f"{killed} of {len(rows)} mutants killed in {wall:.0f} s; wrote {args.output}")
-    if killed < len(rows):
+    print(f"{title.removeprefix('# ')}; wrote {args.output}")
+    if counts["killed"] < len(rows):
         raise SystemExit(1)
 
 

@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+GROUPED = False  # grpo.py / rloo.py: the K copies of a prompt (consecutive rows) get K different responses
 
 
 def fixed_generate(model, queries, query_mask, generation_config, chunk_size, tokenizer=None):
-    """Random response tokens seeded by the prompt's ids: lengths 1..max_new_tokens, half of them ending in EOS."""
+    """Random response tokens seeded by the prompt's ids (and, GROUPED, the row's place in its group): lengths
+    1..max_new_tokens, half of them ending in EOS."""
     eos, pad, width = generation_config.eos_token_id, generation_config.pad_token_id, generation_config.max_new_tokens
     eos = eos[0] if isinstance(eos, list) else eos  # the scripts pass every stop id
-    rows = []
+    rows, previous, k = [], None, 0
     for ids, mask in zip(queries.tolist(), query_mask.tolist()):
         prompt = [t for t, m in zip(ids, mask) if m]
-        seed = sum((i + 1) * t for i, t in enumerate(prompt)) % (2**31)
+        k, previous = (k + 1 if GROUPED and prompt == previous else 0), prompt
+        seed = (sum((i + 1) * t for i, t in enumerate(prompt)) + 7919 * k) % (2**31)
         generator = torch.Generator().manual_seed(seed)
         ends_with_eos = bool(torch.randint(2, (1,), generator=generator))
         length = int(torch.randint(1, width + 1, (1,), generator=generator)) if ends_with_eos else width
@@ -43,6 +46,7 @@ def next_turn_generate(model, queries, query_mask, generation_config, chunk_size
 
 if __name__ == "__main__":
     script = importlib.import_module(sys.argv[1])
+    GROUPED = sys.argv[1] in ("grpo", "rloo")
     script.common.generate = fixed_generate
     sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
     script.main()

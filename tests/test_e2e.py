@@ -28,7 +28,8 @@ def tensorboard_scalars(path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py"])  # (apa.py and awr.py: ppo.py's lines but the loss)
+# (apa.py and awr.py: ppo.py's lines but the loss; rloo.py: grpo.py's)
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py", "grpo.py"])
 def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_path):
     args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "48"]  # 3 iterations, a checkpoint after each
     straight = tmp_path / "straight"
@@ -50,7 +51,7 @@ def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_pa
         assert row["policy/abs_log_ratio_first_mb"] < 1e-5
     # TensorBoard holds the same numbers, at the same episodes
     scalars = tensorboard_scalars(straight / "tensorboard")
-    for key in ("train/reward", "eval/gold_reward", "loss/value"):
+    for key in ("train/reward", "eval/gold_reward", "loss/policy"):
         assert scalars[key] == pytest.approx({r["episodes"]: r[key] for r in [sft, *rows] if key in r}, rel=1e-6)
     # the saved policy is the last checkpoint's trained weights, with the checkpoint's generation_config.json
     trained = load_policy_params(straight / "policy")
@@ -74,7 +75,8 @@ def test_run_writes_the_contract_and_resumes_exactly_after_a_kill(script, tmp_pa
     assert all(torch.allclose(trained[k], final[k], atol=1e-5) for k in trained)
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py"])  # (apa.py and awr.py share ppo.py's LoRA lines)
+# (apa.py and awr.py share ppo.py's LoRA lines; grpo.py rloo.py's)
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py", "rloo.py"])
 def test_lora_saves_adapter_and_merged_model(script, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -43,21 +43,29 @@ SPLITS = {
     "apa": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
     "awr": {"ddp": ["--micro-batch-size", "2"]},
     "ppo_max": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
+    "grpo": {"fsdp": ["--fsdp", "--micro-batch-size", "2"]},
+    "rloo": {"ddp": ["--micro-batch-size", "4"]},
 }
 KEYS = ("loss/policy", "loss/value", "train/kl")
-# AWR: the largest weight over the whole batch on both ranks; PPO-max: the PPO-ptx NLL, a mean over the SFT tokens
-EXTRA_KEYS = {"awr": ("policy/weight_max",), "ppo_max": ("loss/ptx",)}
-EXTRA_FLAGS = {"ppo_max": ["--critic-warmup-steps", "0", "--ptx-coef", "0.5"]}
+# AWR: the largest weight over the whole batch on both ranks; PPO-max: the PPO-ptx NLL, a mean over the SFT tokens;
+# GRPO: the KL term, and the batch's std over both ranks (--scale-rewards batch) with the per-sequence mean
+EXTRA_KEYS = {"awr": ("policy/weight_max",), "ppo_max": ("loss/ptx",), "grpo": ("loss/kl", "train/advantage_abs")}
+EXTRA_FLAGS = {"ppo_max": ["--critic-warmup-steps", "0", "--ptx-coef", "0.5"], "grpo": ["--scale-rewards", "batch"]}
+CRITIC_FREE = ("grpo", "rloo")  # no value network: no --value-lr, no loss/value
 
 
 @pytest.mark.parametrize("script", list(SPLITS))
 def test_one_update_for_any_split_into_ranks_and_micro_batches(script, tmp_path):
     """Responses of different lengths on the two ranks: per-rank token means would differ by ~1e-3 here."""
     flags = [*EQUIVALENCE, *EXTRA_FLAGS.get(script, [])]
+    keys = KEYS + EXTRA_KEYS.get(script, ())
+    if script in CRITIC_FREE:
+        i = flags.index("--value-lr")
+        flags, keys = flags[:i] + flags[i + 2 :], tuple(k for k in keys if k != "loss/value")
     run_fixed(script, [*flags, "--output-dir", str(tmp_path / "one")])
     for name, split in SPLITS[script].items():
         run_fixed(script, [*flags, *split, "--output-dir", str(tmp_path / name)], nproc=2)
-        assert_same_training(tmp_path / "one", tmp_path / name, KEYS + EXTRA_KEYS.get(script, ()), lr=5e-5)
+        assert_same_training(tmp_path / "one", tmp_path / name, keys, lr=5e-5)
         if name == "ddp":
             assert read_metrics(tmp_path / name)[-1]["dist/max_param_difference"] == 0.0
 
