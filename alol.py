@@ -27,7 +27,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 import common
-from plumbing import data, models, padding, run
+from plumbing import checkpoints, data, models, padding, run, scorers
 
 
 @dataclass
@@ -231,7 +231,7 @@ def main():
     # (eval_score_fn: None without --eval-reward)
     policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
+    score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -292,7 +292,7 @@ def main():
     start_iteration = 0
     setup_metrics = {}  # the one-off setup's timings and V_ref fit, logged in the row of iteration 0
     if args.resume:
-        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
+        checkpoint = checkpoints.load_checkpoint(output_dir, trained)  # (restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         rewards, ref_values = checkpoint["rewards"], checkpoint["ref_values"]
     else:
@@ -407,15 +407,15 @@ def main():
             if iteration % args.eval_every == 0 or iteration == args.total_steps:
                 eval_metrics = {"eval/iteration": iteration, **evaluate()}
             if iteration == args.total_steps and torch.distributed.is_initialized():
-                row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
+                row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
             logger.log({**row, **eval_metrics})
             stats = []  # per-iteration statistics since the last logged row
             t_start = run.clock(device)
         if args.save_every and (iteration % args.save_every == 0 or iteration == args.total_steps):
             state = {"iteration": iteration, "args": asdict(args), "rewards": rewards, "ref_values": ref_values}
-            models.save_checkpoint(output_dir, trained, state)
+            checkpoints.save_checkpoint(output_dir, trained, state)
 
-    models.save_final_policy(policy, tokenizer, output_dir, args)
+    checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     run.close_distributed()
 

@@ -8,7 +8,7 @@ APA, paper eq. (9): NO KL penalty in the reward; the squared loss, anchored at p
     L_pi = mean_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t) - A_t / lambda)^2,  min at pi ~ pi_ref exp(A / lambda)
     L_V = 0.5 mean_t (V_t - R_t)^2
 
-`diff ppo.py apa.py` shows only the `# ALGO LOGIC:` lines: the loss, no KL penalty, `--lam`.
+`diff ppo.py apa.py` shows this docstring and the `# ALGO LOGIC:` lines only: the loss, no KL penalty, `--lam`.
 """
 
 import os
@@ -21,7 +21,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-from plumbing import data, models, padding, run
+from plumbing import checkpoints, data, models, padding, run, scorers
 
 
 @dataclass
@@ -165,7 +165,7 @@ def main():
     policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
     value_model = models.value_network(args.model, "--model", args, device)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
+    score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -185,7 +185,7 @@ def main():
     score_stats = common.RunningMoments()
     start_iteration = 0
     if args.resume:
-        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
+        checkpoint = checkpoints.load_checkpoint(output_dir, trained)  # (restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         score_stats.load_state_dict(checkpoint["score_stats"])
     run.barrier()  # every rank has checked the output directory before rank 0 creates it
@@ -351,10 +351,10 @@ def main():
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and torch.distributed.is_initialized():
-            row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            models.save_checkpoint(
+            checkpoints.save_checkpoint(
                 output_dir,
                 trained,
                 {
@@ -364,7 +364,7 @@ def main():
                 },
             )
 
-    models.save_final_policy(policy, tokenizer, output_dir, args)
+    checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     run.close_distributed()
 

@@ -8,7 +8,7 @@ AWR, with detached weights clipped at max_weight (the authors did not clip; beta
     L_pi = mean_t -log pi(a_t|s_t) min(exp(A_t / beta), max_weight)
     L_V = 0.5 mean_t (V_t - R_t)^2
 
-`diff apa.py awr.py` shows only the `# ALGO LOGIC:` lines: the loss, `--beta` and `--max-weight`.
+`diff apa.py awr.py` shows this docstring and the `# ALGO LOGIC:` lines only: the loss, `--beta`, `--max-weight`.
 """
 
 import os
@@ -21,7 +21,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-from plumbing import data, models, padding, run
+from plumbing import checkpoints, data, models, padding, run, scorers
 
 
 @dataclass
@@ -166,7 +166,7 @@ def main():
     policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
     value_model = models.value_network(args.model, "--model", args, device)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
+    score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -186,7 +186,7 @@ def main():
     score_stats = common.RunningMoments()
     start_iteration = 0
     if args.resume:
-        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
+        checkpoint = checkpoints.load_checkpoint(output_dir, trained)  # (restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         score_stats.load_state_dict(checkpoint["score_stats"])
     run.barrier()  # every rank has checked the output directory before rank 0 creates it
@@ -356,10 +356,10 @@ def main():
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and torch.distributed.is_initialized():
-            row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            models.save_checkpoint(
+            checkpoints.save_checkpoint(
                 output_dir,
                 trained,
                 {
@@ -369,7 +369,7 @@ def main():
                 },
             )
 
-    models.save_final_policy(policy, tokenizer, output_dir, args)
+    checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     run.close_distributed()
 

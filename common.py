@@ -1,4 +1,4 @@
-"""What the training loops compute with (a reader of the algorithms reads it once), shared by the five scripts:
+"""What the training loops compute with (a reader of the algorithms reads it once), shared by the scripts:
 reductions over ranks, padding, generation, the log-prob gather and the chunked no-grad passes, micro-batches,
 masked statistics, whitening and running moments. The rest the scripts share is plumbing, in `plumbing/` (loading,
 flags, logging, checkpoints). No algorithm logic lives here: what each algorithm optimises is in its own script."""
@@ -9,6 +9,11 @@ import torch
 import torch.distributed as dist
 
 from plumbing import models, padding, run
+from plumbing.tensors import all_reduce_max as all_reduce_max  # (the floor below: also the scripts' common.X)
+from plumbing.tensors import all_reduce_sum as all_reduce_sum
+from plumbing.tensors import autocast as autocast
+from plumbing.tensors import global_means as global_means
+from plumbing.tensors import position_ids as position_ids
 
 
 class Rollout(NamedTuple):
@@ -22,31 +27,6 @@ class Rollout(NamedTuple):
     lengths: padding.RowLengths  # each row's prompt and response lengths, on the host (read from the device once)
     prompt_texts: list  # what the scorers read: strings, or message lists (conversational)
     response_texts: list[str]
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def global_means(per_sequence: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean over all ranks' sequences of each per-sequence statistic: one all-reduce, one sync."""
-    count = next(iter(per_sequence.values())).new_tensor(len(next(iter(per_sequence.values()))), dtype=torch.float)
-    sums = all_reduce_sum(torch.stack([v.float().sum() for v in per_sequence.values()] + [count])).tolist()
-    return {key: total / sums[-1] for key, total in zip(per_sequence, sums)}
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def micro_batches(rows: torch.Tensor, counts: torch.Tensor, micro_batch_size: int = 0, parts: int = 0):
@@ -72,21 +52,8 @@ def token_micro_batches(schedule: list[torch.Tensor], lengths: padding.RowLength
     share, sync): `mb` (rows, response columns) indexes the (B, R) tensors, `seq` (rows, columns) the (B, P + R)
     ones, of which the first `context` columns are prompt; `share`, `sync` as in `micro_batches`."""
     prompt, response, context_length = lengths.prompt, lengths.response, lengths.context_length
-    plans, tokens = [], []
-    for minibatch in schedule:
-        rows = minibatch.tolist()
-        n = size or len(rows)
-        groups = padding.length_groups([prompt[i] for i in rows], [response[i] for i in rows], n, n * lengths.width)
-        plans.append([[rows[i] for i in group] for group in groups])
-        tokens.append(sum(response[i] for i in rows))
-    counts = padding.to_device(torch.tensor([len(groups) for groups in plans] + tokens), lengths.device)
-    counts = torch.cat([all_reduce_max(counts[: len(plans)]), all_reduce_sum(counts[len(plans) :])]).tolist()
-    parts, totals = counts[: len(plans)], counts[len(plans) :]
+    plans, totals = padding.micro_batch_plans(schedule, lengths, size)  # (rows of similar length; one all-reduce)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    for groups, n in zip(plans, parts):
-        while len(groups) < n:  # another rank needs more: split the largest
-            k = max(range(len(groups)), key=lambda g: len(groups[g]))
-            groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
     device_rows = padding.rows_on_device([group for groups in plans for group in groups], lengths.device)
     out = []
     for groups, total in zip(plans, totals):
@@ -123,11 +90,6 @@ def pad_pairs(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
     lengths = padding.RowLengths(context_length, input_ids.shape[1], [len(p) for p in prompts],
                                  [len(r) for r in responses], input_ids.device)  # fmt: skip
     return input_ids, attention_mask, context_length, padded, response_mask.bool(), lengths
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left-padded and unpadded rows get the same positions, so padding never changes a log-prob."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-from plumbing import data, models, padding, run
+from plumbing import checkpoints, data, models, padding, run, scorers
 
 
 @dataclass
@@ -176,7 +176,7 @@ def main():
     # (eval_score_fn: None without --eval-reward); no value network
     policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
+    score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -194,7 +194,7 @@ def main():
     trained = {"policy": (policy, policy_optimizer)}
     start_iteration = 0
     if args.resume:
-        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
+        checkpoint = checkpoints.load_checkpoint(output_dir, trained)  # (restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
     run.barrier()  # every rank has checked the output directory before rank 0 creates it
     if rank == 0:
@@ -353,10 +353,10 @@ def main():
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and torch.distributed.is_initialized():
-            row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            models.save_checkpoint(
+            checkpoints.save_checkpoint(
                 output_dir,
                 trained,
                 {
@@ -365,7 +365,7 @@ def main():
                 },
             )
 
-    models.save_final_policy(policy, tokenizer, output_dir, args)
+    checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     run.close_distributed()
 

@@ -8,9 +8,9 @@ PPO (Ziegler et al. 2019; Schulman et al. 2017), with k1_t = log pi_old(a_t|s_t)
     L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi / pi_old
     L_V = 0.5 mean_t max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -0.2, 0.2) - R_t)^2)
 
-This file is the template of the online scripts: `diff ppo.py apa.py` shows only the `# ALGO LOGIC:` lines (and
-`diff apa.py awr.py`); ppo_max.py's and grpo.py's docstrings say what their diffs from it show (rloo.py is a diff of
-grpo.py; alol.py, offline, has its own loop).
+This file is the template of the online scripts: `diff ppo.py apa.py` (and `diff apa.py awr.py`) shows the
+docstring and the `# ALGO LOGIC:` lines only; ppo_max.py's and grpo.py's docstrings say what their diffs from it
+show (rloo.py is a diff of grpo.py; alol.py, offline, has its own loop).
 """
 
 import os
@@ -23,7 +23,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-from plumbing import data, models, padding, run
+from plumbing import checkpoints, data, models, padding, run, scorers
 
 
 @dataclass
@@ -200,7 +200,7 @@ def main():
     policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
     value_model = models.value_network(args.model, "--model", args, device)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
+    score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -221,7 +221,7 @@ def main():
     kl_coef = args.kl_coef  # ALGO LOGIC: the adaptive KL controller's state
     start_iteration = 0
     if args.resume:
-        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
+        checkpoint = checkpoints.load_checkpoint(output_dir, trained)  # (restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         kl_coef = checkpoint["kl_coef"]  # ALGO LOGIC
         score_stats.load_state_dict(checkpoint["score_stats"])
@@ -406,10 +406,10 @@ def main():
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and torch.distributed.is_initialized():
-            row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            models.save_checkpoint(
+            checkpoints.save_checkpoint(
                 output_dir,
                 trained,
                 {
@@ -420,7 +420,7 @@ def main():
                 },
             )
 
-    models.save_final_policy(policy, tokenizer, output_dir, args)
+    checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     run.close_distributed()
 

@@ -3,10 +3,9 @@
 Shared by every online script: rollouts with the KV cache, reward-model scores
 at the last real token, GAE (gamma 1, lambda 0.95) from a separate value network, advantages
 whitened over the whole batch, then update epochs over shuffled minibatches.
-PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe;
-`--recipe released` switches to the MOSS-RLHF release (github.com/OpenLMLab/MOSS-RLHF, train_ppo_en.sh): score /
-running_std, KL coef 0.01, no critic warm-up, LR warm-up then inverse-sqrt decay (both recipes: the release's AdamW);
-docs/algorithms.md, "PPO-max", lists what still differs and why):
+PPO-max keeps PPO's clipped losses and changes the rest (defaults: the paper's recipe; `--recipe released`: the
+MOSS-RLHF release, github.com/OpenLMLab/MOSS-RLHF train_ppo_en.sh: score / running_std, KL coef 0.01, no critic
+warm-up, LR warm-up then inverse-sqrt decay; both use its AdamW; docs/algorithms.md, "PPO-max": what still differs):
     r_t = -eta k1_t + [t = last] clip((score - running_mean) / running_std, -delta, delta),  eta FIXED
     no advantage whitening (`--norm-adv` on), one gradient-norm clip over policy and critic together,
     critic initialised from the reward model, `--critic-warmup-steps`, one update epoch, PPO-ptx.
@@ -25,7 +24,7 @@ import tyro
 from transformers import GenerationConfig
 
 import common
-from plumbing import data, models, padding, run
+from plumbing import checkpoints, data, models, padding, run, scorers
 
 
 @dataclass
@@ -178,7 +177,7 @@ def value_loss(values, old_values, returns, mask, value_clip: float):
 
 def check_same_tokenizer(tokenizer, path: str, flag: str, trust_remote_code: bool):
     """The critic starts as the reward model but reads the policy's token ids: it needs the policy's vocabulary."""
-    if models.is_scoring_function(path):
+    if scorers.is_scoring_function(path):
         run.fail(f"{flag} '{path}' is a scoring function, not a model; pass a --critic-model path or hub name")
     if models.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
         run.fail(f"{flag} '{path}' does not share the tokenizer of --model; pass a --critic-model that does")
@@ -219,7 +218,7 @@ def main():
     policy, ref_policy = models.policy_and_reference(args, device)
     unwrapped_policy = models.unwrap(policy)
     value_model = models.value_network(critic_path, "--critic-model", args, device)
-    score_fn, eval_score_fn = models.load_scorers(args, device, dtype)
+    score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=True,
@@ -243,7 +242,7 @@ def main():
     critic_warmup_steps = args.critic_warmup_steps if args.critic_warmup_steps is not None else warmup
     start_iteration = 0
     if args.resume:
-        checkpoint = models.load_checkpoint(output_dir, trained)  # (and restores the trained models and optimizers)
+        checkpoint = checkpoints.load_checkpoint(output_dir, trained)  # (restores the trained models and optimizers)
         start_iteration = checkpoint["iteration"]
         score_stats.load_state_dict(checkpoint["score_stats"])
     run.barrier()  # every rank has checked the output directory before rank 0 creates it
@@ -439,10 +438,10 @@ def main():
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_metrics = {"eval/iteration": iteration, **evaluate()}
         if iteration == num_iterations and torch.distributed.is_initialized():
-            row["dist/max_param_difference"] = models.max_replica_difference(unwrapped_policy)
+            row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            models.save_checkpoint(
+            checkpoints.save_checkpoint(
                 output_dir,
                 trained,
                 {
@@ -452,7 +451,7 @@ def main():
                 },
             )
 
-    models.save_final_policy(policy, tokenizer, output_dir, args)
+    checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
     run.close_distributed()
 

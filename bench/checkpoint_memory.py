@@ -5,8 +5,8 @@
 Each phase runs under torchrun as the scripts run it (models.load_causal_lm, prepare_model, save_checkpoint,
 load_checkpoint) on a random 410m-shaped GPT-NeoX (toy vocabulary) with AdamW, and records each rank's peak resident
 memory (ru_maxrss) after it:
-1. loading: only rank 0 reads the checkpoint (models.load_on_rank_0), or every rank (as before);
-2. one training step (forward, backward, AdamW), then a sharded save (models.save_checkpoint: each rank its own
+1. loading: only rank 0 reads the checkpoint (models.rank_0_loads), or every rank (as before);
+2. one training step (forward, backward, AdamW), then a sharded save (checkpoints.save_checkpoint: each rank its own
    shards), then the old full save (every tensor gathered on rank 0, torch.save);
 3. a new process: loading, then resuming from the sharded checkpoint.
 The peak never falls, so a phase that needs no more memory than the ones before it leaves the peak unchanged.
@@ -45,30 +45,30 @@ def phase(name: str, size: str, run_dir: str):
     sys.path.insert(0, str(REPO / "bench"))
     from throughput import make_models
 
-    from plumbing import models, run
+    from plumbing import checkpoints, models, run
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
     policy_dir = make_models(size, Path(run_dir), torch.device("cpu"))[0] if rank == 0 else None
     policy_dir = run.broadcast_object(policy_dir)
     out["start"] = peak_gib()
-    models.load_on_rank_0(name != "load_every_rank")
-    model = models.load_causal_lm(policy_dir, torch.float32)
-    model = models.shard_model(model, torch.float32)
+    rank_0_loads = name != "load_every_rank"
+    model = models.load_causal_lm(policy_dir, torch.float32, rank_0_loads=rank_0_loads)
+    model = models.shard_model(model, torch.float32, rank_0_loads)
     out["loaded"] = peak_gib()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     trained = {"policy": (model, optimizer)}
     if name == "resume":
-        models.load_checkpoint(run_dir, trained)
+        checkpoints.load_checkpoint(run_dir, trained)
         out["resumed"] = peak_gib()
     elif name == "train_and_save":
         ids = torch.randint(3, 600, (4, 128), generator=torch.Generator().manual_seed(rank))
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         out["trained"] = peak_gib()
-        models.save_checkpoint(run_dir, trained, {"iteration": 1})
+        checkpoints.save_checkpoint(run_dir, trained, {"iteration": 1})
         out["sharded save"] = peak_gib()
-        state = models.training_state(trained)  # the old way: every tensor gathered on rank 0
+        state = checkpoints.training_state(trained)  # the old way: every tensor gathered on rank 0
         if rank == 0:
             torch.save(state, os.path.join(run_dir, "full_checkpoint.pt"))
         del state

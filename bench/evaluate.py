@@ -34,7 +34,7 @@ from transformers import GenerationConfig
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (the repository is on the path now)
-from plumbing import data, models, run  # noqa: E402
+from plumbing import data, models, run, scorers  # noqa: E402
 
 
 @dataclass
@@ -73,7 +73,7 @@ def settings_of(args: Args) -> SimpleNamespace:
 
 
 @torch.no_grad()
-def evaluate(path: str, s: SimpleNamespace, seed: int, scorers, rank: int, world_size: int, device, dtype) -> dict:
+def evaluate(path: str, s: SimpleNamespace, seed: int, scorer_fns, rank: int, world_size: int, device, dtype) -> dict:
     """The training scripts' evaluate(), for the policy at `path`: metrics and samples."""
     tokenizer = models.load_tokenizer(path, s.trust_remote_code, s.chat_template)
     rows = data.load_rows(s.dataset, s.eval_split)[0][: s.eval_size][rank::world_size]
@@ -109,7 +109,7 @@ def evaluate(path: str, s: SimpleNamespace, seed: int, scorers, rank: int, world
     prompt_texts = data.scoring_prompts(tokenizer, queries, rows)
     response_texts = data.response_texts(tokenizer, queries, responses)
     ended = torch.isin(responses, stop_ids).any(1)
-    return run.evaluation_metrics(*scorers, prompt_texts, response_texts, ended, kl, response_mask, s.ns)
+    return run.evaluation_metrics(*scorer_fns, prompt_texts, response_texts, ended, kl, response_mask, s.ns)
 
 
 def win_rate(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -127,10 +127,10 @@ def main():
     dtype = run.resolve_dtype(s.dtype, device)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-    scorers = models.load_scorers(s, device, dtype)
+    scorer_fns = scorers.load_scorers(s, device, dtype)
     results = []
     for i, policy in enumerate(args.policies):
-        metrics = evaluate(policy, s, s.seed + i, scorers, rank, world_size, device, dtype)
+        metrics = evaluate(policy, s, s.seed + i, scorer_fns, rank, world_size, device, dtype)
         samples = metrics.pop("samples")
         results.append({"policy": policy, "seed": s.seed + i, "metrics": metrics, "samples": samples})
         if rank == 0:
@@ -138,7 +138,7 @@ def main():
                 f.writelines(json.dumps(sample) + "\n" for sample in samples)
             print(f"[{i}] {policy} (seed {s.seed + i})", *(f"{k} {v:.4f}" for k, v in metrics.items()), sep="  ")
     win_rates = {}
-    for key in ("reward", "gold_reward") if scorers[1] else ("reward",):
+    for key in ("reward", "gold_reward") if scorer_fns[1] else ("reward",):
         table = {}
         for i, a in enumerate(results):
             for j, b in enumerate(results[i + 1 :], i + 1):

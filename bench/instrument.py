@@ -80,7 +80,7 @@ def main():
     out_path, script, flags = args[0], args[1], args[2:]
     sys.path.insert(0, str(repo))
     import common
-    from plumbing import models, run
+    from plumbing import models, run, scorers
 
     cuda = torch.cuda.is_available()
     counter = Counter(cuda)
@@ -129,7 +129,7 @@ def main():
 
     models.policy_and_reference = after_load("policy and reference", models.policy_and_reference)
     models.value_network = after_load("value network", models.value_network)
-    models.load_scorers = after_load("scorers", models.load_scorers)
+    scorers.load_scorers = after_load("scorers", scorers.load_scorers)
     common.generate = phase("generation", common.generate, generate=True)
     common.chunked_logprobs = phase("no-grad passes", common.chunked_logprobs)
     common.chunked_values = phase("no-grad passes", common.chunked_values)

@@ -35,7 +35,12 @@ ALOL = tuple(f"tests/test_alol.py::test_{t}" for t in ("variant_losses_and_gradi
              "advantages_and_the_weights_each_variant_trains_with",
              "priority_sampling_follows_positive_advantages"))  # fmt: skip
 INVARIANTS = "tests/test_invariants.py::test_what_main_passes_to_the_algorithm_and_the_first_minibatch"
-MODELS, DATA = "plumbing/models.py", "plumbing/data.py"
+MODELS, SCORERS, CHECKPOINTS, DATA = (
+    "plumbing/models.py",
+    "plumbing/scorers.py",
+    "plumbing/checkpoints.py",
+    "plumbing/data.py",
+)
 TWO_RANKS = "tests/test_common.py::test_statistics_over_the_whole_batch_on_two_ranks"
 SPLITS = "tests/test_scale.py::test_one_update_for_any_split_into_ranks_and_micro_batches"
 RELEASED = "tests/test_ppo_max.py::test_released_recipe_end_to_end"
@@ -94,7 +99,7 @@ MUTANTS = [
            "return advantages, returns", (REWARDS,)),
     Mutant("apa-anchor-pi-old", "apa.py", "policy_loss(new_logprobs, ref_logprobs[mb],",
            "policy_loss(new_logprobs, logprobs[mb],", (f"{INVARIANTS}[apa]",)),
-    Mutant("token-count-not-all-reduced", "common.py", "all_reduce_sum(counts[len(plans) :])]",
+    Mutant("token-count-not-all-reduced", "plumbing/padding.py", "tensors.all_reduce_sum(counts[len(plans) :])]",
            "counts[len(plans) :]]", (TWO_RANKS,)),
     Mutant("row-count-of-this-rank-only", "common.py", "total = counts[rows].sum().item()",
            "total = counts[rows[rank::world_size]].sum().item()", (TWO_RANKS,)),
@@ -176,12 +181,12 @@ MUTANTS = [
     # behaves like the right one, so no assertion can tell them apart there)
     Mutant("value-net-lora-backbone", MODELS, "model = hf_model(self.model)  #", "model = self.model  #",
            (ARCHITECTURES,)),
-    Mutant("chat-rm-extra-eos", MODELS, "if wants_eos and not templated and", "if wants_eos and", (CHAT_RM,)),
-    Mutant("encoder-pair-ignored", MODELS, 'self.input_format = "pair" if encoder',
+    Mutant("chat-rm-extra-eos", SCORERS, "if wants_eos and not templated and", "if wants_eos and", (CHAT_RM,)),
+    Mutant("encoder-pair-ignored", SCORERS, 'self.input_format = "pair" if encoder',
            'self.input_format = "text" if encoder', (PAIR,)),
-    Mutant("pad-eos-read-before-eos", MODELS, "pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id not in",
-           "pad = self.tokenizer.pad_token_id if True or self.tokenizer.pad_token_id not in", (TRLX,)),
-    Mutant("first-eos-ignored", MODELS, "ids = ids[: ids.index(eos) + 1]", "ids = ids", (TRLX,)),
+    Mutant("pad-eos-read-before-eos", SCORERS, "pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id",
+           "pad = self.tokenizer.pad_token_id if True or self.tokenizer.pad_token_id", (TRLX,)),
+    Mutant("first-eos-ignored", SCORERS, "ids = ids[: ids.index(eos) + 1]", "ids = ids", (TRLX,)),
     Mutant("response-text-decoded-alone", DATA, "return [f[len(p) :] if f.startswith(p) else a",
            "return [a if f.startswith(p) else a", (SENTENCEPIECE,)),
     Mutant("stop-string-not-stripped", DATA, "text[: min(cuts)].rstrip()", "text[: min(cuts)]", (STOP_CUT,)),
@@ -204,11 +209,11 @@ MUTANTS = [
     # (not `set_optimizer_state_dict(...)` -> `pass`: dcp.load already fills the optimizer's own state tensors in
     # place, and a fresh AdamW has the same hyperparameters, so that change is equivalent; reading no optimizer
     # shards is the bug)
-    Mutant("fsdp-resume-optimizer-not-read", MODELS, "dcp.load(sharded, checkpoint_id=directory)",
+    Mutant("fsdp-resume-optimizer-not-read", CHECKPOINTS, "dcp.load(sharded, checkpoint_id=directory)",
            'dcp.load({k: v for k, v in sharded.items() if not k.endswith("_optimizer")}, checkpoint_id=directory)',
            (FSDP_RESUME,)),
     Mutant("unknown-roles-accepted", DATA, 'if m["role"] not in ROLES:', "if False:", (MALFORMED,)),
-    Mutant("cut-response-end-of-turn", MODELS, "if ended is False and self.options.append_eos",
+    Mutant("cut-response-end-of-turn", SCORERS, "if ended is False and self.options.append_eos",
            "if False and self.options.append_eos", (CUT_TEMPLATE,)),
     Mutant("response-tokenized-alone", DATA, "if full_ids[: len(head_ids)] == head_ids:", "if False:", (WHOLE_TEXT,)),
     Mutant("authors-controller-local-n", "ppo.py", "args.kl_target, args.mini_batch_size, args.kl_horizon",

@@ -35,7 +35,7 @@ import tyro
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402  (the repository is on the path now)
-from plumbing import data, models, run  # noqa: E402
+from plumbing import data, models, run, scorers  # noqa: E402
 
 ONLINE = {"ppo": [], "ppo_max": ["--critic-warmup-steps", "0"], "apa": [], "awr": []}  # extra flags per script
 # Pythia shapes (hidden size, layers, attention heads); intermediate size 4 x hidden, rotary on 25% of dims
@@ -159,8 +159,12 @@ class Floor:
         self.reference = models.load_causal_lm(policy_path, torch.float32).requires_grad_(False).to(device)
         self.value = models.load_value_model(policy_path, torch.float32, "--model").to(device)
         # the reward is timed through the scripts' own scorer: decoded text re-tokenized, then the RM's forward
-        self.score = models.load_scorer(
-            reward_path, "--reward-model", device, self.dtype, models.ScoringOptions(batch_size=args.forward_batch_size)
+        self.score = scorers.load_scorer(
+            reward_path,
+            "--reward-model",
+            device,
+            self.dtype,
+            scorers.ScoringOptions(batch_size=args.forward_batch_size),
         )
         self.optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-7) for m in (self.policy, self.value)]
         prompts = data.load_rows("toy/data", "train")[0]

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-import common
+from plumbing import tensors
 
 # a forward call costs its tokens plus about CALL_TOKENS more (launches, per-call work, a device less busy on a small
 # call): rows are split into another call only where that saves more padding than this. (256, the previous value,
@@ -85,6 +85,28 @@ def sorted_chunks(lengths: RowLengths, chunk_size: int):
         yield rows, slice(context - p, context + max(r, 1))
 
 
+def micro_batch_plans(schedule: list[torch.Tensor], lengths: RowLengths, size: int):
+    """For each minibatch of `schedule` (host tensors of row indices): its micro-batches as lists of rows of similar
+    length (`length_groups`: at most `size` rows, 0 = all, or their tokens at full width), as many on every rank
+    (a rank with fewer splits its largest), and its response tokens on all ranks. One all-reduce for the update."""
+    plans, tokens = [], []
+    for minibatch in schedule:
+        rows = minibatch.tolist()
+        n = size or len(rows)
+        groups = length_groups([lengths.prompt[i] for i in rows], [lengths.response[i] for i in rows], n,
+                               n * lengths.width)  # fmt: skip
+        plans.append([[rows[i] for i in group] for group in groups])
+        tokens.append(sum(lengths.response[i] for i in rows))
+    counts = to_device(torch.tensor([len(groups) for groups in plans] + tokens), lengths.device)
+    counts = torch.cat([tensors.all_reduce_max(counts[: len(plans)]), tensors.all_reduce_sum(counts[len(plans) :])])
+    counts = counts.tolist()
+    for groups, n in zip(plans, counts[: len(plans)]):
+        while len(groups) < n:  # another rank needs more: split the largest
+            k = max(range(len(groups)), key=lambda g: len(groups[g]))
+            groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
+    return plans, counts[len(plans) :]
+
+
 # (padding tokens, computed tokens) this iteration: padding counted where it is computed (a device tensor: no read
 # of the device per call), read once per iteration by padding_fractions
 PADDING = {"generate": [0, 0], "passes": [0, 0], "update": [0, 0]}
@@ -103,7 +125,7 @@ def padding_fractions() -> dict[str, float]:
     counted = [pad for pad, _ in PADDING.values() if isinstance(pad, torch.Tensor)]
     device = next((t.device for t in counted if t.device.type != "cpu"), torch.device("cpu"))
     values = [torch.as_tensor(v, dtype=torch.float64, device=device) for pair in PADDING.values() for v in pair]
-    totals = common.all_reduce_sum(torch.stack(values)).tolist()
+    totals = tensors.all_reduce_sum(torch.stack(values)).tolist()
     out = {f"time/padding_fraction_{k}": totals[2 * i] / max(totals[2 * i + 1], 1) for i, k in enumerate(PADDING)}
     for pair in PADDING.values():
         pair[0] = pair[1] = 0

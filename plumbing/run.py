@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import common
+from plumbing import tensors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -225,7 +225,7 @@ def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, en
     samples = sorted(all_gather_list(samples), key=lambda sample: sample["index"])
     texts = [sample["response"] for sample in samples]
     return {
-        **common.global_means(per_sequence),
+        **tensors.global_means(per_sequence),
         **{f"eval/distinct_{n}": distinct_n(texts, n) for n in ns},
         "samples": samples,
     }

@@ -98,7 +98,7 @@ def base_config(path: str, fmt: str):
                 "only last-token pooling converts to a sequence classifier: use a checkpoint trained with 'last'"
             )
         return GPTNeoXConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "architectures")})
-    return models._load(AutoConfig, path, "--base")
+    return models.load_pretrained(AutoConfig, path, "--base")
 
 
 def convert(state: dict, config, fmt: str, what: str):

@@ -1,4 +1,4 @@
-"""Run an algorithm script with models.save_checkpoint wrapped: once the first checkpoint is written (on every
+"""Run an algorithm script with checkpoints.save_checkpoint wrapped: once the first checkpoint is written (on every
 rank), rank 0 writes PAUSED (a path) and every rank waits there, so a test can kill the run at that point, after a
 checkpoint and before the next iteration, with no race. Usage: PAUSED=path python tests/pause_after_checkpoint.py
 ppo [script flags...] (or under torchrun)."""
@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plumbing import models  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 
-save_checkpoint = models.save_checkpoint
+save_checkpoint = checkpoints.save_checkpoint
 
 
 def pausing_save_checkpoint(*args, **kwargs):
@@ -30,6 +30,6 @@ def pausing_save_checkpoint(*args, **kwargs):
 
 if __name__ == "__main__":
     script = importlib.import_module(sys.argv[1])
-    models.save_checkpoint = pausing_save_checkpoint
+    checkpoints.save_checkpoint = pausing_save_checkpoint
     sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
     script.main()

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
-from plumbing import models  # noqa: E402
+from plumbing import scorers  # noqa: E402
 
 events = []
 
@@ -127,7 +127,7 @@ if __name__ == "__main__":
     common.micro_batches = recorded_generator("micro_batch", common.micro_batches)
     common.response_logits = recorded_temperature(common.response_logits)
     common.token_micro_batches = recorded_plan("token_micro_batch", common.token_micro_batches)
-    models.load_scorers = recorded_scorers(models.load_scorers)
+    scorers.load_scorers = recorded_scorers(scorers.load_scorers)
     torch.nn.utils.clip_grad_norm_ = clip_grad_norm_(torch.nn.utils.clip_grad_norm_)
     recorded_runs = []
     for flags in runs:

@@ -1,4 +1,4 @@
-"""Run an algorithm script (under torchrun) with models.load_checkpoint wrapped: right after a --resume restores
+"""Run an algorithm script (under torchrun) with checkpoints.load_checkpoint wrapped: right after a --resume restores
 the trained models and optimizers, their full state (gathered under --fsdp, as training_state builds it for a
 checkpoint) is saved to RESTORED_STATE, then the run goes on. Usage: RESTORED_STATE=path.pt python
 tests/restored_state.py ppo [script flags...]."""
@@ -13,14 +13,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plumbing import models  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 
-load_checkpoint = models.load_checkpoint
+load_checkpoint = checkpoints.load_checkpoint
 
 
 def dumping_load_checkpoint(output_dir, trained):
     state = load_checkpoint(output_dir, trained)
-    full = models.training_state(trained)  # (every rank takes part; rank 0 holds the tensors)
+    full = checkpoints.training_state(trained)  # (every rank takes part; rank 0 holds the tensors)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(full, os.environ["RESTORED_STATE"])
     return state
@@ -28,6 +28,6 @@ def dumping_load_checkpoint(output_dir, trained):
 
 if __name__ == "__main__":
     script = importlib.import_module(sys.argv[1])
-    models.load_checkpoint = dumping_load_checkpoint
+    checkpoints.load_checkpoint = dumping_load_checkpoint
     sys.argv = [sys.argv[1] + ".py", *sys.argv[2:]]
     script.main()

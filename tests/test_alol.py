@@ -123,7 +123,8 @@ def test_value_head_beats_the_mean_on_unseen_prompts(one_thread):
 
     from common import generate, left_pad, position_ids
     from plumbing.data import load_rows, tokenize_prompts
-    from plumbing.models import ScoringOptions, load_causal_lm, load_scorer, load_tokenizer
+    from plumbing.models import load_causal_lm, load_tokenizer
+    from plumbing.scorers import ScoringOptions, load_scorer
 
     tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
     policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)

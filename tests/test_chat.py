@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from common import generate, left_pad
 from plumbing.data import load_rows, render_plain, stop_token_ids, tokenize_prompts, tokenize_responses
-from plumbing.models import ScoringOptions, load_scorer
+from plumbing.scorers import ScoringOptions, load_scorer
 
 USER = {"role": "user", "content": "how do i get better at chess?"}
 ANSWER = {"role": "assistant", "content": "sure! watch the endgame first."}

@@ -166,7 +166,7 @@ def test_pad_pairs_builds_the_rollout_layout():
 
 def test_training_state_round_trip_restores_weights_optimizer_and_running_moments(tiny_lm):
     """What a checkpoint saves of each trained (model, optimizer) and of RunningMoments, --resume restores exactly."""
-    from plumbing.models import load_training_state, training_state
+    from plumbing.checkpoints import load_training_state, training_state
 
     def one_step(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import FAST, REPO, read_metrics, run_script
 
-from plumbing import models
+from plumbing import checkpoints
 
 SAMPLE_FIELDS = {"iteration", "index", "prompt", "response", "reward", "gold_reward", "kl", "length", "ended"}
 
@@ -117,7 +117,7 @@ def test_push_to_hub_uploads_policy_and_adapter_folders(tmp_path, monkeypatch):
             (tmp_path / folder / name).write_text("{}")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     FakeHub.calls = []
-    models.push_to_hub(str(tmp_path), "me/ppo-toy")
+    checkpoints.push_to_hub(str(tmp_path), "me/ppo-toy")
     assert FakeHub.calls == [
         ("create_repo", "me/ppo-toy", True),
         ("upload_folder", "me/ppo-toy", ["README.md", "config.json", "model.safetensors"], None),
@@ -125,7 +125,7 @@ def test_push_to_hub_uploads_policy_and_adapter_folders(tmp_path, monkeypatch):
     ]
     FakeHub.fail = True
     with pytest.raises(SystemExit) as error:
-        models.push_to_hub(str(tmp_path), "me/ppo-toy")
+        checkpoints.push_to_hub(str(tmp_path), "me/ppo-toy")
     message = str(error.value)
     assert "\n" not in message and "the upload failed (ConnectionError: the hub cannot be reached)" in message
     assert f"hf upload me/ppo-toy {tmp_path}/policy" in message

@@ -4,7 +4,8 @@ import torch
 from conftest import FAST, REPO, read_metrics, run_script
 
 from common import RunningMoments, left_pad
-from plumbing.models import ScoringOptions, load_scorer, load_tokenizer, load_value_model
+from plumbing.models import load_tokenizer, load_value_model
+from plumbing.scorers import ScoringOptions, load_scorer
 from ppo_max import lr_factor, normalize_scores, ptx_loss
 
 

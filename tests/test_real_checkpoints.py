@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, REPO, run_script
 
 from common import RunningMoments, response_logits
-from plumbing.models import ScoringOptions, load_scorer
+from plumbing.scorers import ScoringOptions, load_scorer
 
 TEXTS = [
     ("\n\nHuman: what matters most in chess?\n\nAssistant:", " watch the bishop early, and castle before move ten."),

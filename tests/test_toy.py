@@ -6,7 +6,8 @@ import torch
 from conftest import REPO
 
 from plumbing.data import load_rows
-from plumbing.models import ScoringOptions, load_causal_lm, load_scorer, load_tokenizer
+from plumbing.models import load_causal_lm, load_tokenizer
+from plumbing.scorers import ScoringOptions, load_scorer
 from toy.gold import score, score_one
 
 
