@@ -12,8 +12,10 @@ CUDA, and every run when RLHF_TEST_FORK=0 start a real interpreter instead (unde
 ranks), as do the commands that bench/ and the recipes start themselves."""
 
 import atexit
+import json
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import runpy
 import shutil
@@ -61,9 +63,10 @@ def torchrun_env(env: dict, rank: int, nproc: int, port: int) -> dict:
     return {"OMP_NUM_THREADS": "1", **env, **ranks, **sizes, **extra}
 
 
-def run_rank(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str):
+def run_rank(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str, base_path: list[str]):
     """In the fork server's child: become `python SCRIPT ARGS` (its exit status is the script's: multiprocessing
-    turns SystemExit and an exception into it as the interpreter does)."""
+    turns SystemExit and an exception into it as the interpreter does), with the sys.path a new interpreter would
+    have (`base_path`, not the test process's)."""
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
     os.environ.clear()
@@ -75,8 +78,8 @@ def run_rank(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str):
     if env.get("PYTHONUNBUFFERED"):
         sys.stdout.reconfigure(write_through=True), sys.stderr.reconfigure(write_through=True)
     sys.argv = list(argv)
-    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-    sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    pythonpath = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *pythonpath, *base_path]
     try:
         runpy.run_path(argv[0], run_name="__main__")
     finally:
@@ -89,24 +92,27 @@ class Run:
     def __init__(self, argv, stdout, stderr, processes=(), popen=None, store=None):
         self.argv, self.stdout, self.stderr = argv, stdout, stderr
         self.processes, self.popen, self.store = list(processes), popen, store  # (the store lives as long as the run)
-        self.returncode, self.deadline = None, None
+        self.returncode, self.deadline, self.first_failure = None, None, 0
+        _live.add(self)
 
     def wait(self, timeout: float | None = None) -> int:
         """The exit status (negative: the signal that killed it): the first failed rank's, else 0. When a rank fails,
         the others get SIGTERM, and SIGKILL 30 s later, as under torchrun."""
         if self.popen is not None:
             self.returncode = self.popen.wait(timeout)
+            _live.discard(self)
             return self.returncode
         end = None if timeout is None else time.time() + timeout
         while self.returncode is None:
             running = [p for p in self.processes if p.exitcode is None]
             failed = [p.exitcode for p in self.processes if p.exitcode not in (None, 0)]
-            if failed and self.deadline is None:
-                self.deadline = time.time() + 30
+            if failed and self.deadline is None:  # (the first failure's status, not that of the ranks stopped then)
+                self.deadline, self.first_failure = time.time() + 30, failed[0]
                 for p in running:
                     p.terminate()
             if not running:
-                self.returncode, self.store = (failed[0] if failed else 0), None
+                self.returncode, self.store = self.first_failure, None
+                _live.discard(self)
                 break
             limits = [t - time.time() for t in (end, self.deadline) if t is not None]
             if self.deadline is not None and time.time() > self.deadline:
@@ -127,7 +133,10 @@ class Run:
 
     def kill(self):
         if self.popen is not None:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # torchrun and its workers: one process group
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)  # torchrun and its workers: one process group
+            except ProcessLookupError:  # (ended already)
+                pass
         for p in self.processes:
             if p.exitcode is None:
                 p.kill()
@@ -144,15 +153,27 @@ class Run:
         return subprocess.CompletedProcess(self.argv, self.returncode, *texts)
 
 
-_context = None
+_live: set[Run] = set()  # runs not yet waited for: killed when the test process exits (else multiprocessing joins them)
+atexit.register(lambda: [run.kill() for run in list(_live)])
+_context, _base_path = None, None
 
 
 def fork_server():
-    """multiprocessing's forkserver context, its server importing PRELOAD under BASE_ENV (started at first use)."""
-    global _context
+    """multiprocessing's forkserver context, its server started (at first use) under BASE_ENV, importing PRELOAD, and
+    the sys.path of a new interpreter under BASE_ENV (its children's, whatever the test process has added)."""
+    global _context, _base_path
     if _context is None:
+        env = {k: v for k, v in BASE_ENV.items() if k != "PYTHONPATH"}
+        probe = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"]
+        _base_path = json.loads(subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout)
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
+        current = dict(os.environ)
+        os.environ.clear(), os.environ.update(BASE_ENV)  # (the server inherits the environment it starts in)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear(), os.environ.update(current)
     return _context
 
 
@@ -170,6 +191,8 @@ def start(argv: list[str], env: dict, cwd: str, nproc: int = 1, torchrun: bool =
     """Start `python argv...` (nproc == 1, not `torchrun`) or `torchrun --nproc_per_node nproc argv...`."""
     outputs = tempfile.mkdtemp(prefix="launcher-")
     stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+    for path in (stdout, stderr):  # (there even when a child dies before it runs the script)
+        open(path, "w").close()
     torchrun = torchrun or nproc > 1
     if forks(env):
         import torch.distributed as dist
@@ -177,7 +200,10 @@ def start(argv: list[str], env: dict, cwd: str, nproc: int = 1, torchrun: bool =
         # the run's store, on a port the OS picked and that stays bound: no free port looked up and then raced for
         store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False) if torchrun else None
         envs = [torchrun_env(env, rank, nproc, store.port) if torchrun else env for rank in range(nproc)]
-        processes = [fork_server().Process(target=run_rank, args=(argv, e, str(cwd), stdout, stderr)) for e in envs]
+        context = fork_server()
+        processes = [
+            context.Process(target=run_rank, args=(argv, e, str(cwd), stdout, stderr, _base_path)) for e in envs
+        ]
         for p in processes:
             p.start()
         return Run(argv, stdout, stderr, processes=processes, store=store)
