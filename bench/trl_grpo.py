@@ -1,6 +1,6 @@
 """Side by side with Hugging Face TRL's GRPOTrainer: the same GRPO run on the toy task, timed in both.
 
-    bench/trl_venv.sh /tmp/trl-venv                       # TRL in its own pinned environment (bench/trl_requirements.txt)
+    bench/trl_venv.sh /tmp/trl-venv            # TRL in its own pinned environment (bench/trl_requirements.txt)
     python bench/trl_grpo.py --trl-python /tmp/trl-venv/bin/python
 
 Both sides train the toy SFT policy with the toy reward model on the toy prompts: 10 rollouts of 16 prompts x 4
@@ -83,8 +83,9 @@ def ours(seed: int, out: Path) -> dict:
     process = time.perf_counter() - start
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")][1:]
     split = {k: sum(r[f"time/{k}"] for r in rows) for k in ("generate", "score", "update")}
-    return {"process_s": process, "loop_s": sum(r["time/iteration"] for r in rows), **{f"{k}_s": v for k, v in
-            split.items()}, "first_reward": rows[0]["train/reward"], "last_reward": rows[-1]["train/reward"]}  # fmt: skip
+    loop = sum(r["time/iteration"] for r in rows)
+    rewards = {"first_reward": rows[0]["train/reward"], "last_reward": rows[-1]["train/reward"]}
+    return {"process_s": process, "loop_s": loop, **{f"{k}_s": v for k, v in split.items()}, **rewards}
 
 
 def main():
@@ -110,13 +111,14 @@ def main():
             results["ours"].append(ours(seed, Path(tmp) / "run"))
         print(json.dumps({k: v[-1] for k, v in results.items()}), flush=True)
     mean = {side: {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} for side, runs in results.items()}
-    version = subprocess.run([args.trl_python, "-c", "import trl, transformers, torch; print(trl.__version__, "
-                              "transformers.__version__, torch.__version__)"], capture_output=True, text=True)  # fmt: skip
+    probe = "import trl, transformers, torch; print(trl.__version__, transformers.__version__, torch.__version__)"
+    version = subprocess.run([args.trl_python, "-c", probe], capture_output=True, text=True)
     lines = [
         f"# GRPO on the toy task: this project's grpo.py against TRL's GRPOTrainer (TRL, transformers, torch: "
         f"{version.stdout.strip()}), mean of seeds {', '.join(map(str, args.seeds))}",
         "",
-        "| | whole process (s) | training loop (s) | generate (s) | score (s) | update (s) | train reward first -> last |",
+        "| | whole process (s) | training loop (s) | generate (s) | score (s) | update (s) "
+        "| train reward first -> last |",
         "|---|---|---|---|---|---|---|",
     ]
     t, o = mean["trl"], mean["ours"]
