@@ -209,9 +209,11 @@ def main():
     samples, divisor, _ = REGIMES[args.regime]
     budget = "smoke budget" if args.mode == "smoke" else f"{samples} samples"
     title = f"{args.regime} regime ({budget}, lr / {divisor}), {len(seeds)} seeds"
-    if args.extra:
-        title += f", {args.extra}"
-    header = f"# Matched-KL frontier: {title}\n\n"
+    if args.tag or args.extra:  # (the tag names a sweep whose flags are long; the table's header has them)
+        title += f", {args.tag or args.extra}"
+    header = f"# Matched-KL frontier: {title}\n\n" + (
+        f"Runs with --extra={shlex.quote(args.extra)}\n\n" if args.extra else ""
+    )
     (out / f"{stem}.md").write_text(header + table(rows))
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, out / f"{stem}.png", title)
