@@ -35,7 +35,7 @@ SITE = "/tmp/device-site"  # where the wheels are installed (on PYTHONPATH for e
 # a few iterations of the toy task with small batches (as the end-to-end tests run it)
 FAST = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--max-new-tokens", "24",
         "--eval-size", "16", "--eval-every", "1", "--save-every", "0"]  # fmt: skip
-ONLINE = {"ppo": [], "ppo_max": ["--critic-warmup-steps", "0"], "apa": [], "awr": []}
+ONLINE = {"ppo": [], "ppo_max": ["--critic-warmup-steps", "0"], "apa": [], "awr": [], "grpo": [], "rloo": []}
 ALOL = ["--total-steps", "4", "--batch-size", "8", "--eval-size", "16", "--eval-every", "4", "--save-every", "0",
         "--value-samples", "1", "--value-epochs", "2"]  # fmt: skip
 
