@@ -25,6 +25,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,13 @@ def main():
     parser.add_argument("--budget", type=float, default=0, help="seconds in all (default 330; --cpu 170)")
     args = parser.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
+    # a check owns OUTDIR: a previous check's runs would make every script refuse its --output-dir
+    previous = [args.outdir / n for n in ("runs", "torchrun", "throughput", "data") if (args.outdir / n).exists()]
+    previous += [f for f in args.outdir.glob("*.log") if f.name != "device_check.log"]  # the .sh's own log is live
+    for path in previous:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if previous:
+        print(f"removed a previous check's {len(previous)} runs and logs from {args.outdir}", flush=True)
     check = Check(args.outdir.resolve(), args.cpu, args.budget or (170 if args.cpu else 330))
     out, python = check.out, sys.executable
 
