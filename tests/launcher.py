@@ -1,14 +1,15 @@
 """How the tests start the scripts: as `python SCRIPT ARGS` or `torchrun --nproc_per_node N SCRIPT ARGS` would, but
 each run is a fork of a server process that has already imported torch, transformers, peft, datasets and tyro.
 
-A new interpreter spends ~9 s of CPU importing those before a script does anything, and the suite starts about a
-hundred script processes; a fork starts in milliseconds. Each run is still its own process, with its own argv,
-environment, working directory, stdout/stderr and exit status, running the script's `__main__` (runpy); N ranks are
-N forks given the variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and when one fails the others are
-stopped, as torchrun does. The server never computes with torch (no OpenMP pool, no CUDA) so its forks start clean.
-The recipes' own `python` and `torchrun` commands reach the server through shims on their PATH (see shims()). A run
-whose environment changes what a library reads when it is imported (HF_*, TRANSFORMERS_*, ...), any run on a
-machine with CUDA, and every run when RLHF_TEST_FORK=0 start a real interpreter instead."""
+A new interpreter spends ~4 s of CPU importing those before a script does anything (a short toy run takes ~8 s in
+all), and the suite starts a few hundred script processes; a fork starts in milliseconds. Each run is still its own
+process, with its own argv, environment, working directory, stdout/stderr and exit status, running the script's
+`__main__` (runpy); N ranks are N forks given the variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and
+when one fails the others are stopped, as torchrun does. The server never computes with torch (no OpenMP pool, no
+CUDA) so its forks start clean. Only the tests' own runs (tests/conftest.py's run_script and start_script) come here:
+the recipes and bench/ start real interpreters, and so does a run whose environment changes what a library reads
+when it is imported (HF_*, TRANSFORMERS_*, ...), any run on a machine with CUDA, and every run when RLHF_TEST_FORK=0.
+(docs/tests.md has the suite's time with and without it.)"""
 
 import atexit
 import gc
@@ -19,7 +20,6 @@ import runpy
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,40 +65,15 @@ def torchrun_env(env: dict, rank: int, nproc: int, port: int) -> dict:
 
 
 def serve():
-    """Requests come one per line on stdin (from the tests, answered on stdout) or on the Unix socket LAUNCHER_SOCKET
-    (from the `python` and `torchrun` shims below, with their stdin/stdout/stderr passed along): fork the request's
-    ranks, answer their pids, wait, answer the exit status."""
+    """Requests come one per line on stdin, from the tests: fork the request's ranks, answer their pids on stdout,
+    wait, answer the exit status. At the end of stdin (the tests have finished), return."""
     import torch
 
     torch.set_num_threads(1)  # (no thread pool here that a fork would inherit half of)
     for name in PRELOAD:
         importlib.import_module(name)
     gc.freeze()  # the forks' garbage collector skips what was imported here (and leaves those pages shared)
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(os.environ["LAUNCHER_SOCKET"])
-    listener.listen()
-    pending = b""
-    while True:
-        if b"\n" not in pending and listener in select.select([0, listener], [], [])[0]:
-            connection = listener.accept()[0]
-            with connection:
-                _, fds, _, _ = socket.recv_fds(connection, 1, 3)  # the shim's stdin, stdout and stderr
-                request = json.loads(connection.makefile().readline())
-                if serves(request["env"], os.environ):
-                    request["env"].pop("LAUNCHER_SOCKET")  # (its own python commands: real ones; this one waits)
-                    fork_and_wait(request, lambda m, c=connection: c.sendall((json.dumps(m) + "\n").encode()), fds)
-                else:
-                    connection.sendall(b'{"fallback": true}\n')
-                for fd in fds:
-                    os.close(fd)
-            continue
-        while b"\n" not in pending:
-            chunk = os.read(0, 65536)
-            if not chunk:  # the tests have finished
-                shutil.rmtree(os.path.dirname(os.environ["LAUNCHER_SOCKET"]), ignore_errors=True)
-                return
-            pending += chunk
-        line, pending = pending.split(b"\n", 1)
+    for line in sys.stdin:
         fork_and_wait(json.loads(line), lambda m: os.write(1, (json.dumps(m) + "\n").encode()))
 
 
@@ -108,7 +83,7 @@ def serves(env: dict, server_env: dict) -> bool:
     return all(env.get(k) == server_env.get(k) for k in keys)
 
 
-def fork_and_wait(request: dict, answer, fds=None):
+def fork_and_wait(request: dict, answer):
     import torch.distributed as dist
 
     # As torchrun's agent does: the server holds the run's store, on a port the OS picked and that stays bound, and
@@ -120,20 +95,19 @@ def fork_and_wait(request: dict, answer, fds=None):
         sys.stdout.flush(), sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            run_rank(request, rank, port, fds)  # never returns
+            run_rank(request, rank, port)  # never returns
         pids.append(pid)
     answer({"pids": pids})
     answer({"returncode": wait_ranks(pids)})
     del store
 
 
-def run_rank(request: dict, rank: int, port: int, fds=None):
+def run_rank(request: dict, rank: int, port: int):
     """In the fork: become `python SCRIPT ARGS` (one rank of torchrun when nproc > 1) and exit with its status."""
     code = 1
     try:
-        if fds is None:  # the tests' runs: stdout and stderr to files, no stdin
-            fds = [os.open(os.devnull, os.O_RDONLY)]
-            fds += [os.open(request[k], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for k in ("stdout", "stderr")]
+        fds = [os.open(os.devnull, os.O_RDONLY)]  # no stdin; stdout and stderr to the test's files
+        fds += [os.open(request[k], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for k in ("stdout", "stderr")]
         for fd, source in enumerate(fds):
             os.dup2(source, fd)
         torchrun = request["nproc"] > 1 or request.get("torchrun")
@@ -221,14 +195,12 @@ class Run:
         return self.returncode
 
     def kill(self):
-        if self.popen is not None:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # torchrun and its workers: one process group
-        else:
-            for pid in self.pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # a real torchrun starts each worker in a session of its own: every descendant, not a process group
+        for pid in descendants(self.popen.pid) if self.popen is not None else self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def result(self, timeout: float | None = None) -> subprocess.CompletedProcess:
         try:
@@ -242,11 +214,28 @@ class Run:
         return subprocess.CompletedProcess(self.argv, self.returncode, *texts)
 
 
+def descendants(pid: int) -> list[int]:
+    """pid and every process under it (Linux's /proc; elsewhere pid's process group)."""
+    if not os.path.isdir("/proc"):
+        return [-pid]  # (os.kill of -pid: the group)
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # (the name in parentheses may hold spaces)
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
 class Server:
     def __init__(self, env: dict, cwd: str):
-        short = "/tmp" if os.path.isdir("/tmp") else None  # (a Unix socket's path must stay under 108 bytes)
-        self.socket = os.path.join(tempfile.mkdtemp(prefix="launcher-", dir=short), "socket")
-        self.env = {**env, "LAUNCHER_SOCKET": self.socket}
+        self.env = env
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=self.env, cwd=cwd)  # fmt: skip
         self.buffer = b""
@@ -284,47 +273,6 @@ def server() -> Server:
     return _server
 
 
-def shims(env: dict) -> dict:
-    """`env` for a shell script (a recipe) whose `python SCRIPT ...` and `torchrun --nproc_per_node N SCRIPT ...`
-    should start as forks of the server: `python` and `torchrun` on its PATH become shims that ask the server (any
-    other use of them, and a server that does not serve that environment, runs the real ones)."""
-    if not fork_allowed():
-        return env
-    bin_dir = os.path.join(os.path.dirname(server().socket), "bin")
-    os.makedirs(bin_dir, exist_ok=True)
-    for name in ("python", "torchrun"):
-        path = os.path.join(bin_dir, name)
-        with open(path, "w") as f:
-            f.write(f'#!/bin/sh\nexec "{sys.executable}" -S "{__file__}" {name} "$@"\n')
-        os.chmod(path, 0o755)
-    return {**env, "PATH": f"{bin_dir}:{env.get('PATH', '')}", "LAUNCHER_SOCKET": server().socket}
-
-
-def shim(name: str, args: list[str]):
-    """A `python` or `torchrun` shim (see shims): run as a fork of the server when it can, else exec the real one."""
-    real = sys.executable if name == "python" else os.path.join(os.path.dirname(sys.executable), name)
-    nproc = 1
-    if name == "torchrun" and len(args) > 2 and args[0] in ("--nproc_per_node", "--nproc-per-node"):
-        nproc, args = int(args[1]), args[2:]
-    elif name == "torchrun":
-        args = []  # a form the shim does not handle
-    if args and args[0].endswith(".py") and os.environ.get("LAUNCHER_SOCKET"):
-        with socket.socket(socket.AF_UNIX) as connection:
-            try:
-                connection.connect(os.environ["LAUNCHER_SOCKET"])
-            except OSError:  # no server there: the real one
-                os.execv(real, [real, *sys.argv[2:]])
-            socket.send_fds(connection, [b"r"], [0, 1, 2])
-            request = {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "nproc": nproc}
-            connection.sendall((json.dumps(request) + "\n").encode())
-            replies = connection.makefile()
-            reply = json.loads(replies.readline())
-            if "pids" in reply:
-                code = json.loads(replies.readline())["returncode"]
-                sys.exit(code if code >= 0 else 128 - code)
-    os.execv(real, [real, *sys.argv[2:]])  # the real one, with the arguments as given
-
-
 def start(argv: list[str], env: dict, cwd: str, nproc: int = 1, torchrun: bool = False) -> Run:
     """Start `python argv...` (nproc == 1, not `torchrun`) or `torchrun --nproc_per_node nproc argv...`."""
     global _server
@@ -353,24 +301,6 @@ def run(argv: list[str], env: dict, cwd: str, nproc: int = 1, timeout: float = 6
     return start(argv, env, cwd, nproc, torchrun).result(timeout)
 
 
-class Subprocess:
-    """Stands in for the subprocess module inside a module under test (bench/ starts the scripts itself): its
-    `python SCRIPT ...` and `python -m torch.distributed.run --nproc_per_node N SCRIPT ...` commands start through
-    start() above; any other command, and everything else, is subprocess's own."""
-
-    def __getattr__(self, name):
-        return getattr(subprocess, name)
-
-    def run(self, cmd, *args, cwd=None, env=None, timeout=None, **kwargs):
-        cmd, nproc = [str(c) for c in cmd], 1
-        if cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"]:
-            cmd, nproc = [cmd[0], *cmd[5:]], int(cmd[4])
-            cmd = [c for c in cmd if c != "--standalone"]  # (the store is the launcher's)
-        if cmd[0] != sys.executable or len(cmd) < 2 or not cmd[1].endswith(".py"):
-            return subprocess.run(cmd, *args, cwd=cwd, env=env, timeout=timeout, **kwargs)
-        return run(cmd[1:], dict(env or os.environ), str(cwd or os.getcwd()), nproc, timeout or 3600)
-
-
 def fork_allowed() -> bool:
     import torch
 
@@ -378,4 +308,4 @@ def fork_allowed() -> bool:
 
 
 if __name__ == "__main__":
-    shim(sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else serve()
+    serve()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import launcher
 import pytest
 import torch
 from conftest import REPO, THREADS, read_metrics, run_script
@@ -197,7 +196,6 @@ def run_recipe(recipe: str, args: list[str], variables: dict, dry_run: bool = Fa
     bin_dir = os.path.dirname(sys.executable)  # torchrun and python of this environment
     env = {**os.environ, **variables, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": THREADS,
            "NPROC": "1", **({"DRY_RUN": "1"} if dry_run else {})}  # fmt: skip
-    env = launcher.shims(env)  # its python and torchrun commands start as forks of tests/launcher.py's server
     result = subprocess.run(["bash", str(REPO / "recipes" / recipe), *args], capture_output=True, text=True, env=env,
                             cwd=variables.get("CWD", REPO), timeout=600)  # fmt: skip
     assert result.returncode == 0, f"{recipe} {args}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
