@@ -229,7 +229,7 @@ def main():
         )
     # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the scorers
     # (eval_score_fn: None without --eval-reward)
-    policy, ref_policy = models.policy_and_reference(args, device)
+    policy, ref_policy = models.policy_and_reference(args, device, dtype)
     unwrapped_policy = models.unwrap(policy)
     score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(

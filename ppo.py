@@ -197,9 +197,9 @@ def main():
     stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
     # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the value network (the
     # policy's backbone and a new head), the scorers (eval_score_fn: None without --eval-reward)
-    policy, ref_policy = models.policy_and_reference(args, device)
+    policy, ref_policy = models.policy_and_reference(args, device, dtype)
     unwrapped_policy = models.unwrap(policy)
-    value_model = models.value_network(args.model, "--model", args, device)
+    value_model = models.value_network(args.model, "--model", args, device, dtype)
     score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,

@@ -215,9 +215,9 @@ def main():
         sft_lengths = torch.tensor([len(ids) for ids in sft_responses])  # (on the host)
     # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the critic (ALGO LOGIC:
     # the reward model's backbone and head), the scorers (eval_score_fn: None without --eval-reward)
-    policy, ref_policy = models.policy_and_reference(args, device)
+    policy, ref_policy = models.policy_and_reference(args, device, dtype)
     unwrapped_policy = models.unwrap(policy)
-    value_model = models.value_network(critic_path, "--critic-model", args, device)
+    value_model = models.value_network(critic_path, "--critic-model", args, device, dtype)
     score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,

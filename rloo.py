@@ -139,7 +139,7 @@ def main():
     stop_ids = torch.tensor(data.stop_token_ids(args.model, tokenizer), device=device)
     # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the scorers
     # (eval_score_fn: None without --eval-reward); no value network
-    policy, ref_policy = models.policy_and_reference(args, device)
+    policy, ref_policy = models.policy_and_reference(args, device, dtype)
     unwrapped_policy = models.unwrap(policy)
     score_fn, eval_score_fn = scorers.load_scorers(args, device, dtype)
     generation_config = GenerationConfig(

@@ -82,7 +82,7 @@ def evaluate(path: str, s: SimpleNamespace, seed: int, scorer_fns, rank: int, wo
     # the policy computes in float32 weights under autocast as in training; the reference as training prepares it
     policy = models.load_causal_lm(path, torch.float32, s.trust_remote_code, s.use_generation_config).to(device)
     ref_policy = models.load_causal_lm(s.reference, torch.float32, s.trust_remote_code)
-    ref_policy = models.prepare_model(ref_policy, s, device, train=False)
+    ref_policy = models.prepare_model(ref_policy, s, device, dtype, train=False)
     generation_config = GenerationConfig(
         max_new_tokens=s.max_new_tokens,
         do_sample=True,

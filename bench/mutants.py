@@ -222,7 +222,7 @@ MUTANTS = [
            "start, context = 0 * chunk_size *", (AUTHORS_KL,)),
     Mutant("lora-alpha-ignored", MODELS, "lora_alpha=alpha or 2 * r", "lora_alpha=2 * r", (LORA,)),
     Mutant("lora-dropout-in-no-grad-passes", MODELS, "training=torch.is_grad_enabled())", "training=True)", (LORA,)),
-    Mutant("value-layers-as-the-policys", MODELS, "num_layers_unfrozen=args.value_num_layers_unfrozen)",
+    Mutant("value-layers-as-the-policys", MODELS, "num_layers_unfrozen=unfrozen)",
            "num_layers_unfrozen=None)", (VALUE_NET,)),
     # ---- the critic-free successors
     Mutant("grpo-baseline-batch-mean", "grpo.py", "centred = (grouped - grouped.mean(1, keepdim=True))",

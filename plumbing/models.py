@@ -320,11 +320,12 @@ def frozen_linears_to(model: nn.Module, dtype: torch.dtype):
             module.to(dtype)
 
 
-def prepare_model(model: nn.Module, args, device, train: bool, num_layers_unfrozen: int | None = None) -> nn.Module:
+def prepare_model(
+    model: nn.Module, args, device, dtype: torch.dtype, train: bool, num_layers_unfrozen: int | None = None
+) -> nn.Module:
     """For a trained model --num-layers-unfrozen (or `num_layers_unfrozen`) and --activation-checkpointing; then
     --fsdp shards it (frozen ones too), moving one layer at a time to the device, or it is moved whole and, under
-    torchrun, DDP wraps a trained one. Frozen Linear weights are stored in the compute dtype (--dtype)."""
-    dtype = run.resolve_dtype(args.dtype, device)
+    torchrun, DDP wraps a trained one. Frozen Linear weights are stored in `dtype`, the compute dtype (--dtype)."""
     if train:
         freeze_bottom_layers(model, args.num_layers_unfrozen if num_layers_unfrozen is None else num_layers_unfrozen)
         if args.activation_checkpointing:
@@ -340,13 +341,13 @@ def prepare_model(model: nn.Module, args, device, train: bool, num_layers_unfroz
     return model
 
 
-def trained_weights_dtype(args, device) -> torch.dtype:
+def trained_weights_dtype(args, dtype: torch.dtype) -> torch.dtype:
     """Trained weights and AdamW states stay float32 (--dtype is the compute dtype, under autocast); only a LoRA
-    adapter's frozen base is stored in --dtype (in float32 too under --fsdp: one dtype per shard group)."""
-    return run.resolve_dtype(args.dtype, device) if args.use_lora and not args.fsdp else torch.float32
+    adapter's frozen base is stored in `dtype`, --dtype (in float32 too under --fsdp: one dtype per shard group)."""
+    return dtype if args.use_lora and not args.fsdp else torch.float32
 
 
-def policy_and_reference(args, device) -> tuple[nn.Module, nn.Module | None]:
+def policy_and_reference(args, device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module | None]:
     """The policy to train (--model, with a LoRA adapter under --use-lora) and the frozen reference pi_ref, each
     prepared (sharded under --fsdp, DDP-wrapped with several ranks) as soon as it is loaded, so that one full copy at
     a time is in memory. Under --fsdp only rank 0 reads the checkpoints (`rank_0_loads`).
@@ -354,25 +355,25 @@ def policy_and_reference(args, device) -> tuple[nn.Module, nn.Module | None]:
     own float32 weights are cast by autocast), --dtype under --fsdp (where the policy's shards are gathered in
     --dtype), so that KL is exactly 0 before the first update. Under LoRA there is no copy (None): pi_ref is the
     policy with its adapter switched off (`reference_model`)."""
-    policy = load_causal_lm(args.model, trained_weights_dtype(args, device), args.trust_remote_code,
+    policy = load_causal_lm(args.model, trained_weights_dtype(args, dtype), args.trust_remote_code,
                             args.use_generation_config, rank_0_loads(args.fsdp))  # fmt: skip
     if args.use_lora:
         policy = add_lora(policy, args.lora_r, "CAUSAL_LM", args.lora_alpha, args.lora_dropout)
-    policy = prepare_model(policy, args, device, train=True)
+    policy = prepare_model(policy, args, device, dtype, train=True)
     if args.use_lora:
         return policy, None
-    dtype = run.resolve_dtype(args.dtype, device) if args.fsdp else torch.float32
-    ref_policy = load_causal_lm(args.model, dtype, args.trust_remote_code, rank_0_loads=rank_0_loads(args.fsdp))
-    return policy, prepare_model(ref_policy, args, device, train=False)
+    ref_dtype = dtype if args.fsdp else torch.float32
+    ref_policy = load_causal_lm(args.model, ref_dtype, args.trust_remote_code, rank_0_loads=rank_0_loads(args.fsdp))
+    return policy, prepare_model(ref_policy, args, device, dtype, train=False)
 
 
-def value_network(path: str, flag: str, args, device) -> nn.Module:
+def value_network(path: str, flag: str, args, device, dtype: torch.dtype) -> nn.Module:
     """A separate value network: `path`'s backbone and a scalar head (a LoRA adapter and a trained head under
     --use-lora), prepared for training like the policy; --value-head mlp replaces the head with trlX's MLP (h -> 2h
     -> 1, the APA authors'), --value-num-layers-unfrozen freezes its bottom layers as --num-layers-unfrozen does the
     policy's (by default the same)."""
-    dtype = trained_weights_dtype(args, device)
-    value_model = load_value_model(path, dtype, flag, args.trust_remote_code, rank_0_loads(args.fsdp))
+    weights_dtype = trained_weights_dtype(args, dtype)
+    value_model = load_value_model(path, weights_dtype, flag, args.trust_remote_code, rank_0_loads(args.fsdp))
     if args.value_head == "mlp":
         model = hf_model(value_model)
         hidden = model.config.get_text_config().hidden_size
@@ -380,7 +381,8 @@ def value_network(path: str, flag: str, args, device) -> nn.Module:
         setattr(model, "score" if hasattr(model, "score") else "classifier", mlp.float())
     if args.use_lora:
         value_model.model = add_lora(value_model.model, args.lora_r, "SEQ_CLS", args.lora_alpha, args.lora_dropout)
-    return prepare_model(value_model, args, device, train=True, num_layers_unfrozen=args.value_num_layers_unfrozen)
+    unfrozen = args.value_num_layers_unfrozen  # (None: as many as the policy)
+    return prepare_model(value_model, args, device, dtype, train=True, num_layers_unfrozen=unfrozen)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -172,7 +172,7 @@ def test_value_network_with_its_own_frozen_layers_and_an_mlp_head():
     device = torch.device("cpu")
     base = dict(model=str(REPO / "toy" / "policy"), num_layers_unfrozen=1)
     authors = models.value_network(base["model"], "--model", ppo.Args(**base, value_head="mlp",
-                                   value_num_layers_unfrozen=-1), device)  # fmt: skip
+                                   value_num_layers_unfrozen=-1), device, torch.float32)  # fmt: skip
     head = models.hf_model(authors).score
     hidden = models.hf_model(authors).config.hidden_size
     assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
@@ -180,7 +180,9 @@ def test_value_network_with_its_own_frozen_layers_and_an_mlp_head():
     assert all(p.requires_grad and p.dtype == torch.float32 for p in authors.parameters())
     values = authors(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
     assert values.shape == (1, 3)
-    default = models.value_network(base["model"], "--model", dataclasses.replace(ppo.Args(**base)), device)
+    default = models.value_network(
+        base["model"], "--model", dataclasses.replace(ppo.Args(**base)), device, torch.float32
+    )
     assert isinstance(models.hf_model(default).score, torch.nn.Linear)
     frozen = {n.split(".layers.")[1].split(".")[0] for n, p in default.named_parameters() if ".layers." in n
               and not p.requires_grad}  # fmt: skip
