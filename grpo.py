@@ -356,14 +356,8 @@ def main():
             row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            checkpoints.save_checkpoint(
-                output_dir,
-                trained,
-                {
-                    "iteration": iteration,
-                    "args": asdict(args),
-                },
-            )
+            state = {"iteration": iteration, "args": asdict(args)}
+            checkpoints.save_checkpoint(output_dir, trained, state)
 
     checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()

@@ -8,9 +8,8 @@ PPO (Ziegler et al. 2019; Schulman et al. 2017), with k1_t = log pi_old(a_t|s_t)
     L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi / pi_old
     L_V = 0.5 mean_t max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -0.2, 0.2) - R_t)^2)
 
-This file is the template of the online scripts: `diff ppo.py apa.py` (and `diff apa.py awr.py`) shows the
-docstring and the `# ALGO LOGIC:` lines only; ppo_max.py's and grpo.py's docstrings say what their diffs from it
-show (rloo.py is a diff of grpo.py; alol.py, offline, has its own loop).
+The online scripts' template: `diff ppo.py apa.py` and `diff apa.py awr.py` show the docstring and `# ALGO LOGIC:`
+lines only; ppo_max.py, grpo.py and rloo.py (a diff of grpo.py) say what theirs show; alol.py has its own loop.
 """
 
 import os
@@ -409,16 +408,9 @@ def main():
             row["dist/max_param_difference"] = checkpoints.max_replica_difference(unwrapped_policy)
         logger.log({**row, **eval_metrics})
         if args.save_every and (iteration % args.save_every == 0 or iteration == num_iterations):
-            checkpoints.save_checkpoint(
-                output_dir,
-                trained,
-                {
-                    "iteration": iteration,
-                    "args": asdict(args),
-                    "kl_coef": kl_coef,  # ALGO LOGIC
-                    "score_stats": score_stats.state_dict(),
-                },
-            )
+            state = {"iteration": iteration, "args": asdict(args), "score_stats": score_stats.state_dict()}
+            state["kl_coef"] = kl_coef  # ALGO LOGIC: the adaptive KL controller's state
+            checkpoints.save_checkpoint(output_dir, trained, state)
 
     checkpoints.save_final_policy(policy, tokenizer, output_dir, args)
     logger.close()
