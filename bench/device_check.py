@@ -143,7 +143,10 @@ def main():
     previous = [args.outdir / n for n in ("runs", "torchrun", "throughput", "data") if (args.outdir / n).exists()]
     previous += [f for f in args.outdir.glob("*.log") if f.name != "device_check.log"]  # the .sh's own log is live
     for path in previous:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     if previous:
         print(f"removed a previous check's {len(previous)} runs and logs from {args.outdir}", flush=True)
     check = Check(args.outdir.resolve(), args.cpu, args.budget or (170 if args.cpu else 330))

@@ -1,14 +1,14 @@
-"""How the tests start the scripts: as `python SCRIPT ARGS` or `torchrun --nproc_per_node N SCRIPT ARGS` would, but
-each run is a fork of a server process that has already imported torch, transformers, peft, datasets and tyro.
+"""How the tests start the scripts: as `python SCRIPT ARGS` or `torchrun --nproc_per_node N SCRIPT ARGS` would, but each
+run is a fork of a server process that has already imported torch, transformers, peft, datasets and tyro.
 
 A new interpreter spends ~4 s of CPU importing those before a script does anything (a short toy run takes ~8 s in
-all), and the suite starts a few hundred script processes; a fork starts in milliseconds. Each run is still its own
-process, with its own argv, environment, working directory, stdout/stderr and exit status, running the script's
-`__main__` (runpy); N ranks are N forks given the variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and
-when one fails the others are stopped, as torchrun does. The server never computes with torch (no OpenMP pool, no
-CUDA) so its forks start clean. Only the tests' own runs (tests/conftest.py's run_script and start_script) come here:
-the recipes and bench/ start real interpreters, and so does a run whose environment changes what a library reads
-when it is imported (HF_*, TRANSFORMERS_*, ...), any run on a machine with CUDA, and every run when RLHF_TEST_FORK=0.
+all), and most tests start one or more script runs; a fork starts in milliseconds. Each run is still its own process,
+with its own argv, environment, working directory, stdout/stderr and exit status, running the script's `__main__`
+(runpy); N ranks are N forks given the variables torchrun sets (RANK, WORLD_SIZE, MASTER_PORT, ...), and when one
+fails the others are stopped, as torchrun does. The server never computes with torch (no OpenMP pool, no CUDA) so its
+forks start clean. Only the tests' own runs (conftest.py's run_script and kill_at_first_checkpoint) come here: the
+recipes and bench/ start real interpreters, and so does a run whose environment changes what a library reads when it
+is imported (HF_*, TRANSFORMERS_*, ...), any run on a machine with CUDA, and every run when RLHF_TEST_FORK=0.
 (docs/tests.md has the suite's time with and without it.)"""
 
 import atexit
@@ -196,6 +196,8 @@ class Run:
 
     def kill(self):
         # a real torchrun starts each worker in a session of its own: every descendant, not a process group
+        if self.popen is not None and self.popen.poll() is not None:
+            return  # (exited and reaped: its pid may be another process's by now)
         for pid in descendants(self.popen.pid) if self.popen is not None else self.pids:
             try:
                 os.kill(pid, signal.SIGKILL)

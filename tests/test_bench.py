@@ -76,7 +76,8 @@ def final_row(run_dir) -> dict:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path, small_toy_data):
+def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path, small_toy_data, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)  # (the argv this test sets below is undone after it)
     algorithms = ["ppo", "a-lol"]  # one online, one offline (tests/test_e2e.py runs every script)
     sys.argv = ["compare.py", "--mode", "smoke", "--seeds", "1", "--output-dir", str(tmp_path), "--algorithms",
                 *algorithms, f"--extra=--dataset {small_toy_data}"]  # fmt: skip
@@ -126,7 +127,8 @@ def test_frontier_paper_regime_divides_each_scripts_own_learning_rates():
     assert offline[:2] == ["--variant", "nll"] and offline[offline.index("--total-steps") + 1] == "20"
 
 
-def test_frontier_smoke_writes_table_json_and_plot(tmp_path):
+def test_frontier_smoke_writes_table_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)  # (the argv this test sets below is undone after it)
     sys.argv = ["frontier.py", "--mode", "smoke", "--algorithms", "ppo", "--output-dir", str(tmp_path)]
     frontier.main()
     rows = json.loads((tmp_path / "frontier_toy.json").read_text())
@@ -207,7 +209,8 @@ def test_floor_times_every_pass_and_generates_exactly_the_decode_steps():
     assert generated.shape[1] == queries.shape[1] + 5  # EOS suppressed: the script's number of decode steps
 
 
-def test_throughput_smoke_runs_a_script_and_writes_its_table(tmp_path):
+def test_throughput_smoke_runs_a_script_and_writes_its_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv)  # (the argv this test sets below is undone after it)
     sys.argv = ["throughput.py", "--size", "14m", "--algorithms", "ppo", "--iterations", "2", "--repeats", "1",
                 "--rollout-batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "8",
                 "--output-dir", str(tmp_path)]  # fmt: skip
