@@ -2,17 +2,27 @@
 
 ppo.py's rollout with --group-size K responses to each prompt (a group; every group on one rank), the reward
 model's score of each, and no value network, no GAE and no KL in the reward. With r_i the score of response i of
-its group g (outcome supervision, Section 4.1.2) and k3_t = pi_ref/pi - log(pi_ref/pi) - 1 (eq. 4, unbiased):
+its group g (outcome supervision, Section 4.1.2), d_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t), rho_t = pi / pi_old:
     A_i = (r_i - mean_g r) / (std_g r + 1e-4)  on every token of response i   (--scale-rewards group)
           (r_i - mean_g r) / (std of the batch's r + 1e-4)                     (batch)
           r_i - mean_g r                                                        (none: Dr. GRPO, Liu et al. 2025)
-    l_t = max(-A_i rho_t, -A_i clip(rho_t, 1 - eps, 1 + eps_high)) + beta k3_t,  rho_t = pi / pi_old
-          (eps_high > eps: DAPO's clip-higher, Yu et al. 2025, Section 3.1)
+    l_t = max(-A_i rho_t, -A_i clip(rho_t, 1 - eps, 1 + eps_high)) + beta kl_t
+          (eps_high > eps: DAPO's clip-higher, Yu et al. 2025, Section 3.1; --ratio-level sequence: GSPO, Zheng et
+          al. 2025, eq. 7, rho_t replaced by the response's exp(mean_t log rho_t), clipped per response)
     L = (1/N) sum_i (1/|y_i|) sum_t l_t        (--loss-agg seq-mean: eq. 3 as published)
         (1/sum_i |y_i|) sum_i sum_t l_t        (token-mean: DAPO, Section 3.3)
         (1/(N T_max)) sum_i sum_t l_t          (constant: Dr. GRPO; T_max = --max-new-tokens)
 over the N responses of a minibatch on all ranks. seq-mean weighs a token by 1/|y_i|: a short response's tokens
-count more than a long one's, which is the length bias Dr. GRPO removes.
+count more than a long one's, which is the length bias Dr. GRPO removes. The KL term kl_t (--kl-term) is a loss
+differentiated through pi, so what matters is its gradient, not only its value (E: the expectation over samples
+of pi_old, each option's expected gradient; tests/test_grpo_rloo.py enumerates them on a small policy):
+    k3-ratio  rho_t (e^-d_t + d_t - 1)   grad KL(pi || pi_ref), the reverse KL the objective names, on- and
+                                          off-policy (DeepSeek-V3.2, arXiv 2512.02556)
+    k3        e^-d_t + d_t - 1            grad KL(pi_ref || pi), the forward KL: eq. 4 as published (an unbiased
+                                          estimate of the reverse KL's value, not of its gradient)
+    k2        d_t^2 / 2                   grad KL(pi || pi_ref) on-policy only (rho = 1)
+each per state: the KL of pi(.|s_t) to pi_ref(.|s_t) at the states the rollout visited (the state distribution's
+own dependence on pi is not differentiated, as in every per-token KL loss; rloo.py's KL in the reward is).
 
 `diff ppo.py grpo.py` shows the value network, GAE and the KL controller removed, the groups in the rollout, the
 group advantages and the loss with its aggregation; `diff grpo.py rloo.py` shows RLOO's leave-one-out baseline.
@@ -72,8 +82,19 @@ class Args:
     # ---- ALGO LOGIC: GRPO's hyper-parameters
     group_size: int = 4  # K responses sampled per prompt (DeepSeekMath: 64); at least 2
     scale_rewards: Literal["group", "batch", "none"] = "group"  # divide A by the group's std, the batch's, or not
-    loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"  # the loss's mean (see the docstring)
-    kl_coef: float = 0.04  # beta of the k3 KL loss term (DeepSeekMath: 0.04); 0 = no reference pass in training
+    loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
+    """the loss's mean over a minibatch's N responses: seq-mean, of each response's token mean (GRPO eq. 3: a short
+    response's tokens weigh more); token-mean, over all their tokens (DAPO); constant, their token sum / (N x
+    --max-new-tokens) (Dr. GRPO: no length bias)"""
+    kl_coef: float = 0.04  # beta of the KL loss term (DeepSeekMath: 0.04); 0 = no reference pass in training
+    kl_term: Literal["k3-ratio", "k3", "k2"] = "k3-ratio"
+    """the KL loss term per token, d = log pi - log pi_ref, rho = pi / pi_old; its expected gradient:
+    k3-ratio, rho (e^-d + d - 1): the reverse KL(pi || pi_ref)'s, on- and off-policy (DeepSeek-V3.2);
+    k3, e^-d + d - 1 (DeepSeekMath eq. 4 as published): the forward KL(pi_ref || pi)'s;
+    k2, d^2 / 2: the reverse KL's on-policy only"""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """the importance ratio the surrogate clips: per token (GRPO), or per response, exp(mean_t log rho_t) (GSPO,
+    Zheng et al. 2025; its paper clips it at --clip-eps 3e-4 --clip-eps-high 4e-4)"""
     clip_eps: float = 0.2  # policy ratio clip range, below (and above unless --clip-eps-high)
     clip_eps_high: float = 0.0  # the ratio's upper clip, 1 + this (DAPO: 0.28); 0 = --clip-eps
     # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
@@ -126,14 +147,28 @@ def group_advantages(scores, group_size: int, scale_rewards: str):
 
 
 def k3(logprobs, ref_logprobs):
-    """DeepSeekMath's KL estimator (eq. 4): pi_ref/pi - log(pi_ref/pi) - 1 per token, >= 0, gradient through pi."""
+    """DeepSeekMath's KL estimator (eq. 4): pi_ref/pi - log(pi_ref/pi) - 1 per token, >= 0."""
     log_ratio = ref_logprobs - logprobs
     return log_ratio.exp() - log_ratio - 1
 
 
-def policy_loss(logprobs, old_logprobs, advantages, clip_eps: float, clip_eps_high: float):
-    """Per-token clipped surrogate, ratio clipped to [1 - eps, 1 + eps_high]; returns (losses, clipped)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+def kl_loss(logprobs, old_logprobs, ref_logprobs, kl_term: str):
+    """The per-token KL loss term of --kl-term (the docstring above gives each one's gradient)."""
+    if kl_term == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    if kl_term == "k3-ratio":  # the ratio is differentiated too: that is what makes the gradient the reverse KL's
+        return torch.exp(logprobs - old_logprobs) * k3(logprobs, ref_logprobs)
+    return k3(logprobs, ref_logprobs)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, clip_eps_high: float, ratio_level: str):
+    """Per-token clipped surrogate, ratio clipped to [1 - eps, 1 + eps_high]: each token's own ratio, or (GSPO,
+    eq. 7) its response's exp(mean_t log rho_t) on all its tokens; returns (losses, clipped)."""
+    log_ratio = logprobs - old_logprobs
+    if ratio_level == "sequence":
+        log_ratio = torch.where(mask, log_ratio, 0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        log_ratio = log_ratio.expand_as(logprobs)
+    ratio = log_ratio.exp()
     clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
     losses = torch.max(-advantages * ratio, -advantages * clipped_ratio)
     return losses, (-advantages * clipped_ratio > -advantages * ratio)
@@ -277,7 +312,7 @@ def main():
         }
         if ref_logprobs is not None:
             kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
-            per_response.update({"train/kl": kl.sum(1), "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1)})
+            per_response.update({"train/kl": kl.sum(1), "train/kl_k3": k3(logprobs, ref_logprobs).sum(1)})
         rollout_stats = common.global_means(per_response)
         t_score = run.clock(device)
 
@@ -300,11 +335,16 @@ def main():
                             policy, input_ids[seq], attention_mask[seq], context, args.temperature
                         )
                     new_logprobs = common.gather_logprobs(logits, responses[mb])
-                    # ALGO LOGIC: clipped surrogate plus beta k3 per token, aggregated as --loss-agg says
+                    # ALGO LOGIC: clipped surrogate plus beta times the KL term per token, aggregated as --loss-agg says
                     pg_losses, clipped = policy_loss(
-                        new_logprobs, logprobs[mb], advantages[mb], args.clip_eps, clip_eps_high
+                        new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps, clip_eps_high,
+                        args.ratio_level,
+                    )  # fmt: skip
+                    kl_losses = (
+                        kl_loss(new_logprobs, logprobs[mb], ref_logprobs[mb], args.kl_term)
+                        if args.kl_coef
+                        else torch.zeros_like(pg_losses)
                     )
-                    kl_losses = k3(new_logprobs, ref_logprobs[mb]) if args.kl_coef else torch.zeros_like(pg_losses)
                     loss = aggregate(
                         pg_losses + args.kl_coef * kl_losses, mb_mask, args.loss_agg, token_share,
                         args.mini_batch_size, args.max_new_tokens, world_size,

@@ -2,13 +2,15 @@
 
 grpo.py's rollout (--group-size K responses to each prompt, every group on one rank) and no value network, with
 the KL to pi_ref back in the reward as in ppo.py (but at a fixed beta, and summed over the response: the whole
-response is one action) and REINFORCE on the sequence's log-prob, without a ratio or a clip. With
-k1_t = log pi_old(a_t|s_t) - log pi_ref(a_t|s_t) and response i of a group g of K:
+response is one action) and REINFORCE on the sequence's log-prob. With k1_t = log pi_old(a_t|s_t) -
+log pi_ref(a_t|s_t) and response i of a group g of K:
     R_i = score_i - beta sum_t k1_t
     A_i = R_i - (1/(K - 1)) sum_{j in g, j != i} R_j        (the leave-one-out baseline: unbiased)
-    L = -(1/N) sum_i A_i sum_t log pi(a_t|s_t)               (over the N responses of a minibatch on all ranks)
-The first minibatch is on-policy; with more minibatches or --update-epochs the later steps reuse samples of a
-policy a few steps old, without correcting for it (as REINFORCE does; grpo.py's ratio and clip are for that).
+    L = -(1/N) sum_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi(y_i|x_i) / pi_old(y_i|x_i)
+over the N responses of a minibatch on all ranks. On the first minibatch rho_i = 1 and the gradient is exactly
+REINFORCE's, -(1/N) sum_i A_i grad log pi(y_i|x_i) (the paper's on-policy update). Later minibatches and
+--update-epochs reuse samples of a policy a few steps old: the sequence's importance ratio corrects for that, and
+its clip (as PPO's, per response: TRL's RLOOTrainer) bounds the step.
 
 `diff grpo.py rloo.py` shows the reward (KL in it, not a loss term), the leave-one-out baseline in place of the
 group's normalised score, and the sequence-level REINFORCE loss in place of the clipped, aggregated surrogate.
@@ -68,6 +70,7 @@ class Args:
     # ---- ALGO LOGIC: RLOO's hyper-parameters
     group_size: int = 4  # K responses sampled per prompt (the paper: 2 to 4); at least 2
     kl_coef: float = 0.2  # fixed beta of the sequence KL penalty in the reward (toy default); 0 = no reference pass
+    clip_eps: float = 0.2  # clip range of each response's importance ratio pi(y|x) / pi_old(y|x) (TRL: 0.2)
     # ---- LoRA and scale (README: Scaling to real models; docs/scale.md)
     use_lora: bool = False  # train a LoRA adapter on the frozen policy; pi_ref is the policy with its adapter off
     lora_r: int = 16  # LoRA rank
@@ -88,7 +91,7 @@ class Args:
 
 
 # ALGO LOGIC: the ranges of RLOO's own flags (plumbing/run.py checks those every script shares)
-POSITIVE_FLAGS = ""
+POSITIVE_FLAGS = "clip_eps"
 NON_NEGATIVE_FLAGS = "kl_coef"
 
 
@@ -110,11 +113,14 @@ def leave_one_out_advantages(rewards, group_size: int):
     return (grouped - baseline).flatten()
 
 
-def policy_loss(logprobs, advantages, mask, n_sequences: int, world_size: int):
-    """This micro-batch's part of -(1/N) sum_i A_i log pi(y_i | x_i) over the minibatch's N = `n_sequences`
-    responses on all ranks (x world size: DDP averages gradients over ranks), so any split gives the same update."""
-    sequence_logprobs = torch.where(mask, logprobs, 0.0).sum(1)
-    return -(advantages * sequence_logprobs).sum() * world_size / n_sequences
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, n_sequences: int, world_size: int):
+    """This micro-batch's part of -(1/N) sum_i min(rho_i A_i, clip(rho_i) A_i) over the minibatch's N = `n_sequences`
+    responses on all ranks (x world size: DDP averages gradients over ranks), so any split gives the same update;
+    rho_i = exp(sum_t log pi - log pi_old) over the response. Returns (loss, clipped per response)."""
+    ratio = torch.where(mask, logprobs - old_logprobs, 0.0).sum(1).exp()
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    losses = torch.max(-advantages * ratio, -advantages * clipped_ratio)
+    return losses.sum() * world_size / n_sequences, (-advantages * clipped_ratio > -advantages * ratio)
 
 
 def main():
@@ -271,12 +277,17 @@ def main():
                         )
                     new_logprobs = common.gather_logprobs(logits, responses[mb])
                     # ALGO LOGIC: REINFORCE on the whole response's log-prob, weighted by its leave-one-out advantage
-                    loss = policy_loss(new_logprobs, advantages[mb[0]], mb_mask, args.mini_batch_size, world_size)
+                    # and (after the first minibatch) by its clipped importance ratio
+                    loss, clipped = policy_loss(
+                        new_logprobs, logprobs[mb], advantages[mb[0]], mb_mask, args.clip_eps, args.mini_batch_size,
+                        world_size,
+                    )  # fmt: skip
                     loss.backward()
                 with torch.no_grad():  # rho = pi / pi_old is exactly 1 on the first minibatch.
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {
                         "loss/policy": loss.detach() / token_share,  # (this micro-batch's loss, as a minibatch's)
+                        "policy/clipfrac": common.masked_mean(clipped[:, None].float().expand_as(mb_mask), mb_mask),
                         "policy/ratio": common.masked_mean(log_ratio.exp(), mb_mask),
                         "policy/abs_log_ratio": common.masked_mean(log_ratio.abs(), mb_mask),
                         "policy/approx_kl": common.masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),

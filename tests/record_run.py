@@ -119,7 +119,7 @@ if __name__ == "__main__":
         common.generate = getattr(importlib.import_module(module), function)
     for fn in ("compute_rewards", "compute_advantages", "policy_loss", "value_loss", "rewards_from_scores",
                "advantages_and_weights", "sample_rows", "ptx_loss", "fit_value_head", "group_advantages",
-               "leave_one_out_advantages", "k3", "aggregate"):  # fmt: skip
+               "leave_one_out_advantages", "kl_loss", "aggregate"):  # fmt: skip
         if hasattr(script, fn):
             setattr(script, fn, recorded(fn, getattr(script, fn)))
     for fn in ("chunked_logprobs", "chunked_values", "penalize_missing_eos", "pad_pairs"):

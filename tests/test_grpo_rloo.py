@@ -1,6 +1,7 @@
 """GRPO and RLOO, the critic-free successors: their pieces computed by hand (group advantages and the three
-scalings, the leave-one-out baseline, each --loss-agg's weight per token, k3, clip-higher), what main() passes to
-them in a recorded run, and the flags they refuse."""
+scalings, the leave-one-out baseline, each --loss-agg's weight per token, k3, clip-higher, GSPO's sequence ratio,
+RLOO's importance weight on stale samples), each --kl-term's exact expected gradient on a policy small enough to
+enumerate, what main() passes to them in a recorded run, and the flags they refuse."""
 
 import math
 
@@ -66,11 +67,13 @@ def test_a_group_of_equal_rewards_gives_no_policy_gradient_and_no_nan():
         assert torch.isfinite(advantages).all() and advantages.abs().max() == 0
     logprobs = torch.full((4, 3), -1.0, requires_grad=True)
     old = logprobs.detach() - 0.1  # a moved policy: ratio e^0.1
-    losses, _ = grpo.policy_loss(logprobs, old, torch.zeros(4, 3), 0.2, 0.2)
-    grpo.aggregate(losses, mask, "seq-mean", 1.0, 4, 3, 1).backward()
-    assert torch.isfinite(logprobs.grad).all() and logprobs.grad.abs().max() == 0
+    for level in ("token", "sequence"):
+        logprobs.grad = None
+        losses, _ = grpo.policy_loss(logprobs, old, torch.zeros(4, 3), mask, 0.2, 0.2, level)
+        grpo.aggregate(losses, mask, "seq-mean", 1.0, 4, 3, 1).backward()
+        assert torch.isfinite(logprobs.grad).all() and logprobs.grad.abs().max() == 0
     logprobs.grad = None
-    rloo.policy_loss(logprobs, torch.zeros(4), mask, 4, 1).backward()
+    rloo.policy_loss(logprobs, old, torch.zeros(4), mask, 0.2, 4, 1)[0].backward()
     assert logprobs.grad.abs().max() == 0
 
 
@@ -91,7 +94,7 @@ def test_clip_higher_lets_a_positive_advantage_raise_the_ratio_further():
     advantages = torch.tensor([1.0, -1.0])
     for high, grads, clipped in [(0.28, [-1.25, 0.0], [False, True]), (0.2, [0.0, 0.0], [True, True])]:
         logprobs = torch.tensor([math.log(1.25), math.log(0.7)], requires_grad=True)
-        losses, was_clipped = grpo.policy_loss(logprobs, old, advantages, 0.2, high)
+        losses, was_clipped = grpo.policy_loss(logprobs, old, advantages, torch.ones(2).bool(), 0.2, high, "token")
         losses.sum().backward()
         expected = [-1.25 if high == 0.28 else -1.2, 0.8]  # max(-A rho, -A clip(rho))
         assert losses.tolist() == pytest.approx(expected, rel=1e-6)
@@ -102,10 +105,158 @@ def test_rloo_loss_is_reinforce_on_the_sequence_log_prob():
     logprobs = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -0.5, -0.5]], requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
     advantages = torch.tensor([2.0, -1.0])
-    loss = rloo.policy_loss(logprobs, advantages, mask, 2, 1)
-    assert loss.item() == pytest.approx(-(2.0 * -3.0 + -1.0 * -1.5) / 2)  # the padding's -5 counts for nothing
+    loss, clipped = rloo.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, 2, 1)  # on-policy
+    assert loss.item() == pytest.approx(-(2.0 + -1.0) / 2)  # rho = 1: the value is -mean(A)
     loss.backward()
     assert logprobs.grad.flatten().tolist() == pytest.approx([-1.0, -1.0, 0.0, 0.5, 0.5, 0.5])  # -A_i / N per token
+    assert clipped.tolist() == [False, False]
+
+
+def test_rloo_weights_stale_samples_by_their_clipped_sequence_ratio():
+    """Samples of an older policy (later minibatches and epochs): the gradient of response i is -(A_i / N) rho_i on
+    each of its tokens, rho_i = pi(y_i) / pi_old(y_i), zero where the clip binds (computed by hand here); the same
+    responses on-policy give plain REINFORCE's -A_i / N."""
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]]).bool()
+    # sequence log-ratios: +0.1 (inside [0.8, 1.2]), -0.15 (inside), +0.3 with A > 0 (clipped above: no gradient),
+    # -0.3 with A < 0 (clipped below: no gradient); the padding's -9 counts for nothing
+    old = logprobs - torch.tensor([[0.05, 0.05, -9.0], [-0.05, -0.05, -0.05], [0.1, 0.1, 0.1], [-0.1, -0.1, -0.1]])
+    advantages = torch.tensor([2.0, -1.0, 1.5, -0.5])
+    rho = [math.exp(0.1), math.exp(-0.15)]
+    expected = [[-2.0 * rho[0] / 4] * 2 + [0.0], [1.0 * rho[1] / 4] * 3, [0.0] * 3, [0.0] * 3]
+    stale = logprobs.clone().requires_grad_(True)
+    loss, clipped = rloo.policy_loss(stale, old, advantages, mask, 0.2, 4, 1)
+    loss.backward()
+    assert stale.grad.tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
+    assert clipped.tolist() == [False, False, True, True]
+    assert loss.item() == pytest.approx(-(2.0 * rho[0] - rho[1] + 1.5 * 1.2 - 0.5 * 0.8) / 4, rel=1e-6)
+    fresh = logprobs.clone().requires_grad_(True)  # on-policy: REINFORCE
+    rloo.policy_loss(fresh, logprobs, advantages, mask, 0.2, 4, 1)[0].backward()
+    assert fresh.grad.tolist() == [pytest.approx([-a / 4 * m for m in row]) for a, row in
+                                   zip(advantages.tolist(), mask.float().tolist())]  # fmt: skip
+
+
+def test_gspo_sequence_ratio_is_the_geometric_mean_of_the_token_ratios():
+    """--ratio-level sequence: exp(mean_t log rho_t) on every token of a response (read off the surrogate with A = -1
+    and no clip: its loss is the ratio): equal policies give 1 at every length; one token's log-prob moved by d moves
+    its response's ratio by exactly exp(d / |y|), and the gradient of that ratio is ratio / |y| on each token."""
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    logprobs = torch.tensor([[-1.0, -9.0, -9.0, -9.0], [-0.3, -2.0, 0.0, 0.0], [-1.5, -0.1, -0.7, -3.0]])
+    minus_one = -torch.ones(3, 4)
+
+    def ratio(new):
+        losses, _ = grpo.policy_loss(new, logprobs, minus_one, mask, 0.99, 100.0, "sequence")
+        return losses
+
+    assert torch.equal(ratio(logprobs)[mask], torch.ones(7))
+    d = 0.6
+    for row, length in [(0, 1), (1, 2), (2, 4)]:
+        moved = logprobs.clone()
+        moved[row, 0] += d
+        r = ratio(moved)
+        assert r[row][mask[row]].tolist() == pytest.approx([math.exp(d / length)] * length, rel=1e-6)
+        others = [i for i in range(3) if i != row]
+        assert torch.allclose(r[others][mask[others]], torch.ones(int(mask[others].sum())))
+    new = logprobs.clone().requires_grad_(True)
+    r = ratio(new)
+    (r[:, 0]).sum().backward()  # one ratio per response (the first token's copy)
+    lengths = mask.sum(1, keepdim=True).float()
+    assert torch.allclose(new.grad, torch.where(mask, 1 / lengths, 0.0))
+    # the token-level ratio of the same move is exp(d) on that token alone
+    moved = logprobs.clone()
+    moved[2, 0] += d
+    token, _ = grpo.policy_loss(moved, logprobs, minus_one, mask, 0.99, 100.0, "token")
+    assert token[2].tolist() == pytest.approx([math.exp(d), 1.0, 1.0, 1.0], rel=1e-6)
+
+
+# ---------------------------------------------------------------- the KL term's gradient, enumerated exactly
+V = 5  # a vocabulary small enough to sum over every sequence
+
+
+def _free_logits(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, V, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_kl_gradient(kl_term: str, logp, old, ref, weights, params) -> torch.Tensor:
+    """E_{y ~ pi_old}[grad sum_t kl_t(y)] exactly: the sum over every sequence y (rows of the (S, T) log-prob tables)
+    of pi_old(y) times the gradient of grpo.kl_loss's terms, summed over its tokens."""
+    losses = grpo.kl_loss(logp, old, ref, kl_term).sum(1)
+    (gradient,) = torch.autograd.grad((weights * losses).sum(), params, retain_graph=True)
+    return gradient
+
+
+def _gradients(value, params) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(value, params, retain_graph=True)
+
+
+def _gradient(value, params) -> torch.Tensor:
+    return torch.autograd.grad(value, params, retain_graph=True)[0]
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_each_kl_term_has_the_gradient_it_claims_one_token(on_policy):
+    """One token from a 5-word vocabulary, pi = softmax(theta) with free logits: each --kl-term's exact expected
+    gradient against the analytic gradients of KL(pi || pi_ref) (reverse) and KL(pi_ref || pi) (forward).
+    On-policy (pi_old = pi): k3-ratio and k2 give the reverse KL's, k3 (DeepSeekMath eq. 4) the forward KL's.
+    Off-policy (pi_old != pi, a later minibatch): only k3-ratio still gives the reverse KL's."""
+    theta = _free_logits(0).requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    ref = torch.log_softmax(_free_logits(1), -1)
+    old = logp.detach() if on_policy else torch.log_softmax(_free_logits(2), -1)
+    table = [t[:, None] for t in (logp, old, ref)]  # (S = 5 sequences, T = 1 token)
+    reverse = _gradient((logp.exp() * (logp - ref)).sum(), theta)
+    forward = _gradient((ref.exp() * (ref - logp)).sum(), theta)
+    assert (reverse - forward).norm() > 0.1  # the two differ here: the test tells them apart
+    got = {k: _expected_kl_gradient(k, *table, old.exp(), theta) for k in ("k3-ratio", "k3", "k2")}
+    torch.testing.assert_close(got["k3-ratio"], reverse)
+    if on_policy:
+        torch.testing.assert_close(got["k2"], reverse)
+        torch.testing.assert_close(got["k3"], forward)
+    else:
+        for kind in ("k3", "k2"):
+            assert min((got[kind] - reverse).norm(), (got[kind] - forward).norm()) > 0.05, kind
+
+
+def test_per_token_kl_terms_leave_the_state_distribution_alone_the_reward_penalty_does_not():
+    """Two tokens (25 sequences), pi(a2|a1) a free softmax per first token. On-policy, the per-token terms' expected
+    gradients are per state: k3-ratio and k2 give the gradient of sum_t E_{s_t ~ rollout}[KL(pi(.|s_t) ||
+    pi_ref(.|s_t))] with the states' distribution held fixed, k3 the forward KL's of the same; neither is the gradient
+    of the sequences' KL(pi || pi_ref), whose first-token part also moves which states are reached. rloo.py's penalty,
+    beta sum_t k1_t in the reward with REINFORCE (its first minibatch), gives the sequences' reverse KL's gradient."""
+    theta1, theta2 = _free_logits(0).requires_grad_(True), _free_logits(3, V).requires_grad_(True)
+    logp1, logp2 = torch.log_softmax(theta1, -1), torch.log_softmax(theta2, -1)  # (V,), (V, V): pi(a2 | a1)
+    ref1, ref2 = torch.log_softmax(_free_logits(1), -1), torch.log_softmax(_free_logits(4, V), -1)
+    first, second = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)  # y = (a1, a2), 25 rows
+
+    def table(l1, l2):
+        return torch.stack([l1[first], l2[first, second]], 1)  # (25, 2)
+
+    logp, ref = table(logp1, logp2), table(ref1, ref2)
+    old = logp.detach()
+    weights, params = old.sum(1).exp(), (theta1, theta2)
+    state_weights = logp1.detach().exp()  # the rollout's distribution of the second token's state, held fixed
+    kl_rev = [(logp1.exp() * (logp1 - ref1)).sum(), (logp2.exp() * (logp2 - ref2)).sum(1)]
+    kl_fwd = [(ref1.exp() * (ref1 - logp1)).sum(), (ref2.exp() * (ref2 - logp2)).sum(1)]
+    per_state_rev = _gradients(kl_rev[0] + (state_weights * kl_rev[1]).sum(), params)
+    per_state_fwd = _gradients(kl_fwd[0] + (state_weights * kl_fwd[1]).sum(), params)
+    sequence_rev = _gradients((logp.sum(1).exp() * (logp - ref).sum(1)).sum(), params)
+    assert (sequence_rev[0] - per_state_rev[0]).norm() > 0.05  # the first token's part differs: the test can tell
+
+    def expected(kind):
+        return _gradients((weights * grpo.kl_loss(logp, old, ref, kind).sum(1)).sum(), params)
+
+    for kind, target in [("k3-ratio", per_state_rev), ("k2", per_state_rev), ("k3", per_state_fwd)]:
+        for got, want in zip(expected(kind), target):
+            torch.testing.assert_close(got, want)
+    # rloo.py: R = -beta sum_t k1_t (rollout-time, no gradient), loss -(R) rho log-prob per response, rho = 1
+    mask = torch.ones(V * V, 2, dtype=torch.bool)
+    penalty = -(old - ref).sum(1)  # beta = 1; the leave-one-out baseline does not change the expectation
+    reinforce = sum(
+        weights[i] * rloo.policy_loss(logp[i : i + 1], old[i : i + 1], penalty[i : i + 1], mask[:1], 0.2, 1, 1)[0]
+        for i in range(V * V)
+    )
+    for got, want in zip(_gradients(reinforce, params), sequence_rev):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("script", ["grpo", "rloo"])
@@ -143,14 +294,16 @@ def test_what_main_passes_groups_advantages_and_the_first_minibatch(script, tmp_
         (_, loss_args, _, _) = between(events, "policy_loss", start, end)[0]
         mb = between(events, "token_micro_batch", start, end)[0][3][0]
         assert torch.allclose(loss_args[0], logprobs[mb], atol=1e-5)  # pi / pi_old = 1
+        assert torch.equal(loss_args[1], logprobs[mb])  # pi_old: the rollout's log-probs
         if script == "grpo":
-            assert torch.equal(loss_args[1], logprobs[mb]) and torch.equal(loss_args[2][:, 0], advantages[mb[0]])
-            (_, k3_args, _, _) = between(events, "k3", start, end)[0]
-            assert torch.equal(k3_args[1], ref_logprobs[mb])  # the KL term's anchor is pi_ref
+            assert torch.equal(loss_args[2][:, 0], advantages[mb[0]]) and loss_args[4:] == (0.2, 0.2, "token")
+            (_, kl_args, _, _) = between(events, "kl_loss", start, end)[0]
+            assert torch.equal(kl_args[2], ref_logprobs[mb]) and kl_args[3] == "k3-ratio"  # the anchor is pi_ref
+            assert torch.equal(kl_args[1], logprobs[mb])  # rho = pi / pi_old
             (_, agg_args, _, _) = between(events, "aggregate", start, end)[0]
             assert agg_args[2:] == ("seq-mean", agg_args[3], 4, 16, 1)  # N = the minibatch, T_max = --max-new-tokens
         else:
-            assert torch.equal(loss_args[1], advantages[mb[0]]) and loss_args[3:] == (4, 1)
+            assert torch.equal(loss_args[2], advantages[mb[0]]) and loss_args[4:] == (0.2, 4, 1)
         if iteration == 2:
             assert kl.abs().max() > 1e-3
 
