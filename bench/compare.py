@@ -6,11 +6,12 @@
     python bench/compare.py --mode smoke      # CI: 1 seed, 2 iterations each
     python bench/compare.py --extra="--model EleutherAI/pythia-1b --reward-model ... --dataset ..." --nproc 8
 
-Calls each script as a user would, then reads the runs' metrics.jsonl and writes under --output-dir:
-results.md (mean +- std over seeds of the final evaluation, throughput and wall time) and PNG plots
-(reward and gold reward against episodes with a min-max band over seeds, the gold-reward / KL
-frontier, KL and response length against episodes). The budget is counted in samples trained on:
-episodes for the online scripts, steps x batch size for the offline A-LoL runs.
+Calls each script as a user would, then reads the runs' metrics.jsonl and writes under --output-dir (default
+bench/results/<mode>): records.json (per algorithm and seed, every evaluation and the run's samples/s and wall
+time: what bench/report.py renders the documents' tables from), results.md (mean +- std over seeds of the final
+evaluation, throughput and wall time) and PNG plots (reward and gold reward against episodes with a min-max band
+over seeds, the gold-reward / KL frontier, KL and response length against episodes). The budget is counted in
+samples trained on: episodes for the online scripts, steps x batch size for the offline A-LoL runs.
 """
 
 import json
@@ -69,8 +70,8 @@ class Args:
     """seeds per algorithm"""
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     """which of ppo, ppo_max, apa, awr, grpo, rloo, a-lol, nll to run"""
-    output_dir: str = "bench/results"
-    """where the runs, results.md and the plots go"""
+    output_dir: str = ""
+    """where records.json, results.md, the plots and the runs (runs/, not committed) go; default bench/results/<mode>"""
     extra: str = ""
     """flags passed to every script, e.g. --extra="--model X --reward-model Y --dataset Z" (with the =) for real runs"""
     nproc: int = 1
@@ -114,19 +115,30 @@ def run_command(cmd: list[str], run_dir: Path, label: str) -> None:
     (run_dir / "wall_time.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))
 
 
-def read_run(run_dir: Path) -> list[dict]:
-    """The run's metrics rows; the last one gets the run's mean training throughput and its wall time."""
+def record(run_dir: Path, seed: int) -> dict:
+    """What a run's tables and plots need: the initial (SFT) evaluation, every later evaluation (the rows where it is
+    fresh: episodes and the eval/* metrics), the mean training throughput and the wall time."""
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evaluations = [{k: v for k, v in r.items() if k == "episodes" or k.startswith("eval/")} for r in rows
+                   if r.get("eval/iteration") == r["iteration"]]  # fmt: skip
     throughput = [r["time/samples_per_s"] for r in rows if "time/samples_per_s" in r]
-    rows[-1] = {**rows[-1], "time/samples_per_s": statistics.mean(throughput) if throughput else float("nan")}
-    if (run_dir / "wall_time.json").exists():
-        rows[-1].update(json.loads((run_dir / "wall_time.json").read_text()))
-    return rows
+    wall = (
+        json.loads((run_dir / "wall_time.json").read_text())["wall_time"]
+        if (run_dir / "wall_time.json").exists()
+        else None
+    )
+    mean_throughput = statistics.mean(throughput) if throughput else None
+    return {"seed": seed, "evaluations": evaluations, "samples_per_s": mean_throughput, "wall_time": wall}
 
 
-def eval_curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
-    """(episodes, value) at each evaluation (rows where the evaluation is fresh)."""
-    return [(r["episodes"], r[key]) for r in rows if r.get("eval/iteration") == r["iteration"] and key in r]
+def final(run: dict) -> dict:
+    """The run's last evaluation with its throughput and wall time: the row the summary table reads."""
+    return {**run["evaluations"][-1], "time/samples_per_s": run["samples_per_s"], "wall_time": run["wall_time"]}
+
+
+def eval_curve(run: dict, key: str) -> list[tuple[int, float]]:
+    """(episodes, value) at each evaluation of a run's record."""
+    return [(e["episodes"], e[key]) for e in run["evaluations"] if key in e]
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -135,13 +147,13 @@ def cell(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def summarize(runs: dict[str, list[list[dict]]]) -> str:
-    """Markdown table: per algorithm, mean +- std over seeds of each TABLE metric of the final row."""
+def summarize(runs: dict[str, list[dict]]) -> str:
+    """Markdown table: per algorithm, mean +- std over seeds of each TABLE metric of the final evaluation."""
     lines = ["| algorithm | seeds | " + " | ".join(c for c, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
     for name, seeds in runs.items():
         cells = []
         for _, key in TABLE:
-            values = [rows[-1][key] for rows in seeds if key in rows[-1]]
+            values = [final(run)[key] for run in seeds if final(run).get(key) is not None]
             if not values:
                 cells.append("n/a")
                 continue
@@ -151,7 +163,7 @@ def summarize(runs: dict[str, list[list[dict]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def stability(runs: dict[str, list[list[dict]]]) -> str:
+def stability(runs: dict[str, list[dict]]) -> str:
     """Markdown table over each run's evaluations: the best gold reward and when, the final one, the largest fall
     from an earlier evaluation's gold (a run that degrades mid-run has a large one, even if it recovers later), and
     the largest KL it reached."""
@@ -159,8 +171,8 @@ def stability(runs: dict[str, list[list[dict]]]) -> str:
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, seeds in runs.items():
         columns = {"best": [], "at": [], "final": [], "fall": [], "kl": []}
-        for rows in seeds:
-            gold, kl = eval_curve(rows, "eval/gold_reward"), eval_curve(rows, "eval/kl")
+        for run in seeds:
+            gold, kl = eval_curve(run, "eval/gold_reward"), eval_curve(run, "eval/kl")
             if not gold:
                 continue
             at, best = max(gold, key=lambda point: point[1])
@@ -174,7 +186,7 @@ def stability(runs: dict[str, list[list[dict]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, list[list[dict]]], out: Path) -> list[Path]:
+def plot(runs: dict[str, list[dict]], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +197,7 @@ def plot(runs: dict[str, list[list[dict]]], out: Path) -> list[Path]:
     for key, title in ((f"eval/{k}", v) for k, v in curves.items()):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, seeds in runs.items():
-            curves = [eval_curve(rows, key) for rows in seeds]
+            curves = [eval_curve(run, key) for run in seeds]
             points = sorted({e for c in curves for e, _ in c})
             by_x = [[v for c in curves for e, v in c if e == x] for x in points]
             ax.plot(points, [statistics.mean(v) for v in by_x], label=name)
@@ -197,8 +209,8 @@ def plot(runs: dict[str, list[list[dict]]], out: Path) -> list[Path]:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, seeds in runs.items():
-        points = [(kl, gold) for rows in seeds for (_, kl), (_, gold) in
-                  zip(eval_curve(rows, "eval/kl"), eval_curve(rows, "eval/gold_reward"))]  # fmt: skip
+        points = [(kl, gold) for run in seeds for (_, kl), (_, gold) in
+                  zip(eval_curve(run, "eval/kl"), eval_curve(run, "eval/gold_reward"))]  # fmt: skip
         ax.scatter([p[0] for p in points], [p[1] for p in points], label=name, s=14)
     ax.set(xlabel="KL to reference (nats per response)", ylabel="gold reward", title="gold reward / KL frontier")
     ax.legend()
@@ -208,9 +220,21 @@ def plot(runs: dict[str, list[list[dict]]], out: Path) -> list[Path]:
     return written
 
 
+def tables(records: dict) -> str:
+    """results.md: the summary of the final evaluations and the stability over each run's evaluations."""
+    runs = records["algorithms"]
+    header = f"# Comparison: mode {records['mode']}, {records['samples']} samples per run, seeds {records['seeds']}\n\n"
+    if records.get("extra"):
+        header += f"Flags of every run: `{records['extra']}`\n\n"
+    text = (
+        summarize(runs) + "\nOver each run's evaluations (stability: a run that degrades mid-run has a large fall):\n\n"
+    )
+    return header + text + stability(runs)
+
+
 def main():
     args = tyro.cli(Args)
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or f"bench/results/{args.mode}")
     out.mkdir(parents=True, exist_ok=True)
     unknown = set(args.algorithms) - set(ALGORITHMS)
     if unknown:
@@ -219,17 +243,15 @@ def main():
     for name in args.algorithms:
         for seed in args.seeds:
             run(name, seed, args, out / "runs" / f"{name}__{seed}")
-        runs[name] = [read_run(out / "runs" / f"{name}__{seed}") for seed in args.seeds]
-    table = (
-        summarize(runs) + "\nOver each run's evaluations (stability: a run that degrades mid-run has a large fall):\n\n"
-    )
-    table += stability(runs)
-    samples = MODES[args.mode][0]
-    header = f"# Comparison: mode {args.mode}, {samples} samples per run, seeds {list(args.seeds)}\n\n"
-    (out / "results.md").write_text(header + table)
+        runs[name] = [record(out / "runs" / f"{name}__{seed}", seed) for seed in args.seeds]
+    records = {"mode": args.mode, "samples": MODES[args.mode][0], "seeds": list(args.seeds), "extra": args.extra,
+               "nproc": args.nproc, "algorithms": runs}  # fmt: skip
+    (out / "records.json").write_text(json.dumps(records, indent=0) + "\n")
+    text = tables(records)
+    (out / "results.md").write_text(text)
     for path in plot(runs, out):
         print(f"wrote {path}")
-    print(header + table)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -118,14 +118,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(points: dict[str, dict]) -> list[dict]:
-    """One row per (algorithm, knob value): mean and std over seeds of the final KL, gold and RM reward."""
+    """One row per (algorithm, knob value): mean and std over seeds of the final KL, gold and RM reward, and each
+    seed's own values (`runs`)."""
     rows = []
     for name, by_value in points.items():
         for value, evals in by_value.items():
             row = {"algorithm": name, "knob": SWEEPS[name][2], "value": value, "seeds": len(evals)}
             for key in ("eval/kl", "eval/gold_reward", "eval/reward"):
                 row[key], row[key + "_std"] = mean_std([e[key] for e in evals])
-            rows.append(row)
+            rows.append({**row, "runs": evals})
     return rows
 
 
@@ -200,7 +201,7 @@ def main():
                 run_dir = out / "runs" / f"{prefix}__{name.split()[0]}{'-authors' if '(' in name else ''}"
                 run_dir = run_dir.with_name(f"{run_dir.name}__{value}__{seed}")
                 run(name, value, seed, args, run_dir)
-                points[name].setdefault(value, []).append(final_eval(run_dir))
+                points[name].setdefault(value, []).append({"seed": seed, **final_eval(run_dir)})
     rows = summarize(points)
     stem = f"frontier_{args.regime}_{args.tag}" if args.tag else f"frontier_{args.regime}"
     if args.add and (out / f"{stem}.json").exists():  # the stored rows of the other algorithms, in SWEEPS order

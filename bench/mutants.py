@@ -75,6 +75,10 @@ EQUAL = f"{GR}a_group_of_equal_rewards_gives_no_policy_gradient_and_no_nan"
 K3, CLIP_HIGH = f"{GR}k3_value_and_gradient", f"{GR}clip_higher_lets_a_positive_advantage_raise_the_ratio_further"
 REINFORCE = f"{GR}rloo_loss_is_reinforce_on_the_sequence_log_prob"
 GR_MAIN = f"{GR}what_main_passes_groups_advantages_and_the_first_minibatch"
+KL_ONE_TOKEN = f"{GR}each_kl_term_has_the_gradient_it_claims_one_token"
+KL_TWO_TOKENS = f"{GR}per_token_kl_terms_leave_the_state_distribution_alone_the_reward_penalty_does_not"
+GSPO = f"{GR}gspo_sequence_ratio_is_the_geometric_mean_of_the_token_ratios"
+STALE = f"{GR}rloo_weights_stale_samples_by_their_clipped_sequence_ratio"
 
 
 @dataclass(frozen=True)
@@ -243,18 +247,30 @@ MUTANTS = [
            "ratio.clamp(1 - clip_eps, 1 + clip_eps)", (CLIP_HIGH,)),
     Mutant("grpo-k3-reversed", "grpo.py", "log_ratio = ref_logprobs - logprobs", "log_ratio = logprobs - ref_logprobs",
            (K3,)),
-    Mutant("grpo-kl-anchor-pi-old", "grpo.py", "k3(new_logprobs, ref_logprobs[mb])", "k3(new_logprobs, logprobs[mb])",
-           (GR_MAIN + "[grpo]",)),
+    Mutant("grpo-kl-anchor-pi-old", "grpo.py", "kl_loss(new_logprobs, logprobs[mb], ref_logprobs[mb], args.kl_term)",
+           "kl_loss(new_logprobs, logprobs[mb], logprobs[mb], args.kl_term)", (GR_MAIN + "[grpo]",)),
+    Mutant("grpo-kl-ratio-detached", "grpo.py", "return torch.exp(logprobs - old_logprobs) * k3(",
+           "return torch.exp(logprobs - old_logprobs).detach() * k3(", (KL_ONE_TOKEN, KL_TWO_TOKENS)),
+    Mutant("grpo-kl-default-published-k3", "grpo.py", 'kl_term: Literal["k3-ratio", "k3", "k2"] = "k3-ratio"',
+           'kl_term: Literal["k3-ratio", "k3", "k2"] = "k3"', (GR_MAIN + "[grpo]",)),
+    Mutant("grpo-k2-halved-twice", "grpo.py", "return 0.5 * (logprobs - ref_logprobs) ** 2",
+           "return 0.25 * (logprobs - ref_logprobs) ** 2", (KL_ONE_TOKEN,)),
+    Mutant("gspo-ratio-of-the-sum", "grpo.py", "0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)",
+           "0.0).sum(1, keepdim=True) / 1", (GSPO,)),
     Mutant("grpo-groups-not-consecutive", "grpo.py", "indices = [i for i in indices for _ in range(args.group_size)]",
            "indices = indices * args.group_size", (GR_MAIN + "[grpo]",)),
     Mutant("rloo-baseline-includes-itself", "rloo.py", "baseline = (grouped.sum(1, keepdim=True) - grouped) / (",
            "baseline = grouped.mean(1, keepdim=True) + 0 * (", (LOO,)),
     Mutant("rloo-kl-not-in-reward", "rloo.py", "rewards = scores - args.kl_coef * kl.sum(1)", "rewards = scores",
            (GR_MAIN + "[rloo]",)),
-    Mutant("rloo-token-mean-log-prob", "rloo.py", "sequence_logprobs = torch.where(mask, logprobs, 0.0).sum(1)",
-           "sequence_logprobs = torch.where(mask, logprobs, 0.0).sum(1) / mask.sum(1)", (REINFORCE,)),
-    Mutant("rloo-loss-sign", "rloo.py", "return -(advantages * sequence_logprobs)",
-           "return (advantages * sequence_logprobs)", (REINFORCE,)),
+    Mutant("rloo-token-mean-log-prob", "rloo.py", "ratio = torch.where(mask, logprobs - old_logprobs, 0.0).sum(1)",
+           "ratio = (torch.where(mask, logprobs - old_logprobs, 0.0).sum(1) / mask.sum(1))", (REINFORCE,)),
+    Mutant("rloo-loss-sign", "rloo.py", "losses = torch.max(-advantages * ratio, -advantages * clipped_ratio)",
+           "losses = torch.max(advantages * ratio, advantages * clipped_ratio)", (REINFORCE,)),
+    Mutant("rloo-stale-samples-uncorrected", "rloo.py", "(mask, logprobs - old_logprobs, 0.0)",
+           "(mask, logprobs - logprobs.detach(), 0.0)", (STALE, "tests/test_conformance.py")),
+    Mutant("rloo-ratio-not-clipped", "rloo.py", "clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)",
+           "clipped_ratio = ratio.clamp(1 - clip_eps, 1 + 1e9)", (STALE,)),
     Mutant("alol-value-size-ignored", "alol.py", "value_end = args.eval_size + args.value_size if args.value_size else",
            "value_end = len(held_out_prompts) if True else", (VALUE_SIZE,)),
     Mutant("mean-pooling-converted", "recipes/convert_reward_model.py", 'if fields.get("pooling", "last") != "last":',

@@ -28,7 +28,7 @@ def fake_rows(final_gold, final_kl, speed):
 
 
 def test_summarize_reads_final_rows_and_aggregates_over_seeds(tmp_path):
-    runs = {"ppo": [compare.read_run(write_run(tmp_path / f"ppo__{s}", fake_rows(g, k, 10), w))
+    runs = {"ppo": [compare.record(write_run(tmp_path / f"ppo__{s}", fake_rows(g, k, 10), w), s)
                     for s, (g, k, w) in enumerate([(2.0, 4.0, 100), (3.0, 6.0, 120)])]}  # fmt: skip
     table = compare.summarize(runs)
     row = table.splitlines()[2]
@@ -48,7 +48,7 @@ def test_stability_finds_the_best_evaluation_and_the_largest_fall(tmp_path):
         rows = [{"iteration": i, "episodes": 64 * i, "eval/iteration": i, "eval/gold_reward": g, "eval/kl": k}
                 for i, (g, k) in enumerate(zip(golds, kls))]  # fmt: skip
         rows.insert(2, {**rows[1], "iteration": 9, "eval/gold_reward": 99.0, "eval/kl": 99.0})
-        return rows
+        return compare.record(write_run(tmp_path / f"run{len(golds)}{golds[1]}", rows, 1.0), 1)
 
     runs = {"ppo": [run([0.0, 3.0, 1.0, 2.0], [0.0, 5.0, 4.0, 4.0]), run([0.0, 1.0, 2.0, 2.0], [0.0, 1.0, 3.0, 2.0])]}
     row = compare.stability(runs).splitlines()[2]
@@ -92,6 +92,8 @@ def test_smoke_comparison_writes_the_table_and_every_plot(tmp_path, small_toy_da
         assert cells["KL to ref"] == f"{final['eval/kl']:.2f} ± 0.00"
     for plot in ("reward", "gold_reward", "kl", "response_length", "gold_vs_kl"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+    records = json.loads((tmp_path / "records.json").read_text())  # what the table is rendered from, committed
+    assert compare.tables(records) == table and records["algorithms"]["ppo"][0]["evaluations"][0]["episodes"] == 0
     with pytest.raises(SystemExit, match="unknown --algorithms"):
         sys.argv = ["compare.py", "--algorithms", "trpo", "--output-dir", str(tmp_path)]
         compare.main()
