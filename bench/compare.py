@@ -78,6 +78,11 @@ class Args:
     """processes per run (torchrun --nproc_per_node)"""
     reuse: bool = False
     """skip runs whose output directory already holds a final policy (re-plot without re-running)"""
+    extra_for: tuple[str, ...] = ()
+    """flags for one algorithm's runs, ALGORITHM=FLAGS, e.g. --extra-for "ppo_max=--critic-model toy/reward_model"
+    (PPO-max's critic starts from a reward model: with a scoring function as --reward-model it needs one)"""
+    add: bool = False
+    """keep the records of records.json whose algorithms this comparison does not run (add to a stored comparison)"""
 
 
 def script_flags(name: str, mode: str) -> list[str]:
@@ -98,9 +103,18 @@ def run(name: str, seed: int, args: Args, run_dir: Path) -> None:
         return
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--standalone"]
     launcher = [sys.executable] if args.nproc == 1 else torchrun
+    extra = [*shlex.split(args.extra), *shlex.split(extra_for(args).get(name, ""))]
     cmd = [*launcher, str(REPO / script), "--seed", str(seed), "--output-dir", str(run_dir),
-           *script_flags(name, args.mode), *shlex.split(args.extra)]  # fmt: skip
+           *script_flags(name, args.mode), *extra]  # fmt: skip
     run_command(cmd, run_dir, f"{name} seed {seed}")
+
+
+def extra_for(args: Args) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in args.extra_for]
+    bad = [item for item, pair in zip(args.extra_for, pairs) if len(pair) != 2 or pair[0] not in ALGORITHMS]
+    if bad:
+        raise SystemExit(f"error: --extra-for {bad}: expected ALGORITHM=FLAGS with ALGORITHM one of {list(ALGORITHMS)}")
+    return dict(pairs)
 
 
 def run_command(cmd: list[str], run_dir: Path, label: str) -> None:
@@ -226,6 +240,8 @@ def tables(records: dict) -> str:
     header = f"# Comparison: mode {records['mode']}, {records['samples']} samples per run, seeds {records['seeds']}\n\n"
     if records.get("extra"):
         header += f"Flags of every run: `{records['extra']}`\n\n"
+    for name, flags in records.get("extra_for", {}).items():
+        header += f"Flags of {name}'s runs: `{flags}`\n\n"
     text = (
         summarize(runs) + "\nOver each run's evaluations (stability: a run that degrades mid-run has a large fall):\n\n"
     )
@@ -244,8 +260,14 @@ def main():
         for seed in args.seeds:
             run(name, seed, args, out / "runs" / f"{name}__{seed}")
         runs[name] = [record(out / "runs" / f"{name}__{seed}", seed) for seed in args.seeds]
+    extras = extra_for(args)
+    if args.add and (out / "records.json").exists():  # the stored records of the other algorithms, in ALGORITHMS order
+        stored = json.loads((out / "records.json").read_text())
+        runs = {**{k: v for k, v in stored["algorithms"].items() if k not in runs}, **runs}
+        extras = {**stored.get("extra_for", {}), **extras}
+        runs = {name: runs[name] for name in ALGORITHMS if name in runs}
     records = {"mode": args.mode, "samples": MODES[args.mode][0], "seeds": list(args.seeds), "extra": args.extra,
-               "nproc": args.nproc, "algorithms": runs}  # fmt: skip
+               "extra_for": extras, "nproc": args.nproc, "algorithms": runs}  # fmt: skip
     (out / "records.json").write_text(json.dumps(records, indent=0) + "\n")
     text = tables(records)
     (out / "results.md").write_text(text)
