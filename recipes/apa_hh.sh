@@ -22,7 +22,8 @@ run() { if [ -n "${DRY_RUN:-}" ]; then printf "%q " "$@"; echo; else "$@"; fi; }
 case $size in
   125m) policy=Dahoas/pythia-125M-static-sft rollouts=128 minibatch=8 chunk=16 nproc=8 scale=() ;;
   1b)   policy=Dahoas/pythia-1B-static-sft   rollouts=64  minibatch=2 chunk=4  nproc=2 scale=() ;;
-  # 6.9B: the policy, its reference and a fully trained value-net copy do not fit one 80 GB GPU: sharded over 2
+  # 6.9B: the policy, its reference and the value network do not fit one 80 GB GPU: sharded (FSDP2) over 2 for PPO
+  # (its value head is on a copy trained from the top 2 layers, like the policy); APA's and AWR's below
   6.9b) policy=Dahoas/pythia-6B-static-sft   rollouts=64  minibatch=2 chunk=1  nproc=2 scale=(--fsdp) ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
@@ -42,8 +43,15 @@ case $algorithm in
   *) echo "$usage" >&2; exit 2 ;;
 esac
 # total_steps 20000 optimizer steps of one minibatch, 2 epochs per rollout batch: episodes = 20000 x minibatch / 2
-episodes=$((20000 * minibatch / 2))
-every=$((1000 * minibatch / rollouts / 2 > 0 ? 1000 * minibatch / rollouts / 2 : 1))  # eval/checkpoint every 1000 steps
+authors_minibatch=$minibatch
+if [ "$size" = 6.9b ] && [ "$algorithm" != ppo ]; then
+  # their APA/AWR 6B: minibatch 1, one process driving 4 GPUs (README: "4 MI200 for 6B models"). Here data parallel:
+  # a fully trained value-net copy (110 GB of weights, gradients and AdamW) needs 4 GPUs under FSDP2, one row per GPU
+  # per step: minibatch 4, over the same number of samples as theirs (a quarter of their optimizer steps)
+  authors_minibatch=1 minibatch=4 nproc=4
+fi
+episodes=$((20000 * authors_minibatch / 2))
+every=$((1000 * authors_minibatch / rollouts / 2 > 0 ? 1000 * authors_minibatch / rollouts / 2 : 1))  # eval/save every 1000 of their steps
 
 POLICY=${POLICY:-$policy}
 DATASET=${DATASET:-Dahoas/rm-static}

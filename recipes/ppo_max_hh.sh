@@ -10,6 +10,9 @@
 # The release distributes its models as weight diffs against LLaMA-7B: recover them first with MOSS-RLHF's
 # merge_weight_en.py into POLICY and REWARD_CHECKPOINT (the defaults are its paths). The reward model is converted
 # once into REWARD_DIR and the dialogues written as conversations into DATA_DIR. DRY_RUN=1 prints the commands.
+# Four 7B models (policy and critic trained, reference and reward model frozen) do not fit one GPU: every model is
+# sharded over the ranks with FSDP2 (the release: DeepSpeed ZeRO-2 for the trained pair, ZeRO-3 with parameters offloaded
+# to CPU for the frozen pair, accelerate_config.yaml and ppo_trainer.py), with activation checkpointing as theirs.
 # docs/recipes.md lists what still differs from the authors' runs, and why.
 set -euo pipefail
 usage="usage: recipes/ppo_max_hh.sh paper|released [flags...]"
@@ -48,5 +51,5 @@ run torchrun --nproc_per_node "$NPROC" "$repo/ppo_max.py" \
   --train-split train --eval-split test --eval-size 128 --reward-model "$REWARD_DIR" --eval-reward "" \
   --missing-eos-penalty 0 --max-prompt-length 1536 --max-new-tokens 512 --temperature 0.8 \
   --lr 5e-7 --update-epochs 1 --gamma 1 --clip-eps 0.2 --value-clip 0.2 --max-grad-norm 1.0 \
-  --dtype bfloat16 --activation-checkpointing --eval-every 100 --save-every 100 --seed 42 --output-dir "$OUT" \
+  --dtype bfloat16 --fsdp --activation-checkpointing --eval-every 100 --save-every 100 --seed 42 --output-dir "$OUT" \
   "${algo[@]}" "$@"

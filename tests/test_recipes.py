@@ -335,3 +335,43 @@ def test_recipes_print_the_authors_settings(recipe, choice, expected, tmp_path):
     command = next(line for line in run_recipe(recipe, choice, variables, dry_run=True).stdout.splitlines()
                    if line.startswith("torchrun"))  # fmt: skip
     assert all(flags in command for flags in expected), command
+
+
+# ---------------------------------------------------------------- every recipe fits its GPUs (bench/recipe_memory.py)
+sys.path.insert(0, str(REPO / "bench"))
+import recipe_memory  # noqa: E402
+
+
+def test_every_recipe_fits_80_gb_gpus_by_the_memory_model():
+    """Each recipe's dry-run command (GPU count, script, every flag) through the memory model: at most 72 GiB per
+    80 GB GPU (a 10% margin); the committed table docs/recipes.md renders is this prediction."""
+    rows = recipe_memory.predictions()
+    assert [r["recipe"] for r in rows] == [f"recipes/{recipe} {args}" for recipe, args in recipe_memory.RECIPES]
+    over = {r["recipe"]: round(r["total"], 1) for r in rows if r["total"] > recipe_memory.LIMIT_GIB}
+    assert not over, f"over {recipe_memory.LIMIT_GIB} GiB per GPU: {over}"
+    committed = json.loads((REPO / "bench" / "results" / "recipe_memory.json").read_text())
+    assert json.loads(json.dumps(rows)) == committed, "run python bench/recipe_memory.py"
+    # without --fsdp PPO-max's 7 ranks would each hold both trained 7B networks in full: the model says no
+    argv = [a for a in recipe_memory.dry_run("ppo_max_hh.sh", "released") if a != "--fsdp"]
+    assert recipe_memory.predict(*recipe_memory.parse(argv), recipe_memory.k_act())["total"] / 2**30 > 200
+
+
+def test_memory_model_terms_by_hand():
+    """The model's bytes per GPU for a Pythia-1B PPO run, term by term, against the arithmetic of what it keeps."""
+    base = ["torchrun", "--nproc_per_node", "2", "ppo.py", "--model", "Dahoas/pythia-1B-static-sft", "--reward-model",
+            "models/gptj-rm-static", "--eval-reward", "", "--dtype", "bfloat16", "--num-layers-unfrozen", "2",
+            "--max-prompt-length", "100", "--max-new-tokens", "28", "--mini-batch-size", "4"]  # fmt: skip
+    s, rm = recipe_memory.SHAPES["Dahoas/pythia-1B-static-sft"], recipe_memory.SHAPES["models/gptj-rm-static"]
+    trained = 2 * s.per_layer + s.vocab * s.hidden  # the top 2 layers and the LM head (the final norm: negligible)
+    frozen_linear = s.linear - trained
+    ddp = recipe_memory.predict(*recipe_memory.parse(base), 10.0)
+    assert ddp["policy"] == 16 * trained + 2 * frozen_linear + 4 * (s.params - trained - frozen_linear)
+    assert ddp["reference"] == 2 * s.linear + 4 * (s.params - s.linear) and ddp["reward models"] == 2 * rm.params
+    # the value network (no LM head): the top 2 layers trained, the others' Linear weights bf16, the embedding float32
+    assert ddp["value network"] == 16 * 2 * s.per_layer + 2 * (s.layers - 2) * s.per_layer + 4 * s.vocab * s.hidden
+    rows = 2  # the minibatch's share of a rank; each of the two networks keeps 2 layers of activations
+    assert ddp["phase/update"] >= 2 * rows * 128 * s.hidden * 2 * (2 * 10.0)
+    fsdp = recipe_memory.predict(*recipe_memory.parse([*base, "--fsdp"]), 10.0)  # float32 at rest, sharded over 2
+    assert fsdp["policy"] == (4 * s.params + 12 * trained) / 2 and fsdp["reference"] == 2 * s.params / 2
+    lora = recipe_memory.predict(*recipe_memory.parse([*base, "--use-lora", "--lora-r", "8"]), 10.0)
+    assert lora["policy"] == 2 * s.params + 16 * 8 * s.layers * 16 * s.hidden and "reference" not in lora
