@@ -46,7 +46,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_steps: int = 400  # gradient steps (the authors: 9000 x the fraction of rows with positive advantage)
     batch_size: int = 16  # examples per gradient step, summed over all ranks
@@ -65,7 +65,7 @@ class Args:
     # ---- optimisation
     lr: float = 1e-4  # policy learning rate (toy default; the authors: 2e-4 with QLoRA on LLaMA-7B)
     adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-    weight_decay: float = 0.01  # AdamW weight decay (torch's default; the APA authors: 1e-6)
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default; the A-LoL authors' paged AdamW: 0.01 too)
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     # ---- ALGO LOGIC: A-LoL's hyper-parameters
     reward_transform: Literal["none", "sigmoid"] = "none"
@@ -262,10 +262,10 @@ def main():
             responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
         input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         temp, lengths = args.temperature, padding.row_lengths(attention_mask, queries.shape[1])  # (one read)
-        batch = (input_ids, attention_mask, responses)
-        logprobs = common.chunked_logprobs(unwrapped_policy, *batch, temp, chunk, dtype, lengths)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, lengths=lengths)
+        logprobs = common.chunked_logprobs(unwrapped_policy, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(ref_model, *batch, temp, chunk, dtype, lengths)
+            ref_logprobs = common.chunked_logprobs(ref_model, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)
         prompt_texts = data.scoring_prompts(tokenizer, queries, eval_rows[rank::world_size])
         response_texts = data.response_texts(tokenizer, queries, responses)
@@ -350,9 +350,10 @@ def main():
         generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration)
         batch_rows = sample_rows(sampling_weights, args.batch_size, priority, generator)
         policy_optimizer.zero_grad(set_to_none=True)
-        step_stats_sum = 0.0
+        step_stats_sum = {}  # each statistic's mean over this rank's examples of the batch
         # the loss is a mean over the global batch's examples: each micro-batch's is weighted by its share of them
-        for micro_rows, example_share, sync in common.micro_batches(batch_rows, row_counts, args.micro_batch_size):
+        # (times the world size, as DDP averages over ranks: `loss_weight`)
+        for micro_rows, loss_weight, sync in common.micro_batches(batch_rows, row_counts, args.micro_batch_size):
             rows = micro_rows.tolist()
             input_ids, attention_mask, context_length, responses, response_mask, lengths = common.pad_pairs(
                 [train_prompts[i] for i in rows], [train_responses[i] for i in rows], tokenizer.pad_token_id, device
@@ -375,7 +376,7 @@ def main():
                 loss, loss_stats = policy_loss(
                     logprobs, ref_logprobs, response_mask, row_weights, args.variant, args.clip_eps, args.kl_beta
                 )
-                (loss * example_share).backward()
+                (loss * loss_weight).backward()
             with torch.no_grad():
                 step_stats = {
                     "loss/policy": loss,
@@ -385,20 +386,24 @@ def main():
                     "train/kl": torch.where(response_mask, logprobs - ref_logprobs, 0.0).sum(1).mean(),
                     "train/response_length": response_mask.sum(1).float().mean(),
                 }
-                step_stats_sum += example_share * torch.stack([v.detach().float() for v in step_stats.values()])
+                for name, value in step_stats.items():
+                    step_stats_sum[name] = step_stats_sum.get(name, 0.0) + loss_weight * value.detach().float()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         policy_optimizer.step()
         stats.append(step_stats_sum)
 
         if iteration % args.log_every == 0 or iteration == args.total_steps or iteration % args.eval_every == 0:
-            means = common.all_reduce_sum(torch.stack(stats).mean(0)) / world_size
+            names = list(stats[0])  # the statistics' names; their means since the last row, averaged over ranks:
+            means = (
+                common.all_reduce_sum(torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)) / world_size
+            )
             if not torch.isfinite(means).all():
                 run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
             elapsed = run.clock(device) - t_start
             row = {
                 "iteration": iteration,
                 "episodes": iteration * args.batch_size,
-                **dict(zip(step_stats, means.tolist())),
+                **dict(zip(names, means.tolist())),
                 "time/update": elapsed / len(stats),
                 "time/samples_per_s": len(stats) * args.batch_size / elapsed,
                 "time/peak_memory_gb": run.peak_memory_gb(device),

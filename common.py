@@ -30,12 +30,12 @@ class Rollout(NamedTuple):
 
 
 def micro_batches(rows: torch.Tensor, counts: torch.Tensor, micro_batch_size: int = 0, parts: int = 0):
-    """This rank's (rows, share, sync) per micro-batch of a step whose rows on all ranks are `rows` (on the host: the
-    same draw on every rank, rank r taking rows r, r + world size, ...), `micro_batch_size` rows at a time or in
-    `parts` parts. A loss is a mean over the step's units on all ranks (`counts`, per row of the data, on the host:
-    1 per example, or its tokens): each micro-batch's is weighted by its `share` of them, times the world size (DDP
-    and FSDP average gradients over ranks), so any split gives the same update, with no collective and no read of
-    the device. Gradients are synchronised (`sync`) on the last micro-batch only."""
+    """This rank's (rows, loss_weight, sync) per micro-batch of a step whose rows on all ranks are `rows` (on the
+    host: the same draw on every rank, rank r taking rows r, r + world size, ...), `micro_batch_size` rows at a time
+    or in `parts` parts. A loss is a mean over the step's units on all ranks (`counts`, per row of the data, on the
+    host: 1 per example, or its tokens): each micro-batch's is weighted by its share of them times the world size
+    (DDP and FSDP average gradients over ranks): its `loss_weight`, so any split gives the same update, with no
+    collective and no read of the device. Gradients are synchronised (`sync`) on the last micro-batch only."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     total = counts[rows].sum().item()
     local = rows[rank::world_size]
@@ -49,8 +49,9 @@ def token_micro_batches(schedule: list[torch.Tensor], lengths: padding.RowLength
     update from the host `lengths`: rows of similar length together (at most `size` rows, --micro-batch-size, 0 =
     all, or their tokens at full width), each with only the columns its rows use, as many on every rank (one
     all-reduce for the whole update, no read of the device per minibatch). Per minibatch a list of (mb, seq, context,
-    share, sync): `mb` (rows, response columns) indexes the (B, R) tensors, `seq` (rows, columns) the (B, P + R)
-    ones, of which the first `context` columns are prompt; `share`, `sync` as in `micro_batches`."""
+    loss_weight, sync): `mb` (rows, response columns) indexes the (B, R) tensors, `seq` (rows, columns) the (B, P + R)
+    ones, of which the first `context` columns are prompt; `loss_weight` (the micro-batch's share of the minibatch's
+    response tokens on all ranks, times the world size) and `sync` as in `micro_batches`."""
     prompt, response, context_length = lengths.prompt, lengths.response, lengths.context_length
     plans, totals = padding.micro_batch_plans(schedule, lengths, size)  # (rows of similar length; one all-reduce)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -64,8 +65,8 @@ def token_micro_batches(schedule: list[torch.Tensor], lengths: padding.RowLength
             mb, seq = (rows, slice(0, r)), (rows, slice(context_length - p, context_length + r))
             real = sum(prompt[i] + response[i] for i in group)
             padding.count_padding("update", real, len(group) * (p + r))
-            share = sum(response[i] for i in group) * world_size / total
-            micro.append((mb, seq, p, share, n == len(groups) - 1))
+            loss_weight = sum(response[i] for i in group) * world_size / total
+            micro.append((mb, seq, p, loss_weight, n == len(groups) - 1))
         out.append(micro)
     return out
 

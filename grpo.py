@@ -56,10 +56,10 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_episodes: int = 4096  # sampled responses to train on (iterations = total_episodes // rollout_batch_size)
-    rollout_batch_size: int = 64  # responses per iteration (prompts x --group-size), summed over all ranks
+    rollout_batch_size: int = 64  # responses per iteration (prompts x --group-size, whole groups per rank), all ranks
     mini_batch_size: int = 16  # responses per gradient step, summed over all ranks
     update_epochs: int = 2  # passes over each rollout batch
     rollout_forward_batch_size: int = 64  # chunk size of the no-grad generation, reference and reward passes
@@ -75,9 +75,9 @@ class Args:
     reward_truncate: bool = True  # left-truncate reward-model inputs over its max length (train/reward_truncated)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emits EOS (0 = off)
     # ---- optimisation
-    lr: float = 3e-4  # policy learning rate (toy default; the APA paper used 8e-6 for 125M and 1e-6 for 1B)
+    lr: float = 3e-4  # policy learning rate (toy default; DeepSeekMath's GRPO: 1e-6 on a 7B model)
     adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-    weight_decay: float = 0.01  # AdamW weight decay (torch's default; the APA authors: 1e-6)
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default)
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     # ---- ALGO LOGIC: GRPO's hyper-parameters
     group_size: int = 4  # K responses sampled per prompt (DeepSeekMath: 64); at least 2
@@ -174,12 +174,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, clip_
     return losses, (-advantages * clipped_ratio > -advantages * ratio)
 
 
-def aggregate(losses, mask, loss_agg: str, token_share, n_sequences: int, max_new_tokens: int, world_size: int):
+def aggregate(losses, mask, loss_agg: str, loss_weight, n_sequences: int, max_new_tokens: int, world_size: int):
     """This micro-batch's part of the minibatch loss (whose N = `n_sequences` responses lie on every rank): with
-    `token_share` (its share of the minibatch's response tokens, x world size) and the world size, as DDP averages
+    `loss_weight` (its share of the minibatch's response tokens, x world size) and the world size, as DDP averages
     gradients over ranks, any split into ranks and micro-batches gives the same update."""
     if loss_agg == "token-mean":
-        return common.masked_mean(losses, mask) * token_share
+        return common.masked_mean(losses, mask) * loss_weight
     if loss_agg == "seq-mean":
         per_sequence = torch.where(mask, losses, 0.0).sum(1) / mask.sum(1).clamp(min=1)
         return per_sequence.sum() * world_size / n_sequences
@@ -241,12 +241,15 @@ def main():
         """The rollout-time log-probs of `responses` (the last columns of input_ids) under the policy and under pi_ref
         (None without): no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass);
         `lengths`: the rollout's host copy of its row lengths (padding.RowLengths), for grouping rows by length."""
-        chunk, temp, batch = args.rollout_forward_batch_size, args.temperature, (input_ids, attention_mask, responses)
-        logprobs = common.chunked_logprobs(unwrapped_policy, *batch, temp, chunk, dtype, lengths)
+        chunk, temp = args.rollout_forward_batch_size, args.temperature
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, lengths=lengths)
+        logprobs = common.chunked_logprobs(unwrapped_policy, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         ref_logprobs = None
         if with_reference:
             with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-                ref_logprobs = common.chunked_logprobs(ref_model, *batch, temp, chunk, dtype, lengths)
+                ref_logprobs = common.chunked_logprobs(
+                    ref_model, **batch, temperature=temp, chunk_size=chunk, dtype=dtype
+                )
         return logprobs, ref_logprobs
 
     @torch.no_grad()
@@ -275,7 +278,7 @@ def main():
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
-        logprobs, ref_logprobs = logprobs_and_reference(*r[:3], r.lengths)
+        logprobs, ref_logprobs = logprobs_and_reference(r.input_ids, r.attention_mask, r.responses, r.lengths)
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
         return run.evaluation_metrics(
             score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
@@ -292,49 +295,53 @@ def main():
         prompts = n // args.group_size  # ALGO LOGIC: a group is K consecutive rows, on one rank
         indices = data.prompt_indices(len(train_prompts), prompts, iteration - 1, args.seed, rank, world_size)
         indices = [i for i in indices for _ in range(args.group_size)]
-        input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts = rollout(
-            [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
-        )
+        r = rollout([train_prompts[i] for i in indices], [train_rows[i] for i in indices])  # a common.Rollout
         t_generate = run.clock(device)
 
         # ---- score: rollout-time policy and reference passes (chunked, no grad; pi_ref only for a KL term), the score
-        logprobs, ref_logprobs = logprobs_and_reference(input_ids, attention_mask, responses, lengths, args.kl_coef > 0)
-        scores = score_fn(prompt_texts, response_texts, ended)
-        scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
+        logprobs, ref_logprobs = logprobs_and_reference(
+            r.input_ids, r.attention_mask, r.responses, r.lengths, with_reference=args.kl_coef > 0
+        )
+        # a scorer's score of each (prompt, response): a reward model on its own tokenization and template, its EOS
+        # after a response that ended (--reward-append-eos), read at the last token (--reward-score-at), or a
+        # module:function scorer of the texts (plumbing/scorers.py defines the reward)
+        scores = score_fn(r.prompt_texts, r.response_texts, r.ended)
+        scores = common.penalize_missing_eos(scores, r.ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         # ALGO LOGIC: the group-relative advantage of each response, on every one of its tokens
         advantages = group_advantages(scores, args.group_size, args.scale_rewards)[:, None].expand_as(logprobs)
         per_response = {
             "train/reward": scores,
-            "train/response_length": response_mask.sum(1),
-            "train/missing_eos_rate": ~ended,
+            "train/response_length": r.response_mask.sum(1),
+            "train/missing_eos_rate": ~r.ended,
             "train/advantage_abs": advantages[:, 0].abs(),
             "train/zero_std_groups": (scores.view(-1, args.group_size).std(1) == 0).repeat_interleave(args.group_size),
         }
         if ref_logprobs is not None:
-            kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
+            kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
             per_response.update({"train/kl": kl.sum(1), "train/kl_k3": k3(logprobs, ref_logprobs).sum(1)})
         rollout_stats = common.global_means(per_response)
         t_score = run.clock(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
-        per_minibatch = []  # each minibatch's statistics (a (K,) tensor), stacked after the update
+        per_minibatch = []  # each minibatch's statistics on this rank (name -> token mean), reduced after the update
         permutations = [torch.randperm(local_batch) for _ in range(args.update_epochs)]  # (on the host)
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         # every minibatch's micro-batches, planned at once from the rollout's lengths (no read of the device here)
-        for micro_batches in common.token_micro_batches(schedule, lengths, args.micro_batch_size):
+        for micro_batches in common.token_micro_batches(schedule, r.lengths, args.micro_batch_size):
             policy_optimizer.zero_grad(set_to_none=True)
-            minibatch_stats = 0.0
+            minibatch_stats = {}
             # The loss is a mean over the whole minibatch on all ranks (aggregate: per --loss-agg), its statistics token
-            # means, weighted by each micro-batch's share of the tokens. mb indexes its rows and response columns, seq
-            # its rows and the columns they use, of which the first `context` are the prompt's.
-            for mb, seq, context, token_share, sync in micro_batches:
-                mb_mask = response_mask[mb]
+            # means, weighted by each micro-batch's share of the tokens (times the world size, as DDP averages over
+            # ranks: `loss_weight`). mb indexes its rows and response columns, seq its rows and the columns they use, of
+            # which the first `context` are the prompt's.
+            for mb, seq, context, loss_weight, sync in micro_batches:
+                mb_mask = r.response_mask[mb]
                 with models.gradient_sync([policy], sync):
                     with common.autocast(device, dtype):
                         logits = common.response_logits(
-                            policy, input_ids[seq], attention_mask[seq], context, args.temperature
+                            policy, r.input_ids[seq], r.attention_mask[seq], context, args.temperature
                         )
-                    new_logprobs = common.gather_logprobs(logits, responses[mb])
+                    new_logprobs = common.gather_logprobs(logits, r.responses[mb])
                     # ALGO LOGIC: clipped surrogate plus beta times the KL term per token, aggregated as --loss-agg says
                     pg_losses, clipped = policy_loss(
                         new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps, clip_eps_high,
@@ -346,7 +353,7 @@ def main():
                         else torch.zeros_like(pg_losses)
                     )
                     loss = aggregate(
-                        pg_losses + args.kl_coef * kl_losses, mb_mask, args.loss_agg, token_share,
+                        pg_losses + args.kl_coef * kl_losses, mb_mask, args.loss_agg, loss_weight,
                         args.mini_batch_size, args.max_new_tokens, world_size,
                     )  # fmt: skip
                     loss.backward()
@@ -361,24 +368,26 @@ def main():
                         "policy/approx_kl": common.masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
                         "policy/entropy": common.masked_mean(common.entropy_from_logits(logits.detach()), mb_mask),
                     }
-                    minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
+                    for name, value in mb_stats.items():
+                        minibatch_stats[name] = minibatch_stats.get(name, 0.0) + loss_weight * value.detach().float()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             policy_optimizer.step()
             per_minibatch.append(minibatch_stats)
-        stats = common.all_reduce_sum(torch.stack(per_minibatch)) / world_size  # (minibatches, K), averaged over ranks
+        names = list(per_minibatch[0])  # the statistics' names; (minibatches, K), averaged over ranks:
+        stats = common.all_reduce_sum(torch.stack([torch.stack(list(m.values())) for m in per_minibatch])) / world_size
         if not torch.isfinite(stats).all():
             run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
         t_end = run.clock(device)
 
         # ---- log, evaluate, checkpoint
-        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
+        first = dict(zip(names, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
             **rollout_stats,
             "train/reward_std": torch.tensor(run.all_gather_list(scores.tolist())).std().item(),
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
-            **dict(zip(mb_stats, stats.mean(0).tolist())),
+            **dict(zip(names, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
             "time/generate": t_generate - t_start,
@@ -386,7 +395,7 @@ def main():
             "time/update": t_end - t_score,
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
-            "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
+            "time/decode_steps": r.responses.shape[1],  # generation steps (longest response): bench/throughput.py
             "time/peak_memory_gb": run.peak_memory_gb(device),
             **padding.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }

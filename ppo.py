@@ -40,7 +40,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_episodes: int = 4096  # sampled responses to train on (iterations = total_episodes // rollout_batch_size)
     rollout_batch_size: int = 64  # prompts per iteration, summed over all ranks
@@ -128,8 +128,7 @@ def compute_advantages(rewards, values, mask, gamma: float, gae_lambda: float):
 # ALGO LOGIC: the pieces of PPO, as plain functions the tests import
 def compute_rewards(scores, kl, mask, score_stats, kl_coef: float, reward_clip: float):
     """trlX's per-token reward: -beta k1 on every response token, plus the score divided by the running std of the
-    scores (updated with this batch first), clipped, at the last real token (the EOS when there is one)."""
-    score_stats.update(scores)
+    scores (this batch's included), clipped, at the last real token (the EOS when there is one)."""
     scaled_scores = (scores / score_stats.std).clamp(-reward_clip, reward_clip)
     rewards = torch.where(mask, -kl_coef * kl, 0.0)
     rewards[torch.arange(len(scores), device=mask.device), mask.sum(1) - 1] += scaled_scores
@@ -234,13 +233,15 @@ def main():
         """The rollout-time log-probs of `responses` (the last columns of input_ids) under the policy and under pi_ref,
         and the values: no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass);
         `lengths`: the rollout's host copy of its row lengths (padding.RowLengths), for grouping rows by length."""
-        chunk, temp, batch = args.rollout_forward_batch_size, args.temperature, (input_ids, attention_mask, responses)
-        logprobs = common.chunked_logprobs(unwrapped_policy, *batch, temp, chunk, dtype, lengths)
+        chunk, temp = args.rollout_forward_batch_size, args.temperature
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, lengths=lengths)
+        logprobs = common.chunked_logprobs(unwrapped_policy, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(ref_model, *batch, temp, chunk, dtype, lengths)
+            ref_logprobs = common.chunked_logprobs(ref_model, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         values = None
         if with_values:  # V(s_t) is read at the token before a_t.
-            values = common.chunked_values(value_model, *batch[:2], responses.shape[1], chunk, dtype, lengths)
+            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], chunk, dtype,
+                                           lengths)  # fmt: skip
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
@@ -268,7 +269,9 @@ def main():
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
-        logprobs, ref_logprobs, _ = logprobs_and_values(*r[:3], r.lengths, with_values=False)
+        logprobs, ref_logprobs, _ = logprobs_and_values(
+            r.input_ids, r.attention_mask, r.responses, r.lengths, with_values=False
+        )
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
         return run.evaluation_metrics(
             score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
@@ -283,26 +286,28 @@ def main():
         t_start, n = run.clock(device), args.rollout_batch_size
         # ---- rollout: sample responses to this rank's share of the prompts
         indices = data.prompt_indices(len(train_prompts), n, iteration - 1, args.seed, rank, world_size)
-        input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts = rollout(
-            [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
-        )
+        r = rollout([train_prompts[i] for i in indices], [train_rows[i] for i in indices])  # a common.Rollout
         t_generate = run.clock(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
-        logprobs, ref_logprobs, values = logprobs_and_values(input_ids, attention_mask, responses, lengths)
-        scores = score_fn(prompt_texts, response_texts, ended)
-        scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
-        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
+        logprobs, ref_logprobs, values = logprobs_and_values(r.input_ids, r.attention_mask, r.responses, r.lengths)
+        # a scorer's score of each (prompt, response): a reward model on its own tokenization and template, its EOS
+        # after a response that ended (--reward-append-eos), read at the last token (--reward-score-at), or a
+        # module:function scorer of the texts (plumbing/scorers.py defines the reward)
+        scores = score_fn(r.prompt_texts, r.response_texts, r.ended)
+        scores = common.penalize_missing_eos(scores, r.ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
+        kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
         # ALGO LOGIC: trlX reward: KL penalty on every token, score / running std at the last one
-        rewards = compute_rewards(scores, kl, response_mask, score_stats, kl_coef, args.reward_clip)
-        advantages, returns = compute_advantages(rewards, values, response_mask, args.gamma, args.gae_lambda)
+        score_stats.update(scores)  # the running statistics of the scores, this batch's (all ranks) included
+        rewards = compute_rewards(scores, kl, r.response_mask, score_stats, kl_coef, args.reward_clip)
+        advantages, returns = compute_advantages(rewards, values, r.response_mask, args.gamma, args.gae_lambda)
         rollout_stats = common.global_means(
             {
                 "train/reward": scores,
                 "train/kl": kl.sum(1),
                 "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
-                "train/response_length": response_mask.sum(1),
-                "train/missing_eos_rate": ~ended,
+                "train/response_length": r.response_mask.sum(1),
+                "train/missing_eos_rate": ~r.ended,
             }
         )
         # ALGO LOGIC: the KL controller's input; trlx adapts beta to it now, apa-authors after each minibatch
@@ -310,40 +315,44 @@ def main():
         if args.kl_control == "trlx":
             kl_coef = adaptive_kl_update(kl_coef, kl_control_input, args.kl_target, n, args.kl_horizon)
         else:  # a pass over every position of prompt and response (the log-probs of input_ids[:, 1:])
-            passes = logprobs_and_values(input_ids, attention_mask, input_ids[:, 1:], with_values=False)
-            kl_control_input = authors_kl_input(
-                *passes[:2], attention_mask, lengths, args.rollout_forward_batch_size, world_size
+            every_logprob, every_ref_logprob, _ = logprobs_and_values(
+                r.input_ids, r.attention_mask, r.input_ids[:, 1:], with_values=False
             )
+            kl_control_input = authors_kl_input(
+                every_logprob, every_ref_logprob, r.attention_mask, r.lengths, args.rollout_forward_batch_size,
+                world_size,
+            )  # fmt: skip
         t_score = run.clock(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
-        per_minibatch = []  # each minibatch's statistics (a (K,) tensor), stacked after the update
+        per_minibatch = []  # each minibatch's statistics on this rank (name -> token mean), reduced after the update
         permutations = [torch.randperm(local_batch) for _ in range(args.update_epochs)]  # (on the host)
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         if args.kl_control == "apa-authors":  # ALGO LOGIC: their epochs are consecutive steps on each minibatch
             schedule = [minibatch for minibatch in schedule[: local_batch // local_mini_batch] for _ in permutations]
         # every minibatch's micro-batches, planned at once from the rollout's lengths (no read of the device here)
-        for micro_batches in common.token_micro_batches(schedule, lengths, args.micro_batch_size):
+        for micro_batches in common.token_micro_batches(schedule, r.lengths, args.micro_batch_size):
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
-            minibatch_stats = 0.0
+            minibatch_stats = {}
             # A loss is a token mean over the whole minibatch on all ranks, so each micro-batch's is weighted by its
-            # share of those tokens. mb indexes its rows and response columns, seq its rows and the columns they use,
-            # of which the first `context` are the prompt's.
-            for mb, seq, context, token_share, sync in micro_batches:
-                mb_mask = response_mask[mb]
+            # share of those tokens (times the world size, as DDP averages over ranks: `loss_weight`). mb indexes its
+            # rows and response columns, seq its rows and the columns they use, of which the first `context` are the
+            # prompt's.
+            for mb, seq, context, loss_weight, sync in micro_batches:
+                mb_mask = r.response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
-                        new_values = value_model(input_ids[seq], attention_mask[seq])[:, context - 1 : -1]
+                        new_values = value_model(r.input_ids[seq], r.attention_mask[seq])[:, context - 1 : -1]
                         logits = common.response_logits(
-                            policy, input_ids[seq], attention_mask[seq], context, args.temperature
+                            policy, r.input_ids[seq], r.attention_mask[seq], context, args.temperature
                         )
-                    new_logprobs = common.gather_logprobs(logits, responses[mb])
+                    new_logprobs = common.gather_logprobs(logits, r.responses[mb])
                     # ALGO LOGIC: clipped surrogate and clipped value loss
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
                     vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
-                    (pg_loss * token_share).backward()
-                    (args.vf_coef * vf_loss * token_share).backward()
+                    (pg_loss * loss_weight).backward()
+                    (args.vf_coef * vf_loss * loss_weight).backward()
                 with torch.no_grad():  # rho = pi / pi_old is exactly 1 on the first minibatch.
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {
@@ -356,7 +365,8 @@ def main():
                         "policy/approx_kl": common.masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
                         "policy/entropy": common.masked_mean(common.entropy_from_logits(logits.detach()), mb_mask),
                     }
-                    minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
+                    for name, value in mb_stats.items():
+                        minibatch_stats[name] = minibatch_stats.get(name, 0.0) + loss_weight * value.detach().float()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             policy_optimizer.step()
             torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
@@ -367,17 +377,18 @@ def main():
                 kl_coef = adaptive_kl_update(
                     kl_coef, kl_control_input, args.kl_target, args.mini_batch_size, args.kl_horizon
                 )
-        stats = common.all_reduce_sum(torch.stack(per_minibatch)) / world_size  # (minibatches, K), averaged over ranks
+        names = list(per_minibatch[0])  # the statistics' names; (minibatches, K), averaged over ranks:
+        stats = common.all_reduce_sum(torch.stack([torch.stack(list(m.values())) for m in per_minibatch])) / world_size
         if not torch.isfinite(stats).all():
             run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
         t_end = run.clock(device)
 
         # ---- log, evaluate, checkpoint
         # The explained variance of the returns by the rollout-time values, over the whole batch on all ranks.
-        returns_mean = common.masked_mean(returns, response_mask, True)
-        returns_var = common.masked_mean((returns - returns_mean) ** 2, response_mask, True)
-        explained = 1 - common.masked_mean((returns - values) ** 2, response_mask, True) / returns_var
-        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
+        returns_mean = common.masked_mean(returns, r.response_mask, global_batch=True)
+        returns_var = common.masked_mean((returns - returns_mean) ** 2, r.response_mask, global_batch=True)
+        explained = 1 - common.masked_mean((returns - values) ** 2, r.response_mask, global_batch=True) / returns_var
+        first = dict(zip(names, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
@@ -387,18 +398,18 @@ def main():
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
             "train/kl_coef": kl_coef_used,  # ALGO LOGIC: and what the controller was fed
             "train/kl_control_input": kl_control_input,
-            **dict(zip(mb_stats, stats.mean(0).tolist())),
+            **dict(zip(names, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
             "value/explained_variance": explained.item(),
-            "value/mean": common.masked_mean(values, response_mask, True).item(),
-            "value/returns_mean": common.masked_mean(returns, response_mask, True).item(),
+            "value/mean": common.masked_mean(values, r.response_mask, global_batch=True).item(),
+            "value/returns_mean": returns_mean.item(),
             "time/generate": t_generate - t_start,
             "time/score": t_score - t_generate,
             "time/update": t_end - t_score,
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
-            "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
+            "time/decode_steps": r.responses.shape[1],  # generation steps (longest response): bench/throughput.py
             "time/peak_memory_gb": run.peak_memory_gb(device),
             **padding.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }

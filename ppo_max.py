@@ -42,7 +42,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint
     trust_remote_code: bool = False  # allow models and tokenizers that ship their own Python code
     chat_template: str = ""  # a .jinja file: the --model tokenizer's chat template (for conversational datasets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 on CUDA, fp32 on CPU
     # ---- budget and batch sizes
     total_episodes: int = 4096  # sampled responses to train on (iterations = total_episodes // rollout_batch_size)
     rollout_batch_size: int = 64  # prompts per iteration, summed over all ranks
@@ -129,8 +129,7 @@ def compute_advantages(rewards, values, mask, gamma: float, gae_lambda: float, n
 
 # ALGO LOGIC: the pieces of PPO-max, as plain functions the tests import
 def normalize_scores(scores, score_stats, recipe: str, reward_clip: float):
-    """Paper eq. (18): running statistics updated with this batch first, then normalise and clip."""
-    score_stats.update(scores)
+    """Paper eq. (18): normalised by the running statistics (this batch's included), then clipped."""
     if recipe == "released":  # the MOSS-RLHF scripts: no mean, no clip
         return scores / score_stats.std
     return ((scores - score_stats.mean) / score_stats.std).clamp(-reward_clip, reward_clip)
@@ -255,13 +254,15 @@ def main():
         """The rollout-time log-probs of `responses` (the last columns of input_ids) under the policy and under pi_ref,
         and the values: no grad, in chunks, one model at a time (under --fsdp each model is gathered once per pass);
         `lengths`: the rollout's host copy of its row lengths (padding.RowLengths), for grouping rows by length."""
-        chunk, temp, batch = args.rollout_forward_batch_size, args.temperature, (input_ids, attention_mask, responses)
-        logprobs = common.chunked_logprobs(unwrapped_policy, *batch, temp, chunk, dtype, lengths)
+        chunk, temp = args.rollout_forward_batch_size, args.temperature
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, lengths=lengths)
+        logprobs = common.chunked_logprobs(unwrapped_policy, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
-            ref_logprobs = common.chunked_logprobs(ref_model, *batch, temp, chunk, dtype, lengths)
+            ref_logprobs = common.chunked_logprobs(ref_model, **batch, temperature=temp, chunk_size=chunk, dtype=dtype)
         values = None
         if with_values:  # V(s_t) is read at the token before a_t.
-            values = common.chunked_values(value_model, *batch[:2], responses.shape[1], chunk, dtype, lengths)
+            values = common.chunked_values(value_model, input_ids, attention_mask, responses.shape[1], chunk, dtype,
+                                           lengths)  # fmt: skip
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
@@ -289,7 +290,9 @@ def main():
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
         r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
-        logprobs, ref_logprobs, _ = logprobs_and_values(*r[:3], r.lengths, with_values=False)
+        logprobs, ref_logprobs, _ = logprobs_and_values(
+            r.input_ids, r.attention_mask, r.responses, r.lengths, with_values=False
+        )
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
         return run.evaluation_metrics(
             score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
@@ -304,42 +307,44 @@ def main():
         t_start, n = run.clock(device), args.rollout_batch_size
         # ---- rollout: sample responses to this rank's share of the prompts
         indices = data.prompt_indices(len(train_prompts), n, iteration - 1, args.seed, rank, world_size)
-        input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts = rollout(
-            [train_prompts[i] for i in indices], [train_rows[i] for i in indices]
-        )
+        r = rollout([train_prompts[i] for i in indices], [train_rows[i] for i in indices])  # a common.Rollout
         t_generate = run.clock(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
-        logprobs, ref_logprobs, values = logprobs_and_values(input_ids, attention_mask, responses, lengths)
-        scores = score_fn(prompt_texts, response_texts, ended)
-        scores = common.penalize_missing_eos(scores, ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
-        kl = torch.where(response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
+        logprobs, ref_logprobs, values = logprobs_and_values(r.input_ids, r.attention_mask, r.responses, r.lengths)
+        # a scorer's score of each (prompt, response): a reward model on its own tokenization and template, its EOS
+        # after a response that ended (--reward-append-eos), read at the last token (--reward-score-at), or a
+        # module:function scorer of the texts (plumbing/scorers.py defines the reward)
+        scores = score_fn(r.prompt_texts, r.response_texts, r.ended)
+        scores = common.penalize_missing_eos(scores, r.ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
+        kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
         # ALGO LOGIC: PPO-max reward: fixed KL penalty on every token, normalised, clipped score at the last one
-        rewards = compute_rewards(scores, kl, response_mask, score_stats, kl_coef, args.recipe, args.reward_clip)
+        score_stats.update(scores)  # the running statistics of the scores, this batch's (all ranks) included
+        rewards = compute_rewards(scores, kl, r.response_mask, score_stats, kl_coef, args.recipe, args.reward_clip)
         advantages, returns = compute_advantages(
-            rewards, values, response_mask, args.gamma, args.gae_lambda, args.norm_adv
+            rewards, values, r.response_mask, args.gamma, args.gae_lambda, args.norm_adv
         )
         rollout_stats = common.global_means(
             {
                 "train/reward": scores,
                 "train/kl": kl.sum(1),
                 "train/kl_k3": ((-kl).exp() - 1 + kl).sum(1),
-                "train/response_length": response_mask.sum(1),
-                "train/missing_eos_rate": ~ended,
+                "train/response_length": r.response_mask.sum(1),
+                "train/missing_eos_rate": ~r.ended,
             }
         )
         train_policy = iteration > critic_warmup_steps  # ALGO LOGIC: critic warm-up first
         t_score = run.clock(device)
 
         # ---- update: update_epochs passes of shuffled minibatches
-        per_minibatch = []  # each minibatch's statistics (a (K,) tensor), stacked after the update
+        per_minibatch = []  # each minibatch's statistics on this rank (name -> token mean), reduced after the update
         permutations = [torch.randperm(local_batch) for _ in range(args.update_epochs)]  # (on the host)
         schedule = [p[i : i + local_mini_batch] for p in permutations for i in range(0, local_batch, local_mini_batch)]
         # every minibatch's micro-batches, planned at once from the rollout's lengths (no read of the device here)
-        for micro_batches in common.token_micro_batches(schedule, lengths, args.micro_batch_size):
+        for micro_batches in common.token_micro_batches(schedule, r.lengths, args.micro_batch_size):
             policy_optimizer.zero_grad(set_to_none=True)
             value_optimizer.zero_grad(set_to_none=True)
-            minibatch_stats = 0.0
+            minibatch_stats = {}
             ptx_micro_batches = [(None, 0.0, None)] * len(micro_batches)
             if args.ptx_coef > 0:  # ALGO LOGIC: PPO-ptx rows for this step, drawn the same for any number of ranks
                 generator = torch.Generator().manual_seed(args.seed + 10_000 * iteration + len(per_minibatch))
@@ -347,17 +352,18 @@ def main():
                 # (this rank's share of those rows, each micro-batch's share of their tokens)
                 ptx_micro_batches = common.micro_batches(ptx_rows, sft_lengths, parts=len(micro_batches))
             # A loss is a token mean over the whole minibatch on all ranks, so each micro-batch's is weighted by its
-            # share of those tokens. mb indexes its rows and response columns, seq its rows and the columns they use,
-            # of which the first `context` are the prompt's.
-            for (mb, seq, context, token_share, sync), (ptx_mb, ptx_share, _) in zip(micro_batches, ptx_micro_batches):
-                mb_mask = response_mask[mb]
+            # share of those tokens (times the world size, as DDP averages over ranks: `loss_weight`). mb indexes its
+            # rows and response columns, seq its rows and the columns they use, of which the first `context` are the
+            # prompt's.
+            for (mb, seq, context, loss_weight, sync), (ptx_mb, ptx_weight, _) in zip(micro_batches, ptx_micro_batches):
+                mb_mask = r.response_mask[mb]
                 with models.gradient_sync([policy, value_model], sync):
                     with common.autocast(device, dtype):
-                        new_values = value_model(input_ids[seq], attention_mask[seq])[:, context - 1 : -1]
+                        new_values = value_model(r.input_ids[seq], r.attention_mask[seq])[:, context - 1 : -1]
                         logits = common.response_logits(
-                            policy, input_ids[seq], attention_mask[seq], context, args.temperature
+                            policy, r.input_ids[seq], r.attention_mask[seq], context, args.temperature
                         )
-                    new_logprobs = common.gather_logprobs(logits, responses[mb])
+                    new_logprobs = common.gather_logprobs(logits, r.responses[mb])
                     # ALGO LOGIC: clipped surrogate (+ PPO-ptx) and clipped value loss; one gradient clip over both
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask, args.clip_eps)
                     vf_loss, vf_stats = value_loss(new_values, values[mb], returns[mb], mb_mask, args.value_clip)
@@ -370,9 +376,9 @@ def main():
                         with common.autocast(device, dtype), torch.set_grad_enabled(train_policy):  # T = 1: SFT NLL
                             ptx_logits = common.response_logits(policy, ptx_ids, ptx_attention, ptx_context, 1.0)
                         ptx = ptx_loss(common.gather_logprobs(ptx_logits, ptx_tokens), ptx_mask)
-                        pg_stats["loss/ptx"] = ptx * ptx_share / token_share  # (logged weighted by token_share)
-                    loss = ((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * token_share
-                    (loss + args.ptx_coef * ptx * ptx_share).backward()
+                        minibatch_stats["loss/ptx"] = minibatch_stats.get("loss/ptx", 0.0) + ptx_weight * ptx.detach()
+                    loss = ((pg_loss if train_policy else 0.0) + args.vf_coef * vf_loss) * loss_weight
+                    (loss + args.ptx_coef * ptx * ptx_weight).backward()
                 with torch.no_grad():  # rho = pi / pi_old is exactly 1 on the first minibatch.
                     log_ratio = new_logprobs.detach() - logprobs[mb]
                     mb_stats = {
@@ -385,7 +391,8 @@ def main():
                         "policy/approx_kl": common.masked_mean(log_ratio.exp() - 1 - log_ratio, mb_mask),
                         "policy/entropy": common.masked_mean(common.entropy_from_logits(logits.detach()), mb_mask),
                     }
-                    minibatch_stats += token_share * torch.stack([v.detach().float() for v in mb_stats.values()])
+                    for name, value in mb_stats.items():
+                        minibatch_stats[name] = minibatch_stats.get(name, 0.0) + loss_weight * value.detach().float()
             torch.nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], args.max_grad_norm)
             step = (iteration - 1) * len(schedule) + len(per_minibatch)  # optimizer steps so far
             for optimizer, lr in [(policy_optimizer, args.lr), (value_optimizer, args.value_lr)]:  # ALGO LOGIC
@@ -394,17 +401,18 @@ def main():
                 policy_optimizer.step()
             value_optimizer.step()
             per_minibatch.append(minibatch_stats)
-        stats = common.all_reduce_sum(torch.stack(per_minibatch)) / world_size  # (minibatches, K), averaged over ranks
+        names = list(per_minibatch[0])  # the statistics' names; (minibatches, K), averaged over ranks:
+        stats = common.all_reduce_sum(torch.stack([torch.stack(list(m.values())) for m in per_minibatch])) / world_size
         if not torch.isfinite(stats).all():
             run.fail(f"NaN/inf loss at iteration {iteration}; stopped before checkpointing it; lower --lr")
         t_end = run.clock(device)
 
         # ---- log, evaluate, checkpoint
         # The explained variance of the returns by the rollout-time values, over the whole batch on all ranks.
-        returns_mean = common.masked_mean(returns, response_mask, True)
-        returns_var = common.masked_mean((returns - returns_mean) ** 2, response_mask, True)
-        explained = 1 - common.masked_mean((returns - values) ** 2, response_mask, True) / returns_var
-        first = dict(zip(mb_stats, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
+        returns_mean = common.masked_mean(returns, r.response_mask, global_batch=True)
+        returns_var = common.masked_mean((returns - returns_mean) ** 2, r.response_mask, global_batch=True)
+        explained = 1 - common.masked_mean((returns - values) ** 2, r.response_mask, global_batch=True) / returns_var
+        first = dict(zip(names, stats[0].tolist()))  # the first minibatch of the first epoch (ratio 1)
         row = {
             "iteration": iteration,
             "episodes": iteration * n,
@@ -414,24 +422,24 @@ def main():
             "train/reward_truncated": getattr(score_fn, "num_truncated", 0),  # RM inputs cut to its max length
             "train/lr": policy_optimizer.param_groups[0]["lr"],
             "train/kl_coef": kl_coef,  # ALGO LOGIC: PPO-max monitoring: collapse = length up, perplexity down, KL up
-            "train/perplexity": common.masked_mean(-logprobs, response_mask, True).exp().item(),
-            "train/ref_perplexity": common.masked_mean(-ref_logprobs, response_mask, True).exp().item(),
-            "value/advantages_mean": common.masked_mean(advantages, response_mask, True).item(),
+            "train/perplexity": common.masked_mean(-logprobs, r.response_mask, global_batch=True).exp().item(),
+            "train/ref_perplexity": common.masked_mean(-ref_logprobs, r.response_mask, global_batch=True).exp().item(),
+            "value/advantages_mean": common.masked_mean(advantages, r.response_mask, global_batch=True).item(),
             "value/advantages_abs_max": common.all_reduce_max(
-                torch.where(response_mask, advantages.abs(), 0.0).max()
+                torch.where(r.response_mask, advantages.abs(), 0.0).max()
             ).item(),
-            **dict(zip(mb_stats, stats.mean(0).tolist())),
+            **dict(zip(names, stats.mean(0).tolist())),
             "policy/ratio_first_mb": first["policy/ratio"],
             "policy/abs_log_ratio_first_mb": first["policy/abs_log_ratio"],
             "value/explained_variance": explained.item(),
-            "value/mean": common.masked_mean(values, response_mask, True).item(),
-            "value/returns_mean": common.masked_mean(returns, response_mask, True).item(),
+            "value/mean": common.masked_mean(values, r.response_mask, global_batch=True).item(),
+            "value/returns_mean": returns_mean.item(),
             "time/generate": t_generate - t_start,
             "time/score": t_score - t_generate,
             "time/update": t_end - t_score,
             "time/iteration": t_end - t_start,
             "time/samples_per_s": n / (t_end - t_start),
-            "time/decode_steps": responses.shape[1],  # generation steps (longest response): bench/throughput.py
+            "time/decode_steps": r.responses.shape[1],  # generation steps (longest response): bench/throughput.py
             "time/peak_memory_gb": run.peak_memory_gb(device),
             **padding.padding_fractions(),  # padding / computed tokens: generation, no-grad passes, update
         }

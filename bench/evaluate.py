@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 import tyro
@@ -44,16 +45,16 @@ class Args:
     output_dir: str = "runs/evaluation"  # evaluation.json and samples_<i>.jsonl go here
     reference: str | None = None  # pi_ref of eval/kl (default: the first policy's --model, else the first policy)
     dataset: str | None = None  # the prompts (default: the first policy's run's, else toy/data)
-    eval_split: str | None = None
-    eval_size: int | None = None
-    reward_model: str | None = None
-    eval_reward: str | None = None  # the gold scorer; '' for none
-    seed: int | None = None  # policy i samples with seed + i
-    max_new_tokens: int | None = None
-    max_prompt_length: int | None = None
-    temperature: float | None = None
-    rollout_forward_batch_size: int | None = None
-    dtype: str | None = None
+    eval_split: str | None = None  # the dataset split the prompts are read from (default: the run's --eval-split)
+    eval_size: int | None = None  # how many of the split's first prompts (default: the run's --eval-size)
+    reward_model: str | None = None  # the scorer of eval/reward (default: the run's --reward-model)
+    eval_reward: str | None = None  # the gold scorer of eval/gold_reward (default: the run's); '' for none
+    seed: int | None = None  # policy i samples with seed + i (default: the run's --seed)
+    max_new_tokens: int | None = None  # longest response (default: the run's)
+    max_prompt_length: int | None = None  # prompts left-truncated to this many tokens (default: the run's)
+    temperature: float | None = None  # sampling temperature, also of the log-probs of eval/kl (default: the run's)
+    rollout_forward_batch_size: int | None = None  # rows per generation chunk and no-grad pass (default: the run's)
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None  # compute dtype (default: the run's --dtype)
 
 
 def settings_of(args: Args) -> SimpleNamespace:

@@ -118,7 +118,7 @@ UNIT_INTERVAL = ["gamma", "gae_lambda"]
 
 def check_flags(args, world_size: int, local_mini_batch: int, positive: str = "", non_negative: str = ""):
     """Every shared flag in its range, and the script's own `positive` and `non_negative` ones (names separated by
-    spaces); --dtype float16 refused; --micro-batch-size divides a rank's minibatch (`local_mini_batch` rows); --fsdp
+    spaces); --micro-batch-size divides a rank's minibatch (`local_mini_batch` rows); --fsdp
     has ranks to shard over; --num-layers-unfrozen >= -1; --push-to-hub has a token to upload with."""
     for names, ok, wanted in (
         (POSITIVE_COUNTS, lambda v: v >= 1, "a positive integer"),
@@ -134,8 +134,6 @@ def check_flags(args, world_size: int, local_mini_batch: int, positive: str = ""
         fail(f"--lora-dropout {args.lora_dropout} is out of range; it must be in [0, 1)")
     if not all(0 <= beta < 1 for beta in getattr(args, "adam_betas", ())):
         fail(f"--adam-betas {args.adam_betas} is out of range; both must be in [0, 1)")
-    if args.dtype == "float16":
-        fail("--dtype float16 needs a gradient scaler, which these scripts do not have; use --dtype bfloat16")
     if args.micro_batch_size and local_mini_batch % args.micro_batch_size:
         fail(
             f"--micro-batch-size {args.micro_batch_size} does not divide the {local_mini_batch} rows each rank gets "

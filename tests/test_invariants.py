@@ -77,6 +77,8 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
         # ---- reward and advantages: the rollout tensors, in the right places
         (_, reward_args, _, rewards) = events[start]
         ppo_like = script in ("ppo", "ppo_max")  # a KL penalty in the reward, clipped losses
+        (moments,) = [a["running_moments"] for a in reward_args if isinstance(a, dict) and "running_moments" in a]
+        assert moments["count"] == 8 * iteration  # the running statistics hold this batch's scores before use
         assert torch.equal(reward_args[0], scores) and torch.equal(reward_args[2 if ppo_like else 1], mask)
         if ppo_like:
             assert torch.equal(reward_args[1], kl)

@@ -15,8 +15,9 @@ def test_score_normaliser_matches_numpy_over_a_stream_and_clips():
     for n in (8, 3, 16):
         batch = rng.normal(2.0, 3.0, size=n)
         seen.append(batch)
+        stats.update(torch.tensor(batch))  # (ppo_max.py updates them with the batch, then normalises it)
         out = normalize_scores(torch.tensor(batch, dtype=torch.float32), stats, "paper", 0.8)
-        everything = np.concatenate(seen)  # statistics include the current batch before use
+        everything = np.concatenate(seen)
         expected = np.clip((batch - everything.mean()) / everything.std(), -0.8, 0.8)
         assert out.numpy() == pytest.approx(expected, abs=1e-4)
     assert (out.abs() <= 0.8).all() and (out.abs() == 0.8).any()
@@ -25,6 +26,7 @@ def test_score_normaliser_matches_numpy_over_a_stream_and_clips():
 def test_released_recipe_divides_by_the_running_std_only():
     stats = RunningMoments()
     scores = torch.tensor([10.0, 12.0, 14.0])
+    stats.update(scores)
     out = normalize_scores(scores, stats, "released", 0.8)
     assert out.numpy() == pytest.approx((scores / np.std([10.0, 12.0, 14.0])).numpy(), rel=1e-4)  # no mean, no clip
 

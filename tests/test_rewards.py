@@ -20,8 +20,10 @@ EARLIER = [0.0, 4.0]  # a batch the running statistics saw before this one
 
 
 def stats_after_earlier() -> RunningMoments:
+    """The running statistics as the scripts pass them: updated with an earlier batch, then with this one."""
     stats = RunningMoments()
     stats.update(torch.tensor(EARLIER))
+    stats.update(SCORES)
     return stats
 
 
