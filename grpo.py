@@ -84,8 +84,8 @@ class Args:
     scale_rewards: Literal["group", "batch", "none"] = "group"  # divide A by the group's std, the batch's, or not
     loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
     """the loss's mean over a minibatch's N responses: seq-mean, of each response's token mean (GRPO eq. 3: a short
-    response's tokens weigh more); token-mean, over all their tokens (DAPO); constant, their token sum / (N x
-    --max-new-tokens) (Dr. GRPO: no length bias)"""
+    response's tokens weigh more); token-mean, over all their tokens (DAPO); constant, their token sum divided by
+    N times the maximum new tokens (Dr. GRPO: no length bias)"""
     kl_coef: float = 0.04  # beta of the KL loss term (DeepSeekMath: 0.04); 0 = no reference pass in training
     kl_term: Literal["k3-ratio", "k3", "k2"] = "k3-ratio"
     """the KL loss term per token, d = log pi - log pi_ref, rho = pi / pi_old; its expected gradient:

@@ -79,8 +79,8 @@ class Args:
     reuse: bool = False
     """skip runs whose output directory already holds a final policy (re-plot without re-running)"""
     extra_for: tuple[str, ...] = ()
-    """flags for one algorithm's runs, ALGORITHM=FLAGS, e.g. --extra-for "ppo_max=--critic-model toy/reward_model"
-    (PPO-max's critic starts from a reward model: with a scoring function as --reward-model it needs one)"""
+    """flags for one algorithm's runs, ALGORITHM=FLAGS, e.g. --extra-for "ppo_max=--critic-model toy/reward_model";
+    PPO-max's critic starts from a reward model: with a scoring function as --reward-model it needs one"""
     add: bool = False
     """keep the records of records.json whose algorithms this comparison does not run (add to a stored comparison)"""
 

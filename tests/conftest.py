@@ -2,8 +2,8 @@ import os
 import sys
 from pathlib import Path
 
-import launcher
 import pytest
+import runs
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,7 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 THREADS = os.environ.get("RLHF_TEST_THREADS") or ("1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 torch.set_num_threads(int(THREADS))
 os.environ["OMP_NUM_THREADS"] = THREADS  # the scripts the tests start (bench/ starts them itself) inherit it
-launcher.BASE_ENV = dict(os.environ)  # what every test starts from (the launcher's server imports under it)
 
 # The longest tests, longest first: pytest-xdist hands tests out one at a time in collection order (pyproject: --dist
 # load --maxschedchunk 1), so starting these first lets the two workers finish together. (Order only: a name missing
@@ -111,10 +110,10 @@ def run_script(
     torchrun: bool = False,
 ):  # fmt: skip
     """Run a script (a path from the repository root) as `python SCRIPT ARGS` or, with nproc > 1 or `torchrun`, as
-    `torchrun --nproc_per_node nproc SCRIPT ARGS` would (tests/launcher.py); returns the CompletedProcess."""
+    `torchrun --nproc_per_node nproc --standalone SCRIPT ARGS` (tests/runs.py); returns the CompletedProcess."""
     skip_without_devices(nproc)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS, **(env or {})}
-    result = launcher.run([str(REPO / script), *args], env, str(cwd), nproc, timeout, torchrun)
+    result = runs.run(script, list(args), env, cwd, nproc, timeout, torchrun)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -123,27 +122,32 @@ def run_script(
 
 
 def kill_at_first_checkpoint(
-    script: str, args: list[str], output_dir, nproc: int = 1, checkpoint: str = "checkpoint.pt"
+    script: str, args: list[str], output_dir, nproc: int = 1, checkpoint: str = "checkpoint.pt", wrap=()
 ):
-    """Start a run, SIGKILL every process of it once its first checkpoint is written (tests/pause_after_checkpoint.py
-    holds every rank there: no race with the next iteration), and return that checkpoint (under --fsdp its
-    state.pt)."""
+    """Start a run, kill every process of it once its first checkpoint is written (tests/wrap.py --pause holds every
+    rank there: no race with the next iteration), and return that checkpoint (under --fsdp its state.pt). `wrap`:
+    more tests/wrap.py options (e.g. --rollouts fixed)."""
     import time
 
     skip_without_devices(nproc)
     paused = Path(output_dir).parent / f"{Path(output_dir).name}.paused"
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS, "PAUSED": str(paused)}
-    argv = [str(REPO / "tests" / "pause_after_checkpoint.py"), script.removesuffix(".py"), *args, "--output-dir",
-            str(output_dir)]  # fmt: skip
-    run = launcher.start(argv, env, str(REPO), nproc)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else THREADS}
+    argv = ["--pause", str(paused), *wrap, script.removesuffix(".py"), *args, "--output-dir", str(output_dir)]
+    started = runs.start("tests/wrap.py", argv, env, REPO, nproc)
     deadline = time.time() + 300
-    while not paused.exists() and time.time() < deadline and run.poll() is None:
+    while not paused.exists() and time.time() < deadline and started.popen.poll() is None:
         time.sleep(0.05)
-    run.kill()
-    result = run.result()
+    started.kill()
+    result = started.result()
     if not paused.exists():
         raise AssertionError(f"{script} wrote no checkpoint ({result.returncode}):\n{result.stderr[-3000:]}")
     return torch.load(Path(output_dir) / checkpoint, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory) -> runs.Shared:
+    """The runs several tests read, each made once per session (tests/runs.py)."""
+    return runs.Shared(runs.session_root(tmp_path_factory.getbasetemp()) / "shared-runs")
 
 
 def read_metrics(output_dir) -> list[dict]:

@@ -15,10 +15,11 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 out = {"rank": rank}
 
-# PPO-max's score normaliser: running statistics over both ranks' scores, three batches
+# the running score statistics over both ranks' scores, three batches (then PPO-max's normaliser reads them)
 stats = RunningMoments()
 for step in range(3):
     scores = torch.arange(4.0) * (rank + 1) + step * 10 - rank
+    stats.update(scores)
     normalize_scores(scores, stats, "paper", 0.8)
 out["moments"] = {"mean": stats.mean, "std": stats.std}
 

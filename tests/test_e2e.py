@@ -121,8 +121,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_line_error_and_writes_nothing(case, tmp_path, monkeypatch):
     flags, expected = BAD_INPUTS[case]
-    if case == "push_without_token":  # no stored hub token (the other cases keep the environment the launcher's
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # server imported under: a fork starts faster)
+    if case == "push_without_token":  # no stored hub token
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
         monkeypatch.delenv("HF_TOKEN", raising=False)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     (tmp_path / "empty.jsonl").write_text("")

@@ -1,5 +1,5 @@
 """Invariants of a real run, checked on what each script's main() passes to its tested functions
-(tests/record_run.py records every call): the rollout tensors reach the reward, advantage and loss functions as
+(tests/wrap.py --record records every call): the rollout tensors reach the reward, advantage and loss functions as
 the algorithm says (pi_old vs pi_ref log-probs, advantages vs returns, the missing-EOS penalty, the rollout values);
 on the first minibatch of every iteration the ratio is 1 and the value net's outputs equal the rollout values; and
 the logged losses are the tested loss functions' outputs, weighted by each micro-batch's share of the tokens."""
@@ -24,11 +24,12 @@ EXTRA = {"ppo_max": ["--critic-warmup-steps", "0"]}
 EOS = 0  # the toy tokenizer's <|endoftext|>
 
 
-def record(script: str, runs: list[list[str]], generate: str = "") -> list[list[tuple]]:
-    """The events of each run of `script` (one process), as tests/record_run.py saves them; `generate`: a
-    module:function replacing common.generate."""
+def record(script: str, runs: list[list[str]], rollouts: str = "") -> list[list[tuple]]:
+    """The events of each run of `script` (one process), as tests/wrap.py --record saves them; `rollouts`: fixed or
+    next-turn responses in place of sampling (tests/wrap.py)."""
     out = runs[0][runs[0].index("--output-dir") + 1] + ".events.pt"
-    run_script("tests/record_run.py", script, out, json.dumps(runs), *([generate] * bool(generate)))
+    wrap = ["--rollouts", rollouts] if rollouts else []
+    run_script("tests/wrap.py", "--record", out, "--runs", json.dumps(runs), *wrap, script)
     return torch.load(out, weights_only=False)
 
 

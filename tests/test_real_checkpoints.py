@@ -179,7 +179,6 @@ def ppo_args(**overrides):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        ({"dtype": "float16"}, "use --dtype bfloat16"),
         ({"lr": 0.0}, "--lr 0.0 is out of range; it must be greater than 0"),
         ({"temperature": -1.0}, "--temperature -1.0 is out of range"),
         ({"gamma": 1.5}, "--gamma 1.5 is out of range; it must be in [0, 1]"),

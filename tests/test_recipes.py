@@ -171,7 +171,7 @@ def test_stop_string_rollout_trains_on_the_cut_response(tmp_path):
 
     out = tmp_path / "run"
     flags = [*FLAGS, "--stop-strings", *HH_STOPS, "--output-dir", str(out)]
-    (events,) = record("ppo", [flags], generate="tests.fixed_rollouts:next_turn_generate")
+    (events,) = record("ppo", [flags], rollouts="next-turn")
     tokenizer = AutoTokenizer.from_pretrained(REPO / "toy" / "policy")
     cut = tokenizer(" sure! watch the bishop.")["input_ids"] + [EOS]
     start = next(i for i, e in enumerate(events) if e[0] == "compute_rewards")

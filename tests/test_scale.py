@@ -15,8 +15,8 @@ EQUIVALENCE = [
 
 
 def run_fixed(script: str, args: list[str], nproc: int = 1):
-    """The script with rollouts that depend only on the prompt (tests/fixed_rollouts.py)."""
-    return run_script("tests/fixed_rollouts.py", script, *args, nproc=nproc)
+    """The script with rollouts that depend only on the prompt (tests/wrap.py --rollouts fixed)."""
+    return run_script("tests/wrap.py", "--rollouts", "fixed", script, *args, nproc=nproc)
 
 
 def final_params(path) -> dict:
@@ -324,7 +324,8 @@ def test_one_process_torchrun_joins_a_process_group_and_runs_its_collectives(tmp
     reductions over ranks), so one GPU can check them; the same run as `python` joins none. Both train the same."""
     args = [*EQUIVALENCE, "--total-episodes", "16"]
     run_fixed("ppo", [*args, "--output-dir", str(tmp_path / "python")])
-    run_script("tests/fixed_rollouts.py", "ppo", *args, "--output-dir", str(tmp_path / "torchrun"), torchrun=True)
+    fixed = ["tests/wrap.py", "--rollouts", "fixed", "ppo"]
+    run_script(*fixed, *args, "--output-dir", str(tmp_path / "torchrun"), torchrun=True)
     alone, joined = read_metrics(tmp_path / "python")[-1], read_metrics(tmp_path / "torchrun")[-1]
     assert "dist/max_param_difference" not in alone and joined["dist/max_param_difference"] == 0.0
     card = (tmp_path / "torchrun" / "policy" / "training_args.json").read_text()
