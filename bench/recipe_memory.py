@@ -88,7 +88,8 @@ RECIPES = [
     ("ppo_max_hh.sh", "released"),
     *[
         ("alol_hh.sh", variant)
-        for variant in ("a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll")
+        for variant in ("a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll", "dpo", "dpo-ref-free",
+                        "pro")
     ],  # fmt: skip
 ]
 CRITIC = ("ppo.py", "apa.py", "awr.py", "ppo_max.py")  # scripts with a value network
@@ -187,12 +188,13 @@ def predict(nproc: int, script: str, flags: dict, k_act: float) -> dict:
     # ---- transient phases, per rank
     prompt, response = int(flags["max_prompt_length"]), int(flags["max_new_tokens"])
     seq = prompt + response
-    if script == "alol.py":
-        rows = int(flags["micro_batch_size"]) or int(flags["batch_size"]) // world
+    if script in ("alol.py", "dpo.py"):  # (dpo.py: a pair's chosen and rejected response in one forward)
+        rows = (int(flags["micro_batch_size"]) or int(flags["batch_size"]) // world) * (2 if script == "dpo.py" else 1)
     else:
         rows = int(flags["micro_batch_size"]) or int(flags["mini_batch_size"]) // world
     chunk = int(flags["rollout_forward_batch_size"])
-    gen_rows = min(chunk, int(flags.get("rollout_batch_size", chunk)) // world) if script != "alol.py" else chunk
+    offline = script in ("alol.py", "dpo.py")
+    gen_rows = chunk if offline else min(chunk, int(flags.get("rollout_batch_size", chunk)) // world)
     largest = max([policy.params] + [s.params for s in scorers if s] + [n.params for n, _ in nets])
     gathered = nbytes * largest if fsdp else 0
     policy_cast = nbytes * min(policy_copies, policy.linear) if nbytes < 4 else 0

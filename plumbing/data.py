@@ -199,6 +199,38 @@ def tokenize_responses(tokenizer, prompts: list, responses: list[str], stop_ids:
     return out
 
 
+def preference_pairs(tokenizer, name: str, split: str, columns: tuple[str, str], stop_ids: list[int],
+                     max_prompt_length: int, max_new_tokens: int) -> tuple[list, list[tuple]]:  # fmt: skip
+    """(rows, pairs) of a preference dataset: each pair (prompt ids, chosen ids, rejected ids), the responses as the
+    policy would write them (`tokenize_responses`) cut to `max_new_tokens`; `rows` the prompts as scorers get them.
+    Formats: TRL's `prompt` / `chosen` / `rejected` (plain or conversational), Anthropic/hh-rlhf's `chosen` /
+    `rejected` dialogues (the prompt: everything before the last assistant turn, which both must share),
+    Dahoas/rm-static's. One line for a missing column, a row whose chosen equals its rejected, and a pair that the
+    length limit cuts to the same tokens (an empty prompt: `conversation_problem`, as for every script)."""
+    where = f"split '{split}' of --dataset '{name}'"
+    rows, chosen = load_rows(name, split, columns[0])
+    other_rows, rejected = load_rows(name, split, columns[1])
+    for column, texts in zip(columns, (chosen, rejected)):
+        if texts is None or None in texts:
+            run.fail(f"{where} has no '{column}' column (or assistant turn); pass preference pairs (prompt, chosen, "
+                     "rejected) or name the columns with --chosen-column / --rejected-column")  # fmt: skip
+    for i, (prompt, other, a, b) in enumerate(zip(rows, other_rows, chosen, rejected)):
+        if prompt != other:
+            run.fail(f"row {i} of {where}: its chosen and rejected dialogues do not share a prompt; fix the row")
+        if a == b:
+            run.fail(f"row {i} of {where}: its chosen response equals its rejected one; drop the row")
+    prompts = tokenize_prompts(tokenizer, rows, max_prompt_length)
+    pairs = []
+    for i, (prompt, a, b) in enumerate(zip(prompts, *(tokenize_responses(tokenizer, rows, texts, stop_ids)
+                                                       for texts in (chosen, rejected)))):  # fmt: skip
+        a, b = a[:max_new_tokens], b[:max_new_tokens]
+        if a == b:
+            run.fail(f"row {i} of {where}: cut to --max-new-tokens {max_new_tokens}, its chosen and rejected "
+                     "responses are the same tokens; raise --max-new-tokens or drop the row")  # fmt: skip
+        pairs.append((prompt, a, b))
+    return rows, pairs
+
+
 def stop_token_ids(path: str, tokenizer) -> list[int]:
     """Generation stops at EOS and at every id the checkpoint's generation_config.json lists as eos_token_id (a chat
     model's end-of-turn token, such as <|im_end|> or <|eot_id|>)."""

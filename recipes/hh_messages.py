@@ -1,4 +1,5 @@
-"""Anthropic HH dialogues as TRL conversational rows: `{"prompt": [messages], "chosen": [assistant message]}`.
+"""Anthropic HH dialogues as TRL conversational rows: `{"prompt": [messages], "chosen": [assistant message]}`, and
+`"rejected"` where the dataset has it (preference pairs for dpo.py).
 
 The A-LoL and MOSS-RLHF policies read HH dialogues in their own prompt formats; given as conversations, the scripts
 render them with the policy's chat template (`--chat-template`) and the reward model's (set by
@@ -26,6 +27,7 @@ class Args:
     output_dir: str = "data/hh-messages"  # train.jsonl and test.jsonl are written here
     splits: tuple[str, ...] = ("train", "test")  # dataset splits to convert
     limit: int = 0  # rows per split (0 = all)
+    drop_equal_pairs: bool = False  # drop rows whose rejected response is the chosen one (dpo.py refuses them)
 
 
 def hh_messages(prompt: str) -> list[dict]:
@@ -46,6 +48,13 @@ def main():
             run.fail(f"--dataset '{args.dataset}' has no responses ('chosen'); pass HH dialogues")
         rows = [{"prompt": hh_messages(p), "chosen": [{"role": "assistant", "content": r.strip()}]}
                 for p, r in zip(prompts, responses)]  # fmt: skip
+        other_prompts, rejected = data.load_rows(args.dataset, split, "rejected")
+        if rejected is not None:  # the pair's other response, where it continues the same prompt
+            for row, p, o, r in zip(rows, prompts, other_prompts, rejected):
+                row["rejected"] = [{"role": "assistant", "content": r.strip()}] if p == o and r is not None else None
+            rows = [r for r in rows if r["rejected"] is not None]
+            if args.drop_equal_pairs:
+                rows = [r for r in rows if r["rejected"] != r["chosen"]]
         rows = [r for r in rows if r["prompt"] and r["prompt"][-1]["role"] == "user"][: args.limit or None]
         with open(os.path.join(args.output_dir, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
