@@ -42,7 +42,8 @@ MODELS, SCORERS, CHECKPOINTS, DATA = (
     "plumbing/data.py",
 )
 TWO_RANKS = "tests/test_common.py::test_statistics_over_the_whole_batch_on_two_ranks"
-SPLITS = "tests/test_scale.py::test_one_update_for_any_split_into_ranks_and_micro_batches"
+SPLITS = "tests/test_configurations.py::test_two_ranks_with_uneven_work_train_as_one"
+RESUMED = "tests/test_configurations.py::test_killed_and_resumed_equals_uninterrupted"
 RELEASED = "tests/test_ppo_max.py::test_released_recipe_end_to_end"
 ALOL_RUNS = "tests/test_invariants.py::test_alol_variants_train_on_the_weights_they_define"
 ARCHITECTURES = "tests/test_architectures.py::test_policy_value_net_lora_and_layers_on_each_architecture"
@@ -276,6 +277,18 @@ MUTANTS = [
     Mutant("mean-pooling-converted", "recipes/convert_reward_model.py", 'if fields.get("pooling", "last") != "last":',
            "if False:", (OASST,)),
 
+    # ---- configurations (issue 45's kinds): a pairing, a statistic of one rank, uneven work, a resume
+    Mutant("alol-v-ref-targets-unpaired", "alol.py", "sample_scores.view(args.value_samples, -1).T.tolist()",
+           "sample_scores.view(-1, args.value_samples).tolist()", (VALUE_SIZE,)),
+    Mutant("ppo-returns-mean-one-rank", "ppo.py",
+           "returns_mean = common.masked_mean(returns, r.response_mask, global_batch=True)",
+           "returns_mean = common.masked_mean(returns, r.response_mask, global_batch=False)", (f"{SPLITS}[ppo]",)),
+    Mutant("micro-batch-tokens-of-one-rank", "plumbing/padding.py",
+           "tensors.all_reduce_sum(counts[len(plans) :])])", "counts[len(plans) :]])", (f"{SPLITS}[awr]",)),
+    Mutant("fsdp-checkpoint-steps-a-fresh-optimizer", "plumbing/checkpoints.py",
+           "    if fresh:\n        optimizer.state.clear()\n    return", "    return", (f"{SPLITS}[ppo_max]",)),
+    Mutant("apa-resume-forgets-score-stats", "apa.py", '        score_stats.load_state_dict(checkpoint["score_stats"])',
+           "        pass", (f"{RESUMED}[apa]",)),
 ]  # fmt: skip
 
 

@@ -55,12 +55,24 @@ def load_trainable_state(model: nn.Module, state: dict):
         )
 
 
+def dcp_optimizer_state(model: nn.Module, optimizer, options=None) -> dict:
+    """torch.distributed.checkpoint's state dict of an optimizer, leaving an optimizer that has not stepped yet as it
+    was: to have states to save, DCP steps it once at lr 0, which counts as AdamW's first step, so the first real
+    step's bias correction would be the second's (a checkpoint during PPO-max's critic warm-up changed the policy's
+    first update). Such a state is saved marked `fresh` (load_checkpoint clears it again)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    fresh = not optimizer.state
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    if fresh:
+        optimizer.state.clear()
+    return {"fresh": torch.tensor(fresh), "state": state}
+
+
 def optimizer_state(model: nn.Module, optimizer) -> dict:
     """The optimizer's state (full tensors under --fsdp, gathered; every rank must call it), {} except on rank 0."""
     if models.is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+        return dcp_optimizer_state(model, optimizer, _full_state_options())
     return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else {}
 
 
@@ -68,7 +80,9 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict):
     if models.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, state["state"], options=StateDictOptions(full_state_dict=True))
+        if state["fresh"]:
+            optimizer.state.clear()
     else:
         optimizer.load_state_dict(state)
 
@@ -103,14 +117,14 @@ def load_training_state(checkpoint: dict, trained: dict):
 
 def sharded_training_state(trained: dict) -> dict:
     """Under --fsdp, each rank's shards of what `training_state` holds: the trainable weights and optimizer states."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = {}
     for name, (model, optimizer) in trained.items():
         model = models.unwrap(model)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state[name] = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
-        state[f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state[f"{name}_optimizer"] = dcp_optimizer_state(model, optimizer)
     return state
 
 
@@ -174,7 +188,9 @@ def load_checkpoint(output_dir: str, trained: dict) -> dict:
     dcp.load(sharded, checkpoint_id=directory)  # each rank reads the parts of its own shards
     for name, (model, optimizer) in trained.items():
         set_model_state_dict(models.unwrap(model), sharded[name], options=StateDictOptions(strict=False))
-        set_optimizer_state_dict(models.unwrap(model), optimizer, sharded[f"{name}_optimizer"])
+        set_optimizer_state_dict(models.unwrap(model), optimizer, sharded[f"{name}_optimizer"]["state"])
+        if sharded[f"{name}_optimizer"]["fresh"]:  # saved before its first step: it starts fresh again
+            optimizer.state.clear()
     return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
 
 

@@ -21,6 +21,8 @@ os.environ["OMP_NUM_THREADS"] = THREADS  # the scripts the tests start (bench/ s
 # load --maxschedchunk 1), so starting these first lets the two workers finish together. (Order only: a name missing
 # here runs in its file's place.)
 LONGEST_FIRST = [
+    "test_two_ranks_with_uneven_work_train_as_one",
+    "test_killed_and_resumed_equals_uninterrupted",
     "test_short_default_run_reaches_a_gold_reward_broken_variants_do_not",
     "test_short_alol_run_reaches_a_gold_reward_plain_sft_does_not",
     "test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy",
@@ -34,10 +36,7 @@ LONGEST_FIRST = [
     "test_ppo_max_recipe_runs_on_stand_ins",
     "test_frontier_smoke_writes_table_json_and_plot",
     "test_apa_recipe_runs_on_stand_ins",
-    "test_one_update_for_any_split_into_ranks_and_micro_batches",
-    "test_alol_one_update_for_one_rank_and_fsdp_micro_batches",
-    "test_run_writes_the_contract_and_resumes_exactly_after_a_kill",
-    "test_kill_and_resume_continues_exactly",
+    "test_run_writes_the_contract_and_ppo_resumes_exactly_after_a_kill",
     "test_alol_trains_on_a_messages_dataset",
     "test_fsdp_keeps_gradients_sharded_through_micro_batches",
     "test_bf16_reference_computes_what_the_policy_computes",

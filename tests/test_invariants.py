@@ -294,5 +294,14 @@ def test_alol_fits_v_ref_on_exactly_value_size_prompts(tiny_toy_data, tmp_path):
     (events,) = record("alol", [[*flags, "--output-dir", str(tmp_path / "run")]])
     (_, (features, targets, prompt_ids, *_), _, _) = next(e for e in events if e[0] == "fit_value_head")
     assert features.shape[0] == len(targets) == 20 and sorted(set(prompt_ids.tolist())) == list(range(10))
+    # the pairing: each target is the reward of a sample of its own prompt, each row its prompt's features. The
+    # samples were scored sample-major (row s * 10 + i: sample s of prompt i); the fit reads them prompt-major.
+    (_, (texts, _, ended), _, raw) = [e for e in events if e[0] == "score"][1]  # the training pairs', then these
+    assert texts[:10] == texts[10:]  # the 10 prompts, once per sample
+    rewards = raw - 1.0 * (~ended).float()  # the missing-EOS penalty (no --reward-transform)
+    assert torch.allclose(targets, rewards.view(2, 10).T.reshape(-1))
+    by_prompt = features.view(10, 2, -1)
+    assert torch.equal(by_prompt[:, 0], by_prompt[:, 1]) and not torch.equal(by_prompt[0, 0], by_prompt[1, 0])
+    assert torch.equal(prompt_ids, torch.arange(10).repeat_interleave(2))
     result = run_script("alol.py", *flags, "--value-size", "17", "--output-dir", str(tmp_path / "big"), check=False)
     assert result.returncode == 1 and "fewer than --value-size 17" in result.stderr.strip().splitlines()[-1]

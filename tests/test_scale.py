@@ -25,58 +25,7 @@ def final_params(path) -> dict:
     return {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
-def assert_same_training(reference_dir, other_dir, keys: tuple[str, ...], lr: float):
-    ref_rows, rows = read_metrics(reference_dir)[1:], read_metrics(other_dir)[1:]
-    assert len(ref_rows) == len(rows) == 2
-    for a, b in zip(ref_rows, rows):
-        for key in keys:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-5), (key, a[key], b[key])
-    a, b = final_params(reference_dir / "policy"), final_params(other_dir / "policy")
-    initial = final_params(REPO / "toy" / "policy")
-    assert max((a[k] - initial[k]).abs().max().item() for k in a) > lr  # it trained (Adam moves weights ~lr a step)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-
-
-# each script against itself on one rank: two ranks with DDP or FSDP2, and micro-batches
-SPLITS = {
-    "ppo": {"fsdp": ["--fsdp"]},
-    "apa": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
-    "awr": {"ddp": ["--micro-batch-size", "2"]},
-    "ppo_max": {"fsdp": ["--fsdp", "--micro-batch-size", "4"]},
-    "grpo": {"fsdp": ["--fsdp", "--micro-batch-size", "2"]},
-    "rloo": {"ddp": ["--micro-batch-size", "4"]},
-}
-KEYS = ("loss/policy", "loss/value", "train/kl")
-# AWR: the largest weight over the whole batch on both ranks; PPO-max: the PPO-ptx NLL, a mean over the SFT tokens;
-# GRPO: the KL term, and the batch's std over both ranks (--scale-rewards batch) with the per-sequence mean
-EXTRA_KEYS = {"awr": ("policy/weight_max",), "ppo_max": ("loss/ptx",), "grpo": ("loss/kl", "train/advantage_abs")}
-EXTRA_FLAGS = {"ppo_max": ["--critic-warmup-steps", "0", "--ptx-coef", "0.5"], "grpo": ["--scale-rewards", "batch"]}
-CRITIC_FREE = ("grpo", "rloo")  # no value network: no --value-lr, no loss/value
-
-
-@pytest.mark.parametrize("script", list(SPLITS))
-def test_one_update_for_any_split_into_ranks_and_micro_batches(script, tmp_path):
-    """Responses of different lengths on the two ranks: per-rank token means would differ by ~1e-3 here."""
-    flags = [*EQUIVALENCE, *EXTRA_FLAGS.get(script, [])]
-    keys = KEYS + EXTRA_KEYS.get(script, ())
-    if script in CRITIC_FREE:
-        i = flags.index("--value-lr")
-        flags, keys = flags[:i] + flags[i + 2 :], tuple(k for k in keys if k != "loss/value")
-    run_fixed(script, [*flags, "--output-dir", str(tmp_path / "one")])
-    for name, split in SPLITS[script].items():
-        run_fixed(script, [*flags, *split, "--output-dir", str(tmp_path / name)], nproc=2)
-        assert_same_training(tmp_path / "one", tmp_path / name, keys, lr=5e-5)
-        if name == "ddp":
-            assert read_metrics(tmp_path / name)[-1]["dist/max_param_difference"] == 0.0
-
-
-def test_alol_one_update_for_one_rank_and_fsdp_micro_batches(small_toy_data, tmp_path):
-    flags = ["--dataset", small_toy_data, "--total-steps", "4", "--log-every", "2", "--eval-every", "4",
-             "--save-every", "0", "--value-epochs", "3", "--value-samples", "2", "--eval-size", "16",
-             "--lr", "2e-5"]  # fmt: skip
-    run_fixed("alol", [*flags, "--output-dir", str(tmp_path / "one")])
-    run_fixed("alol", [*flags, "--fsdp", "--micro-batch-size", "4", "--output-dir", str(tmp_path / "fsdp")], nproc=2)
-    assert_same_training(tmp_path / "one", tmp_path / "fsdp", ("loss/policy", "train/reward"), lr=2e-5)
+# One rank against two (DDP or FSDP2, micro-batches) for every script: tests/test_configurations.py.
 
 
 def test_fsdp_lora_resume_continues_exactly_and_saves_loadable_policy(tmp_path):
@@ -330,5 +279,5 @@ def test_one_process_torchrun_joins_a_process_group_and_runs_its_collectives(tmp
     assert "dist/max_param_difference" not in alone and joined["dist/max_param_difference"] == 0.0
     card = (tmp_path / "torchrun" / "policy" / "training_args.json").read_text()
     assert '"command": "torchrun --nproc_per_node 1' in card and '"world_size": 1' in card
-    for key in KEYS:
+    for key in ("loss/policy", "loss/value", "train/kl"):
         assert alone[key] == pytest.approx(joined[key], rel=1e-6, abs=1e-6), key
