@@ -37,7 +37,16 @@ ALGORITHMS = {
     "rloo": ("rloo.py", []),
     "a-lol": ("alol.py", ["--variant", "a-lol"]),
     "nll": ("alol.py", ["--variant", "nll"]),
+    "a-lol-ref-free": ("alol.py", ["--variant", "a-lol-ref-free"]),  # run on request (--algorithms): A-LoL's variants
+    "a-lol-seq": ("alol.py", ["--variant", "a-lol-seq"]),
+    "a-lol-kl": ("alol.py", ["--variant", "a-lol-kl"]),
+    "r-lol": ("alol.py", ["--variant", "r-lol"]),
+    "wbc": ("alol.py", ["--variant", "wbc"]),
+    "dpo": ("dpo.py", ["--variant", "dpo"]),  # run on request: the A-LoL paper's preference baselines
+    "dpo-ref-free": ("dpo.py", ["--variant", "dpo-ref-free"]),
+    "pro": ("dpo.py", ["--variant", "pro"]),
 }
+DEFAULT = ("ppo", "ppo_max", "apa", "awr", "grpo", "rloo", "a-lol", "nll")
 # mode -> samples per run, evaluations per run, flags of the online scripts, flags of alol.py
 MODES = {
     "full": (4096, 8, [], []),
@@ -68,8 +77,9 @@ class Args:
     """budget: full = each script's default, long = 4x that, quick = 640 samples, smoke = a few for CI"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds per algorithm"""
-    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
-    """which of ppo, ppo_max, apa, awr, grpo, rloo, a-lol, nll to run"""
+    algorithms: tuple[str, ...] = DEFAULT
+    """which to run: ppo, ppo_max, apa, awr, grpo, rloo, a-lol, nll (the default), or A-LoL's other variants
+    a-lol-ref-free, a-lol-seq, a-lol-kl, r-lol, wbc, or the preference baselines dpo, dpo-ref-free, pro"""
     output_dir: str = ""
     """where records.json, results.md, the plots and the runs (runs/, not committed) go; default bench/results/<mode>"""
     extra: str = ""
@@ -89,9 +99,12 @@ def script_flags(name: str, mode: str) -> list[str]:
     """Flags giving every algorithm the same sample budget and evaluation points."""
     samples, evaluations, online, offline = MODES[mode]
     script, flags = ALGORITHMS[name]
-    if script == "alol.py":
+    if script in ("alol.py", "dpo.py"):  # offline: steps of 16 (pairs, for dpo.py)
         steps = samples // OFFLINE_BATCH
         every = str(max(1, steps // evaluations))
+        if script == "dpo.py":  # (no V_ref: without its --value-* flags)
+            pairs = zip(offline[::2], offline[1::2])
+            offline = [x for flag, value in pairs if not flag.startswith("--value") for x in (flag, value)]
         return [*flags, "--total-steps", str(steps), "--eval-every", every, "--log-every", every, *offline]
     iterations = samples // ONLINE_BATCH.get(mode, 64)
     return [*flags, "--total-episodes", str(samples), "--eval-every", str(max(1, iterations // evaluations)), *online]
@@ -161,19 +174,20 @@ def cell(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def summarize(runs: dict[str, list[dict]]) -> str:
-    """Markdown table: per algorithm, mean +- std over seeds of each TABLE metric of the final evaluation."""
-    lines = ["| algorithm | seeds | " + " | ".join(c for c, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
+def summarize(runs: dict[str, list[dict]], columns: list[tuple[str, str]] = TABLE, seeds_column: bool = True) -> str:
+    """Markdown table: per algorithm, mean +- std over seeds of each of `columns` (TABLE) in the final evaluation."""
+    first = "| algorithm | seeds | " if seeds_column else "| algorithm | "
+    lines = [first + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1 + seeds_column) + "|"]
     for name, seeds in runs.items():
-        cells = []
-        for _, key in TABLE:
+        cells = [str(len(seeds))] if seeds_column else []
+        for _, key in columns:
             values = [final(run)[key] for run in seeds if final(run).get(key) is not None]
             if not values:
                 cells.append("n/a")
                 continue
             digits = 0 if key == "wall_time" else 1 if key in ("time/samples_per_s", "eval/response_length") else 2
             cells.append(cell(values, digits))
-        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,29 +20,109 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO / "bench"))
 DOCUMENTS = ["README.md", "docs/*.md", "toy/README.md"]
-BLOCK = re.compile(r"(<!-- report: ([\w-]+) -->\n)(.*?)(<!-- /report -->)", re.S)
+BLOCK = re.compile(r"(<!-- report: ([\w-]+)((?: [^ >]+)*) -->\n)(.*?)(<!-- /report -->)", re.S)
 
 
 def load(path: str):
     return json.loads((REPO / path).read_text())
 
 
-# ---------------------------------------------------------------- renderers: NAME -> text
+# ---------------------------------------------------------------- renderers: NAME ARGS... -> text
 def recipe_memory() -> str:
+    """bench/recipe_memory.py: each recipe's predicted peak per GPU."""
     import recipe_memory
 
     return recipe_memory.table(load("bench/results/recipe_memory.json"))
 
 
 def conformance() -> str:
+    """bench/conformance.py: this project's functions against TRL's own code on the same inputs."""
     import conformance
 
     return conformance.table(load("tests/fixtures/conformance.json")["rows"])
 
 
+def markdown_tables(text: str) -> list[str]:
+    tables, current = [], []
+    for line in text.split("\n"):
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables, current = [*tables, "\n".join(current) + "\n"], []
+    return tables + (["\n".join(current) + "\n"] if current else [])
+
+
+def table(path: str, index: str = "0") -> str:
+    """The index-th table of a benchmark's own markdown output (bench/throughput.py, memory.py, padding.py, ...)."""
+    return markdown_tables((REPO / path).read_text())[int(index)]
+
+
+def comparison(directory: str, part: str) -> str:
+    """bench/compare.py's records.json: `summary` (final evaluation, mean +- std over seeds), `stability` (over each
+    run's evaluations), `short` (README's columns), `sft` (the SFT policy: every run's evaluation at episode 0)."""
+    import compare
+
+    records = load(f"{directory}/records.json")
+    runs = records["algorithms"]
+    if part == "summary":
+        return compare.summarize(runs)
+    if part == "stability":
+        return compare.stability(runs)
+    if part == "short":
+        keep = ("RM reward", "gold reward", "KL to ref", "length", "samples/s")
+        return compare.summarize(runs, [c for c in compare.TABLE if c[0] in keep], seeds_column=False)
+    if part == "sft":
+        return sft(runs)
+    raise SystemExit(f"error: comparison part '{part}': one of summary, stability, short, sft")
+
+
+def sft(runs: dict) -> str:
+    """The SFT policy's evaluation (episode 0) per seed: the same for every algorithm of a seed's online runs."""
+    import statistics
+
+    first = {}
+    for seeds in runs.values():
+        for run in seeds:
+            evaluation = run["evaluations"][0]
+            if evaluation["episodes"] == 0:
+                first.setdefault(run["seed"], evaluation["eval/gold_reward"])
+    seeds = sorted(first)
+    values = ", ".join(f"{first[s]:.2f}" for s in seeds)
+    return (
+        f"The SFT policy (every run's evaluation before training): gold {statistics.mean(first.values()):.2f}\n"
+        f"(seeds {', '.join(map(str, seeds))}: {values}).\n"
+    )
+
+
+def frontier(name: str) -> str:
+    """bench/frontier.py's frontier_<name>.json: mean +- std over seeds per knob value, and the frontier."""
+    import frontier as sweep
+
+    return sweep.table(load(f"bench/results/frontier/{name}.json"))
+
+
+def toy_build() -> str:
+    """toy/build.py's build_report.json."""
+    r = load("toy/build_report.json")
+    rows = [
+        ("reward model: held-out pair accuracy (500 test pairs)", f"{r['reward_model_test_pair_accuracy']:.1%}"),
+        ("reward model: pair accuracy on 1,000 train-split pairs", f"{r['reward_model_train_pair_accuracy']:.1%}"),
+        ("SFT policy: mean gold reward of its samples on the 500 test prompts (T = 1, 48 new tokens)",
+         f"{r['sft_gold_reward_test_prompts']:.2f}"),
+        ("gold reward of the test split's `chosen` / `rejected` responses",
+         f"{r['gold_reward_chosen_test']:.2f} / {r['gold_reward_rejected_test']:.2f}"),
+        ("policy / reward model parameters", f"{r['policy_parameters']:,} / {r['reward_model_parameters']:,}"),
+    ]  # fmt: skip
+    return "| measurement | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
 RENDERERS = {
     "recipe-memory": recipe_memory,
     "conformance": conformance,
+    "table": table,
+    "comparison": comparison,
+    "frontier": frontier,
+    "toy-build": toy_build,
 }
 
 
@@ -53,10 +133,10 @@ def documents() -> list[Path]:
 
 def render(text: str, where: str = "") -> str:
     def block(match):
-        name = match.group(2)
+        name, arguments = match.group(2), match.group(3).split()
         if name not in RENDERERS:
             raise SystemExit(f"error: {where}: no renderer for report block '{name}'; one of {sorted(RENDERERS)}")
-        return f"{match.group(1)}{RENDERERS[name]()}{match.group(4)}"
+        return f"{match.group(1)}{RENDERERS[name](*arguments)}{match.group(5)}"
 
     return BLOCK.sub(block, text)
 
@@ -69,7 +149,7 @@ def stale() -> list[str]:
         rendered = render(text, str(path.relative_to(REPO)))
         if rendered != text:
             pairs = zip(BLOCK.finditer(text), BLOCK.finditer(rendered))
-            names = [m.group(2) for m, r in pairs if m.group(3) != r.group(3)]
+            names = [(m.group(2) + m.group(3)) for m, r in pairs if m.group(4) != r.group(4)]
             out.append(f"{path.relative_to(REPO)}: {', '.join(names)}")
     return out
 

@@ -76,8 +76,9 @@ def ours(seed: int, out: Path) -> dict:
     flags = ["--seed", str(seed), "--output-dir", str(out), "--total-episodes", str(ROLLOUTS * PROMPTS * RESPONSES),
              "--rollout-batch-size", str(PROMPTS * RESPONSES), "--group-size", str(RESPONSES),
              "--mini-batch-size", str(MINIBATCH), "--update-epochs", str(EPOCHS), "--max-new-tokens", str(NEW_TOKENS),
-             "--loss-agg", "seq-mean", "--scale-rewards", "group", "--kl-coef", "0.04", "--clip-eps", "0.2",
-             "--lr", "3e-4", "--eval-size", "16", "--eval-every", "1000", "--save-every", "0"]  # fmt: skip
+             "--loss-agg", "seq-mean", "--scale-rewards", "group", "--kl-coef", "0.04", "--kl-term", "k3",
+             "--clip-eps", "0.2", "--lr", "3e-4", "--eval-size", "16", "--eval-every", "1000",
+             "--save-every", "0"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "grpo.py"), *flags], check=True, cwd=REPO, capture_output=True)
     process = time.perf_counter() - start

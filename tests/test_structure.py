@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ["ppo", "ppo_max", "apa", "awr", "alol", "grpo", "rloo"]
+SCRIPTS = ["ppo", "ppo_max", "apa", "awr", "alol", "grpo", "rloo", "dpo"]
 
 
 def project_modules() -> dict[str, Path]:
@@ -60,7 +60,10 @@ def test_plumbing_files_stay_readable():
 
 
 @pytest.mark.skipif(shutil.which("diff") is None, reason="needs diff")
-@pytest.mark.parametrize("a, b, most", [("ppo", "apa", 30), ("apa", "awr", 25), ("ppo", "ppo_max", 120)])
+@pytest.mark.parametrize(
+    "a, b, most",
+    [("ppo", "apa", 30), ("apa", "awr", 25), ("ppo", "ppo_max", 120), ("ppo", "grpo", 185), ("grpo", "rloo", 60)],
+)
 def test_script_diffs_stay_small(a, b, most):
     """`diff a.py b.py` adds at most `most` lines (what README's table promises a reader comparing them)."""
     out = subprocess.run(["diff", f"{a}.py", f"{b}.py"], cwd=REPO, capture_output=True, text=True).stdout
