@@ -275,9 +275,60 @@ def trl_rloo_rows(out: str) -> list[dict]:
     return rows
 
 
+# DPO: three pairs; the sequence log-probs of each chosen and rejected response under pi (the tokens of MASK's
+# first three rows: chosen, then rejected, as TRL stacks them) and pi_ref's sums
+DPO_REF = {"chosen": [-6.0, -2.5, -7.0], "rejected": [-5.5, -3.2, -6.1]}
+
+
+def trl_dpo_rows() -> list[dict]:
+    """DPOTrainer._compute_loss (loss_type sigmoid, precomputed reference log-probs) on fixed per-token log-probs:
+    the model's fused head returns them (zero off the completion), and the gradient of each response's summed
+    log-prob is read at one of its tokens."""
+    import types
+
+    import torch
+    import trl
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    rows = []
+    tokens = torch.tensor(OLD[:3] + MOVE[:3]) * torch.tensor(MASK[:3] * 2)  # (chosen rows, rejected rows)
+    mask = torch.tensor(MASK[:3] * 2)
+    for beta in (0.1, 0.5):
+        leaf = (tokens + 0.0).requires_grad_(True)
+        width = mask.shape[1] + 1  # one prompt column: the completion's log-probs are the last `width - 1`
+        completion = torch.cat([torch.zeros(6, 1, dtype=torch.long), mask], 1)
+        outputs = types.SimpleNamespace(log_probs=leaf, entropy=torch.zeros(6, width - 1),
+                                        mean_logits=torch.zeros(6, width - 1),
+                                        is_top1=torch.zeros(6, width - 1, dtype=torch.bool))  # fmt: skip
+        obj = _loss_object(ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                           loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+                           _total_train_tokens=0, _tp_size=1)  # fmt: skip
+        obj.accelerator.device = torch.device("cpu")
+        inputs = {"input_ids": torch.zeros(6, width, dtype=torch.long), "attention_mask": torch.ones(6, width),
+                  "completion_mask": completion, "ref_chosen_logps": torch.tensor(DPO_REF["chosen"]),
+                  "ref_rejected_logps": torch.tensor(DPO_REF["rejected"])}  # fmt: skip
+        loss = DPOTrainer._compute_loss(obj, lambda out=outputs, **kwargs: out, inputs, return_outputs=False)
+        loss.backward()
+        sums = tokens.sum(1)
+        rows.append(
+            {
+                "kind": "dpo_loss",
+                "name": f"DPO loss (sigmoid), beta {beta}",
+                "trl": f"DPOTrainer._compute_loss ({trl.__version__}), loss_type='sigmoid', beta={beta}, "
+                "precompute_ref_log_probs=True",
+                "config": {"beta": beta},
+                "inputs": {"chosen": sums[:3].tolist(), "rejected": sums[3:].tolist(),
+                           "ref_chosen": DPO_REF["chosen"], "ref_rejected": DPO_REF["rejected"]},
+                "outputs": {"loss": loss.item(), "grad_chosen": leaf.grad[:3, 0].tolist(),
+                            "grad_rejected": leaf.grad[3:, 0].tolist()},
+            }
+        )  # fmt: skip
+    return rows
+
+
 def trl_side() -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        return trl_grpo_rows(out) + trl_rloo_rows(out)
+        return trl_grpo_rows(out) + trl_rloo_rows(out) + trl_dpo_rows()
 
 
 # ---------------------------------------------------------------- this project's side
@@ -306,6 +357,14 @@ def project_outputs(row: dict, trl_convention: bool = False) -> dict:
                 _tensor(inputs["rewards"]), config["group_size"], config["scale_rewards"]
             ).tolist()
         }
+    if kind == "dpo_loss":
+        import dpo
+
+        chosen, rejected = (_tensor(inputs[k]).requires_grad_(True) for k in ("chosen", "rejected"))
+        ref_chosen, ref_rejected = _tensor(inputs["ref_chosen"]), _tensor(inputs["ref_rejected"])
+        loss, _ = dpo.preference_loss(chosen, rejected, ref_chosen, ref_rejected, "dpo", config["beta"])
+        loss.backward()
+        return {"loss": loss.item(), "grad_chosen": chosen.grad.tolist(), "grad_rejected": rejected.grad.tolist()}
     if kind == "rloo_advantages":
         return {"advantages": rloo.leave_one_out_advantages(_tensor(inputs["rewards"]), config["group_size"]).tolist()}
     logprobs = _tensor(inputs["logprobs"]).requires_grad_(True)

@@ -88,8 +88,18 @@ RECIPES = [
     ("ppo_max_hh.sh", "released"),
     *[
         ("alol_hh.sh", variant)
-        for variant in ("a-lol", "a-lol-ref-free", "a-lol-seq", "a-lol-kl", "r-lol", "wbc", "nll", "dpo", "dpo-ref-free",
-                        "pro")
+        for variant in (
+            "a-lol",
+            "a-lol-ref-free",
+            "a-lol-seq",
+            "a-lol-kl",
+            "r-lol",
+            "wbc",
+            "nll",
+            "dpo",
+            "dpo-ref-free",
+            "pro",
+        )
     ],  # fmt: skip
 ]
 CRITIC = ("ppo.py", "apa.py", "awr.py", "ppo_max.py")  # scripts with a value network

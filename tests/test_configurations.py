@@ -19,11 +19,11 @@ from plumbing import data
 
 ONLINE = [  # 2 iterations of 16 rows, one minibatch per epoch (its composition cannot depend on the ranks' shuffle)
     "--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "16", "--max-new-tokens", "16",
-    "--eval-size", "8", "--eval-every", "1", "--save-every", "1", "--lr", "5e-5", "--max-prompt-length", "128",
+    "--eval-size", "4", "--eval-every", "2", "--save-every", "1", "--lr", "5e-5", "--max-prompt-length", "128",
 ]  # fmt: skip
-OFFLINE = ["--total-steps", "2", "--batch-size", "8", "--log-every", "1", "--eval-every", "1", "--save-every", "1",
+OFFLINE = ["--total-steps", "2", "--batch-size", "8", "--log-every", "1", "--eval-every", "2", "--save-every", "1",
            "--value-epochs", "2", "--value-samples", "2", "--eval-size", "8", "--lr", "2e-5"]  # fmt: skip
-PAIRS = ["--total-steps", "2", "--batch-size", "8", "--log-every", "1", "--eval-every", "1", "--save-every", "1",
+PAIRS = ["--total-steps", "2", "--batch-size", "8", "--log-every", "1", "--eval-every", "2", "--save-every", "1",
          "--eval-size", "8", "--lr", "2e-5", "--max-new-tokens", "16"]  # fmt: skip
 # per script: its flags at values other than their defaults, and the two-rank split
 SCRIPTS = {

@@ -19,7 +19,7 @@ ROWS = json.loads(conformance.FIXTURE.read_text())["rows"]
 def test_the_fixture_covers_each_algorithms_pieces():
     kinds = {row["kind"] for row in ROWS}
     assert kinds == {"grpo_advantages", "grpo_loss", "rloo_advantages", "rloo_loss", "ppo_rewards", "ppo_gae",
-                     "ppo_whiten", "ppo_policy_loss", "ppo_value_loss"}  # fmt: skip
+                     "ppo_whiten", "ppo_policy_loss", "ppo_value_loss", "dpo_loss"}  # fmt: skip
     losses = [row for row in ROWS if row["kind"] == "grpo_loss"]
     assert {row["config"]["loss_type"] for row in losses} == {"grpo", "bnpo", "dapo", "dr_grpo"}
     assert {row["config"]["level"] for row in losses} == {"token", "sequence"}

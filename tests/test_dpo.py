@@ -119,12 +119,12 @@ def test_bad_preference_data_is_one_line(case, expected, tmp_path):
 
 @pytest.mark.parametrize("variant", ["dpo", "dpo-ref-free", "pro"])
 def test_each_variant_runs_on_hh_dialogues_and_learns_the_preferences(variant, tmp_path):
-    """hh-rlhf's format (full chosen / rejected dialogues, the prompt their shared part): 30 steps of 8 pairs raise
+    """hh-rlhf's format (full chosen / rejected dialogues, the prompt their shared part): 20 steps of 8 pairs raise
     the held-out implicit reward margin and accuracy from the initial policy's 0 / 0."""
     rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in toy_pairs(240)]
     data = write(tmp_path / "data", rows[:200], rows[200:])
-    flags = ["--dataset", data, "--variant", variant, "--total-steps", "30", "--batch-size", "8", "--eval-size", "40",
-             "--eval-every", "30", "--log-every", "10", "--save-every", "0", "--lr", "3e-4",
+    flags = ["--dataset", data, "--variant", variant, "--total-steps", "20", "--batch-size", "8", "--eval-size", "40",
+             "--eval-every", "20", "--log-every", "10", "--save-every", "0", "--lr", "3e-4",
              "--output-dir", str(tmp_path / "run")]  # fmt: skip
     run_script("dpo.py", *flags)
     first, *_, last = read_metrics(tmp_path / "run")

@@ -23,10 +23,10 @@ from conftest import REPO, read_metrics, run_script
 
 SCRIPTS = ["ppo", "apa", "awr", "ppo_max", "grpo", "rloo", "alol", "dpo"]
 ONLINE_BASE = ["--total-episodes", "16", "--rollout-batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens",
-               "8", "--eval-size", "4", "--eval-every", "1", "--save-every", "0"]  # fmt: skip
-ALOL_BASE = ["--total-steps", "2", "--batch-size", "4", "--log-every", "1", "--eval-every", "1", "--eval-size", "4",
+               "8", "--eval-size", "4", "--eval-every", "2", "--save-every", "0"]  # fmt: skip
+ALOL_BASE = ["--total-steps", "2", "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--eval-size", "4",
              "--save-every", "0", "--value-samples", "1", "--value-epochs", "1", "--max-new-tokens", "8"]  # fmt: skip
-DPO_BASE = ["--total-steps", "2", "--batch-size", "4", "--log-every", "1", "--eval-every", "1", "--eval-size", "4",
+DPO_BASE = ["--total-steps", "2", "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--eval-size", "4",
             "--save-every", "0", "--max-new-tokens", "16"]  # fmt: skip
 # baselines a flag is compared with where it acts only with another flag (extra flags on the script's base)
 BASELINES = {
@@ -66,7 +66,7 @@ SHARED = {
     "lora_alpha": (["128"], "lora"),
     "lora_dropout": (["0.5"], "lora"),
     "num_layers_unfrozen": (["1"], "base"),
-    "eval_every": (["2"], "base"),
+    "eval_every": (["1"], "base"),
     "eval_size": (["2"], "base"),
 }
 ONLINE = {
@@ -173,6 +173,17 @@ def matches(value: str, default) -> bool:
     if isinstance(default, tuple):
         return False  # (a tuple's entry lists its first element only: compared in the run)
     return value == str(default)
+
+
+def test_a_flag_without_an_entry_fails_the_table(monkeypatch):
+    """The table test itself: removing one entry (PPO's --kl-coef), or naming a test that does not exist, fails it."""
+    monkeypatch.setitem(OWN, "ppo", {k: v for k, v in OWN["ppo"].items() if k != "kl_coef"})
+    with pytest.raises(AssertionError):
+        test_the_table_covers_every_flag_and_names_existing_tests()
+    monkeypatch.undo()
+    monkeypatch.setitem(ELSEWHERE, "resume", "tests/test_configurations.py::test_no_such_test")
+    with pytest.raises(AssertionError):
+        test_the_table_covers_every_flag_and_names_existing_tests()
 
 
 def flag_args(name: str, entry) -> list[str]:

@@ -64,3 +64,16 @@ def test_short_alol_run_reaches_a_gold_reward_plain_sft_does_not(toy_2k, tmp_pat
     print(f"alol: gold {sft['eval/gold_reward']:.2f} -> {final['eval/gold_reward']:.2f}, kl {final['eval/kl']:.2f}")
     assert final["eval/gold_reward"] > 2.0 and 0.0 < final["eval/kl"] < 5.0
     assert 0 < sft["train/kept_fraction"] < 1  # rows with A <= 0 were dropped
+
+
+def test_short_dpo_run_reaches_a_gold_reward_reversed_preferences_do_not(toy_2k, tmp_path, monkeypatch):
+    """DPO, 80 steps of 16 pairs of the 2,000 rows, at one torch thread. Measured, seeds 1 / 2: gold 0.62 -> 1.96 /
+    0.44 -> 1.97 (KL 3.4 / 1.9, held-out pair accuracy 0.69 / 0.66); with the preferences reversed (--chosen-column
+    rejected --rejected-column chosen: the loss's sign flipped, in effect) gold -3.37 (KL 5.1)."""
+    monkeypatch.setattr(conftest, "THREADS", "1")
+    out = tmp_path / "run"
+    run_script("dpo.py", "--dataset", toy_2k, "--total-steps", "80", "--eval-every", "80", "--eval-size", "64",
+               "--output-dir", str(out))  # fmt: skip
+    sft, final = read_metrics(out)[0], read_metrics(out)[-1]
+    print(f"dpo: gold {sft['eval/gold_reward']:.2f} -> {final['eval/gold_reward']:.2f}, kl {final['eval/kl']:.2f}")
+    assert final["eval/gold_reward"] > 1.5 and final["eval/rewards/accuracy"] > 0.6 and 0.0 < final["eval/kl"] < 6.0
