@@ -29,7 +29,8 @@ PAIRS = ["--total-steps", "2", "--batch-size", "8", "--log-every", "1", "--eval-
 SCRIPTS = {
     "ppo": (["--value-lr", "5e-5", "--kl-coef", "0.1", "--kl-target", "1.0", "--kl-horizon", "2000"],
             ["--fsdp", "--micro-batch-size", "4"]),
-    "apa": (["--value-lr", "5e-5", "--lam", "0.5", "--update-epochs", "1"], ["--fsdp", "--micro-batch-size", "4"]),
+    "apa": (["--lam", "0.5", "--update-epochs", "1", "--use-lora", "--lora-r", "4", "--lr", "1e-3",
+             "--value-lr", "1e-3"], ["--fsdp", "--micro-batch-size", "4"]),  # (LoRA under FSDP, and its resume)
     "awr": (["--value-lr", "5e-5", "--beta", "0.5", "--max-weight", "10"], ["--micro-batch-size", "2"]),
     "ppo_max": (["--value-lr", "5e-5", "--critic-warmup-steps", "1", "--ptx-coef", "0.5", "--kl-coef", "0.02"],
                 ["--fsdp", "--micro-batch-size", "4"]),

@@ -29,7 +29,7 @@ def tensorboard_scalars(path) -> dict[str, dict[int, float]]:
 
 
 # (apa.py and awr.py: ppo.py's lines but the loss; rloo.py: grpo.py's)
-@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py", "grpo.py"])
+@pytest.mark.parametrize("script", ["ppo.py", "grpo.py"])
 def test_run_writes_the_contract_and_ppo_resumes_exactly_after_a_kill(script, tmp_path):
     args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "48"]  # 3 iterations, a checkpoint after each
     straight = tmp_path / "straight"

@@ -22,7 +22,7 @@ import torch
 from conftest import REPO, read_metrics, run_script
 
 SCRIPTS = ["ppo", "apa", "awr", "ppo_max", "grpo", "rloo", "alol", "dpo"]
-ONLINE_BASE = ["--total-episodes", "16", "--rollout-batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens",
+ONLINE_BASE = ["--total-episodes", "8", "--rollout-batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens",
                "8", "--eval-size", "4", "--eval-every", "2", "--save-every", "0"]  # fmt: skip
 ALOL_BASE = ["--total-steps", "2", "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--eval-size", "4",
              "--save-every", "0", "--value-samples", "1", "--value-epochs", "1", "--max-new-tokens", "8"]  # fmt: skip
@@ -38,6 +38,7 @@ BASELINES = {
     "long-responses": ["--max-new-tokens", "24"],  # responses of different lengths: the loss aggregations differ
     "sparse-evals": ["--eval-every", "2"],  # rows only where an evaluation or a log is due
     "pro": ["--variant", "pro"],
+    "two-iterations": ["--total-episodes", "16"],  # (what acts from the second rollout on: controllers, evaluations)
 }
 
 # ---------------------------------------------------------------- the table
@@ -66,12 +67,12 @@ SHARED = {
     "lora_alpha": (["128"], "lora"),
     "lora_dropout": (["0.5"], "lora"),
     "num_layers_unfrozen": (["1"], "base"),
-    "eval_every": (["1"], "base"),
+    "eval_every": (["1"], "two-iterations"),
     "eval_size": (["2"], "base"),
 }
 ONLINE = {
-    "total_episodes": (["8"], "base"),
-    "rollout_batch_size": (["16"], "base"),
+    "total_episodes": (["16"], "base"),
+    "rollout_batch_size": (["4"], "base"),
     "mini_batch_size": (["8"], "base"),
     "update_epochs": (["1"], "base"),
 }
@@ -85,11 +86,13 @@ CRITIC = {  # the scripts with a value network
     "value_head": (["mlp"], "base"),
 }
 OWN = {
-    "ppo": {"kl_coef": (["0"], "base"), "kl_target": (["0"], "base"), "kl_horizon": (["100"], "base"),
+    "ppo": {"kl_coef": (["0"], "base"), "kl_target": (["0"], "two-iterations"),
+            "kl_horizon": (["100"], "two-iterations"),
             "kl_control": (["apa-authors"], "base"), "clip_eps": (["0.01"], "base"), "value_clip": (["0.01"], "base")},
     "apa": {"lam": (["0.5"], "base")},
     "awr": {"beta": (["0.5"], "base"), "max_weight": (["1.5"], "base")},
-    "ppo_max": {"update_epochs": (["2"], "base"),  # (its default is 1) a scoring function needs a critic model:
+    "ppo_max": {"update_epochs": (["2"], "base"), "total_episodes": (["24"], "base"),  # (its default epochs: 1)
+                # a scoring function as the reward needs a critic model:
                 "reward_model": (["toy.gold:score", "--critic-model", "toy/reward_model"], "base"),
                 "recipe": (["released"], "base"), "kl_coef": (["0"], "base"), "clip_eps": (["0.01"], "base"),
                 "value_clip": (["0.01"], "base"), "norm_adv": ([], "base"), "critic_model": (["toy/policy"], "base"),
@@ -166,6 +169,11 @@ def test_the_table_covers_every_flag_and_names_existing_tests():
                 assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), entry
 
 
+def baseline(key: str, script: str) -> list[str]:
+    """A baseline's flags on the script's base run (the offline scripts' base already evaluates twice)."""
+    return [] if key == "two-iterations" and script in ("alol", "dpo") else BASELINES[key]
+
+
 def matches(value: str, default) -> bool:
     """Whether a command-line value is the field's default (numbers compared as numbers)."""
     if isinstance(default, (int, float)) and not isinstance(default, bool):
@@ -235,16 +243,16 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_flag_changes_what_its_run_computes(script, inputs, tmp_path):
     base = [*{"alol": ALOL_BASE, "dpo": DPO_BASE}.get(script, ONLINE_BASE), "--dataset", inputs["data"]]
-    if script == "ppo_max":
-        base += ["--critic-warmup-steps", "1"]  # (the paper recipe's 4 would leave the policy untrained here)
+    if script == "ppo_max":  # two rollouts, the first training the critic alone (the paper recipe's 4: all of them)
+        base += ["--critic-warmup-steps", "1", "--total-episodes", "16"]
     flags = {name: entry for name, entry in table(script).items() if isinstance(entry, tuple)}
     baselines = ["base", *sorted({against for _, against in flags.values()} - {"base"}), "base"]  # base twice
     runs = []
     for i, key in enumerate(baselines):
-        extra = [a.format(**inputs) for a in BASELINES[key]]
+        extra = [a.format(**inputs) for a in baseline(key, script)]
         runs.append([*base, *extra, "--output-dir", str(tmp_path / f"baseline-{key}-{i}")])
     for name, entry in flags.items():
-        extra = [a.format(**inputs) for a in BASELINES[entry[1]] + flag_args(name, entry)]
+        extra = [a.format(**inputs) for a in baseline(entry[1], script) + flag_args(name, entry)]
         runs.append([*base, *extra, "--output-dir", str(tmp_path / name)])
     run_script("tests/wrap.py", "--runs", json.dumps(runs), script, timeout=900)
     states = {key: final_state(tmp_path / f"baseline-{key}-{i}") for i, key in enumerate(baselines[:-1])}
