@@ -213,7 +213,7 @@ def main():
         scores = [torch.zeros(0, device=device)] * 2
         for k in (1, 2) if prompts else ():  # the chosen responses, then the rejected ones
             responses = [pair[k] for pair in pairs[block]]
-            ended = torch.tensor([r[-1] in stop_ids.tolist() for r in responses], device=device)
+            ended = torch.tensor([r[-1] in limits[0] for r in responses], device=device)  # (host stop ids)
             texts = data.response_texts(tokenizer, prompts, responses)
             scores[k - 1] = common.penalize_missing_eos(score_fn(prompt_texts, texts, ended), ended,
                                                         args.missing_eos_penalty)  # fmt: skip
