@@ -44,9 +44,9 @@ from plumbing import checkpoints, data, models, padding, run, scorers
 class Args:
     # ---- the run: models, data, output
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # prefix of the default output directory
-    seed: int = 1  # seed of sampling, the value head and initialisation
+    seed: int = 1  # seed of the batches' order and of the evaluation's sampling
     model: str = "toy/policy"  # policy to train (hub name or local path); also the frozen reference
-    reward_model: str = "toy/reward_model"  # reward model (hub name or path, num_labels=1) or a module:function scorer
+    reward_model: str = "toy/reward_model"  # reward model or module:function scorer: eval/reward, and PRO's ranking
     eval_reward: str = "toy.gold:score"  # scorer logged as eval/gold_reward (a model or module:function); '' for none
     dataset: str = "toy/data"  # preference pairs: hub name, dir, jsonl/json/parquet file or save_to_disk dir
     train_split: str = "train"  # dataset split of the training pairs
