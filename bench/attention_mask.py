@@ -8,7 +8,8 @@ the toy policy (GPT-NeoX) and on a tiny random Llama, for a chunk with padding (
 responses) and one without: the forward's Python reads of tensor values (bench/instrument.py's CPU proxy for host
 syncs) and the largest difference of its logits from the 2-D mask's.
 - no mask (None) where the chunk holds no padding (known on the host from the rollout's row lengths);
-- a prepared 4-D mask (causal and padding, boolean, (B, 1, T, T)), which transformers passes through unread.
+- a prepared 4-D mask (causal and padding, boolean, (B, 1, T, T): plumbing/tensors.py's causal_padding_mask, what
+  the scripts now pass where it is safe), which transformers passes through unread.
 """
 
 import json
@@ -23,7 +24,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from instrument import Counter  # noqa: E402
 
-from plumbing.tensors import position_ids  # noqa: E402
+from plumbing.tensors import causal_padding_mask, position_ids  # noqa: E402
 
 
 def models():
@@ -46,21 +47,11 @@ def batches():
     yield "without padding", ids, torch.ones_like(ids, dtype=torch.long)
 
 
-def four_d(mask: torch.Tensor) -> torch.Tensor:
-    """Causal and padding: query i attends key j <= i where key j is a real token (a fully padded query row
-    attends to itself, so no row is empty)."""
-    length = mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    allowed = causal[None] & mask[:, None, :].bool()
-    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)[None]
-    return allowed[:, None]
-
-
 COUNTER = None
 
 
 def forward(model, ids, mask, how: str):
-    attention = {"2-D": mask, "none": None, "4-D": four_d(mask)}[how]
+    attention = {"2-D": mask, "none": None, "4-D": causal_padding_mask(mask)}[how]
     positions = position_ids(mask)
     COUNTER.take()
     with torch.no_grad():

@@ -176,7 +176,7 @@ class ValueModel(nn.Module):
         backbone = getattr(model, model.base_model_prefix)  # are in it): its backbone, `gpt_neox`, `model`, ...
         hidden = backbone(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=tensors.attention_mask_for(backbone, attention_mask),  # (prepared: no host read of it)
             position_ids=tensors.position_ids(attention_mask),
             use_cache=False,  # no KV cache outside generation (a cache would also break activation checkpointing)
         ).last_hidden_state

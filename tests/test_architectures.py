@@ -143,3 +143,35 @@ def test_lora_alpha_and_dropout_reach_peft_and_dropout_acts_in_the_training_forw
     assert torch.equal(first, second) and not torch.allclose(training[0], training[1])
     assert models.add_lora(models.load_causal_lm(str(REPO / "toy" / "policy"), torch.float32), 8,
                            "CAUSAL_LM").peft_config["default"].lora_alpha == 16  # alpha 0: 2 r  # fmt: skip
+
+
+PREPARED = {"llama": True, "qwen2": True, "mistral": True, "gpt2": True, "gpt-neox": True, "gemma": False, "opt": False}
+
+
+@pytest.mark.parametrize("kind", list(configs()))
+def test_the_prepared_mask_only_where_it_means_what_the_2d_mask_does(kind):
+    """The forwards outside generation pass a prepared 4-D boolean mask (no host read of it in transformers) to SDPA
+    on the architectures known to be plainly causal (tensors.PLAIN_CAUSAL), with the same logits as the 2-D mask at
+    every real position; any other model (here Gemma, not on the list, and OPT, whose learned positions are counted
+    from the mask), eager attention or a sliding window keeps the 2-D one."""
+    from transformers import AutoModelForCausalLM
+
+    from plumbing.tensors import attention_mask_for
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(configs()[kind](), attn_implementation="sdpa").eval()
+    input_ids, attention_mask, *_ = batch()
+    prepared = attention_mask_for(model, attention_mask)
+    assert (prepared.dim() == 4) == PREPARED[kind], kind
+    with torch.no_grad():
+        positions = common.position_ids(attention_mask)
+        two_d = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        four_d = model(input_ids=input_ids, attention_mask=prepared, position_ids=positions).logits
+    real = attention_mask.bool()
+    assert torch.allclose(two_d[real], four_d[real], atol=1e-5), kind
+    eager = AutoModelForCausalLM.from_config(configs()[kind](), attn_implementation="eager")
+    assert attention_mask_for(eager, attention_mask) is attention_mask
+    if kind == "mistral":  # with its sliding window on
+        windowed = AutoModelForCausalLM.from_config(type(configs()[kind]())(**{**configs()[kind]().to_dict(),
+                                                                               "sliding_window": 4}))  # fmt: skip
+        assert attention_mask_for(windowed, attention_mask) is attention_mask
