@@ -218,10 +218,13 @@ def main():
     train_ended = torch.tensor([len(ids) <= args.max_new_tokens for ids in response_ids])
     train_responses = [ids[: args.max_new_tokens] for ids in response_ids]
     held_out_rows = data.load_rows(args.dataset, args.eval_split)[0]
+    train_columns = scorers.dataset_columns(args, args.train_split, evaluation=False)  # what a scoring function reads
+    held_out_columns = scorers.dataset_columns(args, args.eval_split)
     held_out_prompts = data.tokenize_prompts(tokenizer, held_out_rows, args.max_prompt_length)
     value_end = args.eval_size + args.value_size if args.value_size else len(held_out_prompts)
     eval_prompts, value_prompts = held_out_prompts[: args.eval_size], held_out_prompts[args.eval_size : value_end]
     eval_rows, value_rows = held_out_rows[: args.eval_size], held_out_rows[args.eval_size : value_end]
+    eval_columns, value_columns = held_out_columns[: args.eval_size], held_out_columns[args.eval_size : value_end]
     if len(value_prompts) < (args.value_size or 1):
         run.fail(
             f"split '{args.eval_split}' has {len(value_prompts)} prompts after --eval-size {args.eval_size} to fit "
@@ -271,19 +274,22 @@ def main():
         response_texts = data.response_texts(tokenizer, queries, responses)
         ended = torch.isin(responses, stop_ids).any(1)
         return run.evaluation_metrics(
-            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3)
-        )
+            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3),
+            columns=eval_columns[rank::world_size],
+            greedy=lambda: common.greedy_texts(unwrapped_policy, eval_prompts[rank::world_size], tokenizer,
+                                               generation_config, chunk, dtype, args.stop_strings),
+        )  # fmt: skip
 
     def prompt_features(prompts: list[list[int]]) -> torch.Tensor:
         """V_ref's input: the masked mean of the frozen reference's last hidden states over each prompt."""
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
             return common.chunked_prompt_features(ref_model, prompts, tokenizer.pad_token_id, chunk, dtype)
 
-    def rewards_of(prompts, rows, responses, ended) -> torch.Tensor:
+    def rewards_of(prompts, rows, columns, responses, ended) -> torch.Tensor:
         """r(x, y) of (prompt, response) token ids (ALGO LOGIC: rewards_from_scores)."""
         prompt_texts = data.scoring_prompts(tokenizer, prompts, rows)
         response_texts = data.response_texts(tokenizer, prompts, responses)
-        scores = score_fn(prompt_texts, response_texts, ended)
+        scores = score_fn(prompt_texts, response_texts, ended, columns)
         return rewards_from_scores(scores, ended, args.reward_transform, args.missing_eos_penalty)
 
     def shard(n: int) -> slice:  # a contiguous block per rank, so gathered results keep the row order
@@ -300,7 +306,8 @@ def main():
         t0 = run.clock(device)
         block = shard(len(train_prompts))
         pair_ended = train_ended[block].to(device)
-        rewards = rewards_of(train_prompts[block], train_rows[block], train_responses[block], pair_ended)
+        rewards = rewards_of(train_prompts[block], train_rows[block], train_columns[block], train_responses[block],
+                             pair_ended)  # fmt: skip
         rewards = torch.tensor(run.all_gather_list(rewards.tolist()))
         # ---- fit V_ref on the rewards of pi_ref's own samples for the held-out prompts
         t1 = run.clock(device)
@@ -314,7 +321,8 @@ def main():
             responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, args.stop_strings)
         responses = torch.where(response_mask, responses, tokenizer.pad_token_id)  # nothing after the stop token
         sample_ended = torch.isin(responses, stop_ids).any(1)
-        sample_scores = rewards_of(queries, value_rows[block] * args.value_samples, responses, sample_ended)
+        samples = (value_rows[block] * args.value_samples, value_columns[block] * args.value_samples)
+        sample_scores = rewards_of(queries, *samples, responses, sample_ended)
         sample_scores = torch.tensor(run.all_gather_list(sample_scores.view(args.value_samples, -1).T.tolist()))
         features = prompt_features(value_prompts)
         prompt_ids = torch.arange(len(value_prompts))[:, None].expand(-1, args.value_samples).reshape(-1)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from plumbing import models, padding, run
+from plumbing import data, models, padding, run, tensors
 from plumbing.tensors import all_reduce_max as all_reduce_max  # (the floor below: also the scripts' common.X)
 from plumbing.tensors import all_reduce_sum as all_reduce_sum
 from plumbing.tensors import autocast as autocast
@@ -27,6 +27,7 @@ class Rollout(NamedTuple):
     lengths: padding.RowLengths  # each row's prompt and response lengths, on the host (read from the device once)
     prompt_texts: list  # what the scorers read: strings, or message lists (conversational)
     response_texts: list[str]
+    columns: list[dict]  # each row's dataset columns that a scoring function reads by name (an answer to check)
 
 
 def micro_batches(rows: torch.Tensor, counts: torch.Tensor, micro_batch_size: int = 0, parts: int = 0):
@@ -122,6 +123,22 @@ def generate(model, queries, query_mask, config, chunk_size: int, tokenizer=None
     return responses, response_mask_of(responses, stops)
 
 
+@torch.no_grad()
+def greedy_texts(model, prompts: list[list[int]], tokenizer, config, chunk_size: int, dtype, stop_strings=None):
+    """The greedy response (sampling off) to each prompt, as text: what a checker's pass@1 greedy reads."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    queries, query_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    greedy = GenerationConfig(**{**config.to_dict(), "do_sample": False, "temperature": None, "top_k": None,
+                                 "top_p": None})  # fmt: skip
+    with autocast(device, dtype):
+        responses, response_mask = generate(model, queries, query_mask, greedy, chunk_size, tokenizer)
+    if stop_strings:
+        responses, response_mask = data.cut_at_stop_strings(tokenizer, responses, response_mask, stop_strings)
+    return data.response_texts(tokenizer, queries, responses)
+
+
 def response_mask_of(responses: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
     """1 on the tokens up to and including the first stop token of each row."""
     is_stop = torch.isin(responses, stops)
@@ -132,7 +149,8 @@ def response_logits(model, input_ids, attention_mask, context_length: int, tempe
     """Logits / T at the positions that predict the response tokens input_ids[:, context_length:].
     Logits at position t predict token t+1: this is the one place the shift happens."""
     response_length = input_ids.shape[1] - context_length
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    mask = tensors.attention_mask_for(model, attention_mask)  # (prepared: no host read of it inside transformers)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(attention_mask))
     logits = model(**inputs, logits_to_keep=response_length + 1, use_cache=False).logits
     # from the end: right whether or not the model honoured logits_to_keep (a model may return every position)
     return logits[:, -(response_length + 1) : -1].float() / temperature  # (B, R, V)
@@ -187,7 +205,8 @@ def chunked_prompt_features(model, prompts: list[list[int]], pad_id: int, chunk_
     with models.gathered(model):
         for i in range(0, len(prompts), chunk_size):
             ids, mask = left_pad(prompts[i : i + chunk_size], pad_id, device)
-            inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            inputs = dict(input_ids=ids, attention_mask=tensors.attention_mask_for(model, mask),
+                          position_ids=position_ids(mask))  # fmt: skip
             with autocast(device, dtype):
                 hidden = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
             features.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))

@@ -160,6 +160,8 @@ def main():
     train_rows, train_pairs = data.preference_pairs(tokenizer, args.dataset, args.train_split, columns, *limits)
     held_out_rows, held_out_pairs = data.preference_pairs(tokenizer, args.dataset, args.eval_split, columns, *limits)
     eval_rows, eval_pairs = held_out_rows[: args.eval_size], held_out_pairs[: args.eval_size]
+    train_columns = scorers.dataset_columns(args, args.train_split, evaluation=False) if args.variant == "pro" else []
+    eval_columns = scorers.dataset_columns(args, args.eval_split)[: args.eval_size]
     eval_prompts = [prompt for prompt, _, _ in eval_pairs]
     # ---- models: the policy and pi_ref (None under LoRA: the policy with its adapter off), the scorers
     # (eval_score_fn: None without --eval-reward)
@@ -204,7 +206,7 @@ def main():
         with models.reference_model(unwrapped_policy, ref_policy) as ref_model:
             return sequence_logprobs(ref_model, pairs)
 
-    def pair_rewards(rows, pairs: list[tuple]) -> torch.Tensor:
+    def pair_rewards(rows, columns, pairs: list[tuple]) -> torch.Tensor:
         """The reward model's scores (P, 2) of each pair's chosen and rejected response, less the missing-EOS penalty
         for a response cut by --max-new-tokens (this rank's block, then gathered): PRO's ranking."""
         block = shard(len(pairs))
@@ -215,7 +217,7 @@ def main():
             responses = [pair[k] for pair in pairs[block]]
             ended = torch.tensor([r[-1] in limits[0] for r in responses], device=device)  # (host stop ids)
             texts = data.response_texts(tokenizer, prompts, responses)
-            scores[k - 1] = common.penalize_missing_eos(score_fn(prompt_texts, texts, ended), ended,
+            scores[k - 1] = common.penalize_missing_eos(score_fn(prompt_texts, texts, ended, columns[block]), ended,
                                                         args.missing_eos_penalty)  # fmt: skip
         return torch.tensor(run.all_gather_list(torch.stack(scores, 1).tolist())).view(-1, 2)
 
@@ -242,8 +244,11 @@ def main():
         response_texts = data.response_texts(tokenizer, queries, responses)
         ended = torch.isin(responses, stop_ids).any(1)
         metrics = run.evaluation_metrics(
-            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3)
-        )
+            score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2, 3),
+            columns=eval_columns[rank::world_size],
+            greedy=lambda: common.greedy_texts(unwrapped_policy, eval_prompts[rank::world_size], tokenizer,
+                                               generation_config, chunk, dtype, args.stop_strings),
+        )  # fmt: skip
         pairs = sequence_logprobs(unwrapped_policy, eval_pairs)  # ALGO LOGIC: the held-out preference metrics
         rewards = implicit_rewards(pairs[:, 0], pairs[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta)
         return {**metrics, **{f"eval/{k}": v.item() for k, v in rewards.items()}}
@@ -258,7 +263,8 @@ def main():
         # ---- pi_ref's log-probs of every pair (and, for PRO, the reward model's scores), once
         t0 = run.clock(device)
         ref, eval_ref = reference_logprobs(train_pairs), reference_logprobs(eval_pairs)
-        rewards = pair_rewards(train_rows, train_pairs) if args.variant == "pro" else torch.zeros(len(train_pairs), 2)
+        no_rewards = torch.zeros(len(train_pairs), 2)
+        rewards = pair_rewards(train_rows, train_columns, train_pairs) if args.variant == "pro" else no_rewards
         setup_metrics["time/reference_logprobs"] = run.clock(device) - t0
     pair_counts = torch.ones(len(train_pairs))  # every pair counts once in a batch's mean
 

@@ -199,6 +199,8 @@ def main():
     check_same_tokenizer(tokenizer, critic_path, "--critic-model", args.trust_remote_code)
     train_rows, sft_responses = data.load_rows(args.dataset, args.train_split)  # strings, or message lists
     eval_rows = data.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
+    train_columns = scorers.dataset_columns(args, args.train_split, evaluation=False)  # what a scoring function reads
+    eval_columns = scorers.dataset_columns(args, args.eval_split)[: args.eval_size]
     train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
     eval_prompts = data.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
     # Generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists.
@@ -266,7 +268,7 @@ def main():
         return logprobs, ref_logprobs, values
 
     @torch.no_grad()
-    def rollout(prompts: list[list[int]], rows: list):
+    def rollout(prompts: list[list[int]], rows: list, columns: list[dict]):
         """Sample one response per prompt with the KV cache; the rollout tensors and what the scorers read."""
         queries, query_mask = common.left_pad(prompts, tokenizer.pad_token_id, device)  # (B, P), left-padded
         with common.autocast(device, dtype):
@@ -282,21 +284,24 @@ def main():
         prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
         response_texts = data.response_texts(tokenizer, queries, responses)
         return common.Rollout(
-            input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts
+            input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts, columns
         )
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
-        r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
+        shard = slice(rank, None, world_size)
+        r = rollout(eval_prompts[shard], eval_rows[shard], eval_columns[shard])
         logprobs, ref_logprobs, _ = logprobs_and_values(
             r.input_ids, r.attention_mask, r.responses, r.lengths, with_values=False
         )
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
         return run.evaluation_metrics(
-            score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
-        )
+            score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask, columns=r.columns,
+            greedy=lambda: common.greedy_texts(unwrapped_policy, eval_prompts[shard], tokenizer, generation_config,
+                                               args.rollout_forward_batch_size, dtype, args.stop_strings),
+        )  # fmt: skip
 
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
@@ -307,7 +312,7 @@ def main():
         t_start, n = run.clock(device), args.rollout_batch_size
         # ---- rollout: sample responses to this rank's share of the prompts
         indices = data.prompt_indices(len(train_prompts), n, iteration - 1, args.seed, rank, world_size)
-        r = rollout([train_prompts[i] for i in indices], [train_rows[i] for i in indices])  # a common.Rollout
+        r = rollout(*([x[i] for i in indices] for x in (train_prompts, train_rows, train_columns)))  # a common.Rollout
         t_generate = run.clock(device)
 
         # ---- score: rollout-time policy, reference and value passes (chunked, no grad), then the reward
@@ -315,7 +320,7 @@ def main():
         # a scorer's score of each (prompt, response): a reward model on its own tokenization and template, its EOS
         # after a response that ended (--reward-append-eos), read at the last token (--reward-score-at), or a
         # module:function scorer of the texts (plumbing/scorers.py defines the reward)
-        scores = score_fn(r.prompt_texts, r.response_texts, r.ended)
+        scores = score_fn(r.prompt_texts, r.response_texts, r.ended, r.columns)
         scores = common.penalize_missing_eos(scores, r.ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
         # ALGO LOGIC: PPO-max reward: fixed KL penalty on every token, normalised, clipped score at the last one

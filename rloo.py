@@ -139,6 +139,8 @@ def main():
     tokenizer = models.load_tokenizer(args.model, args.trust_remote_code, args.chat_template)
     train_rows = data.load_rows(args.dataset, args.train_split)[0]  # strings, or message lists (conversational)
     eval_rows = data.load_rows(args.dataset, args.eval_split)[0][: args.eval_size]
+    train_columns = scorers.dataset_columns(args, args.train_split, evaluation=False)  # what a scoring function reads
+    eval_columns = scorers.dataset_columns(args, args.eval_split)[: args.eval_size]
     train_prompts = data.tokenize_prompts(tokenizer, train_rows, args.max_prompt_length)
     eval_prompts = data.tokenize_prompts(tokenizer, eval_rows, args.max_prompt_length)
     # Generation stops at EOS and at every end-of-turn token the checkpoint's generation_config.json lists.
@@ -189,7 +191,7 @@ def main():
         return logprobs, ref_logprobs
 
     @torch.no_grad()
-    def rollout(prompts: list[list[int]], rows: list):
+    def rollout(prompts: list[list[int]], rows: list, columns: list[dict]):
         """Sample one response per prompt (a group: K copies of it) with the KV cache; the rollout tensors and what the
         scorers read."""
         queries, query_mask = common.left_pad(prompts, tokenizer.pad_token_id, device)  # (B, P), left-padded
@@ -206,19 +208,22 @@ def main():
         prompt_texts = data.scoring_prompts(tokenizer, queries, rows)  # what the scorers read
         response_texts = data.response_texts(tokenizer, queries, responses)
         return common.Rollout(
-            input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts
+            input_ids, attention_mask, responses, response_mask, ended, lengths, prompt_texts, response_texts, columns
         )
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out prompts, sharded over ranks: RM and gold reward, KL to pi_ref, length, EOS rate, distinct-n."""
         torch.manual_seed(args.seed + rank)  # the same samples for the same policy
-        r = rollout(eval_prompts[rank::world_size], eval_rows[rank::world_size])
+        shard = slice(rank, None, world_size)
+        r = rollout(eval_prompts[shard], eval_rows[shard], eval_columns[shard])
         logprobs, ref_logprobs = logprobs_and_reference(r.input_ids, r.attention_mask, r.responses, r.lengths)
         kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)
         return run.evaluation_metrics(
-            score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask
-        )
+            score_fn, eval_score_fn, r.prompt_texts, r.response_texts, r.ended, kl, r.response_mask, columns=r.columns,
+            greedy=lambda: common.greedy_texts(unwrapped_policy, eval_prompts[shard], tokenizer, generation_config,
+                                               args.rollout_forward_batch_size, dtype, args.stop_strings),
+        )  # fmt: skip
 
     eval_metrics = {"eval/iteration": start_iteration, **evaluate()}
     if start_iteration == 0:  # the row of iteration 0 holds the evaluation of the initial (SFT) policy
@@ -231,7 +236,7 @@ def main():
         prompts = n // args.group_size  # ALGO LOGIC: a group is K consecutive rows, on one rank
         indices = data.prompt_indices(len(train_prompts), prompts, iteration - 1, args.seed, rank, world_size)
         indices = [i for i in indices for _ in range(args.group_size)]
-        r = rollout([train_prompts[i] for i in indices], [train_rows[i] for i in indices])  # a common.Rollout
+        r = rollout(*([x[i] for i in indices] for x in (train_prompts, train_rows, train_columns)))  # a common.Rollout
         t_generate = run.clock(device)
 
         # ---- score: rollout-time policy and reference passes (chunked, no grad; pi_ref only for a KL term), the score
@@ -241,13 +246,17 @@ def main():
         # a scorer's score of each (prompt, response): a reward model on its own tokenization and template, its EOS
         # after a response that ended (--reward-append-eos), read at the last token (--reward-score-at), or a
         # module:function scorer of the texts (plumbing/scorers.py defines the reward)
-        scores = score_fn(r.prompt_texts, r.response_texts, r.ended)
-        scores = common.penalize_missing_eos(scores, r.ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
+        raw_scores = score_fn(r.prompt_texts, r.response_texts, r.ended, r.columns)
+        scores = common.penalize_missing_eos(raw_scores, r.ended, args.missing_eos_penalty)  # (and stop on NaN/inf)
         per_response = {
             "train/reward": scores,
             "train/response_length": r.response_mask.sum(1),
             "train/missing_eos_rate": ~r.ended,
+            # the groups whose scores are all equal: no signal from the score (the KL's in the reward still differ)
+            "train/zero_std_groups": (scores.view(-1, args.group_size).std(1) == 0).repeat_interleave(args.group_size),
         }
+        if run.is_checker(score_fn, device):  # 0/1 rewards: the mean accuracy of the groups
+            per_response["train/accuracy"] = raw_scores
         rewards = scores
         if ref_logprobs is not None:
             kl = torch.where(r.response_mask, logprobs - ref_logprobs, 0.0)  # k1 = log pi - log pi_ref per token
@@ -258,7 +267,6 @@ def main():
         per_response.update({
             "train/kl_penalized_reward": rewards,
             "train/advantage_abs": advantages.abs(),
-            "train/zero_std_groups": (rewards.view(-1, args.group_size).std(1) == 0).repeat_interleave(args.group_size),
         })  # fmt: skip
         rollout_stats = common.global_means(per_response)
         t_score = run.clock(device)

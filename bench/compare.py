@@ -45,6 +45,8 @@ ALGORITHMS = {
     "dpo": ("dpo.py", ["--variant", "dpo"]),  # run on request: the A-LoL paper's preference baselines
     "dpo-ref-free": ("dpo.py", ["--variant", "dpo-ref-free"]),
     "pro": ("dpo.py", ["--variant", "pro"]),
+    "grpo-batch-std": ("grpo.py", ["--scale-rewards", "batch"]),  # run on request: GRPO's advantage scalings
+    "grpo-no-std": ("grpo.py", ["--scale-rewards", "none"]),  # (Dr. GRPO's: no std, no difficulty bias)
 }
 DEFAULT = ("ppo", "ppo_max", "apa", "awr", "grpo", "rloo", "a-lol", "nll")
 # mode -> samples per run, evaluations per run, flags of the online scripts, flags of alol.py

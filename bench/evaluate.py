@@ -78,6 +78,7 @@ def evaluate(path: str, s: SimpleNamespace, seed: int, scorer_fns, rank: int, wo
     """The training scripts' evaluate(), for the policy at `path`: metrics and samples."""
     tokenizer = models.load_tokenizer(path, s.trust_remote_code, s.chat_template)
     rows = data.load_rows(s.dataset, s.eval_split)[0][: s.eval_size][rank::world_size]
+    columns = scorers.dataset_columns(s, s.eval_split)[: s.eval_size][rank::world_size]  # what scoring functions read
     prompts = data.tokenize_prompts(tokenizer, rows, s.max_prompt_length)
     stop_ids = torch.tensor(data.stop_token_ids(path, tokenizer), device=device)
     # the policy computes in float32 weights under autocast as in training; the reference as training prepares it
@@ -110,7 +111,9 @@ def evaluate(path: str, s: SimpleNamespace, seed: int, scorer_fns, rank: int, wo
     prompt_texts = data.scoring_prompts(tokenizer, queries, rows)
     response_texts = data.response_texts(tokenizer, queries, responses)
     ended = torch.isin(responses, stop_ids).any(1)
-    return run.evaluation_metrics(*scorer_fns, prompt_texts, response_texts, ended, kl, response_mask, s.ns)
+    greedy = lambda: common.greedy_texts(policy, prompts, tokenizer, generation_config, chunk, dtype, s.stop_strings)
+    return run.evaluation_metrics(*scorer_fns, prompt_texts, response_texts, ended, kl, response_mask, s.ns, columns,
+                                  greedy)  # fmt: skip
 
 
 def win_rate(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -69,6 +69,13 @@ def llama_7b(vocab: int = 32000, head: bool = True) -> Shape:
     return Shape(h, 32, vocab, 4 * h * h + 3 * h * i + 2 * h, 8 * h + 3 * (h + i), head)
 
 
+def qwen2_5_0_5b() -> Shape:
+    h, i, kv = 896, 4864, 128  # q, o (h -> h, q with a bias), k, v (h -> 128: 2 KV heads, with biases), the MLP
+    per_layer = 2 * h * h + h + 2 * (h * kv + kv) + 3 * h * i + 2 * h
+    # its LM head is tied to the embeddings: counted as a separate head here (over by 136M parameters: conservative)
+    return Shape(h, 24, 151936, per_layer, 2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
+
+
 # the recipes' model names (their defaults: variables in recipes/*.sh) and their shapes
 SHAPES = {
     "Dahoas/pythia-125M-static-sft": pythia(768, 12),
@@ -80,6 +87,7 @@ SHAPES = {
     "models/llama-7b-qlora-hh": llama_7b(),
     "models/oasst-rm-2.1-pythia-1.4b": pythia(2048, 24, 50288, head=False),
     "models/oasst-rm-2-pythia-6.9b": pythia(4096, 32, 50288, head=False),
+    "Qwen/Qwen2.5-0.5B-Instruct": qwen2_5_0_5b(),
 }
 # what each recipe is run with: (recipe, its arguments)
 RECIPES = [
@@ -101,6 +109,8 @@ RECIPES = [
             "pro",
         )
     ],  # fmt: skip
+    ("grpo_gsm8k.sh", "grpo"),
+    ("grpo_gsm8k.sh", "rloo"),
 ]
 CRITIC = ("ppo.py", "apa.py", "awr.py", "ppo_max.py")  # scripts with a value network
 

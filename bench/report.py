@@ -59,7 +59,8 @@ def table(path: str, index: str = "0") -> str:
 
 def comparison(directory: str, part: str) -> str:
     """bench/compare.py's records.json: `summary` (final evaluation, mean +- std over seeds), `stability` (over each
-    run's evaluations), `short` (README's columns), `sft` (the SFT policy: every run's evaluation at episode 0)."""
+    run's evaluations), `short` (README's columns), `sft` (the SFT policy: every run's evaluation at episode 0),
+    `accuracy` (a checker's task: pass@1 sampled and greedy, the SFT policy's evaluation first)."""
     import compare
 
     records = load(f"{directory}/records.json")
@@ -73,7 +74,18 @@ def comparison(directory: str, part: str) -> str:
         return compare.summarize(runs, [c for c in compare.TABLE if c[0] in keep], seeds_column=False)
     if part == "sft":
         return sft(runs)
-    raise SystemExit(f"error: comparison part '{part}': one of summary, stability, short, sft")
+    if part == "accuracy":  # a checker's comparison: pass@1 sampled and greedy, the SFT policy's first
+        columns = [
+            ("pass@1 sampled", "eval/accuracy"),
+            ("pass@1 greedy", "eval/accuracy_greedy"),
+            ("KL to ref", "eval/kl"),
+            ("length", "eval/response_length"),
+            ("samples/s", "time/samples_per_s"),
+        ]
+        start = {"SFT policy (episode 0)": [{**run, "evaluations": run["evaluations"][:1], "samples_per_s": None}
+                                            for run in next(iter(runs.values()))]}  # fmt: skip
+        return compare.summarize({**start, **runs}, columns)
+    raise SystemExit(f"error: comparison part '{part}': one of summary, stability, short, sft, accuracy")
 
 
 def sft(runs: dict) -> str:
@@ -116,7 +128,20 @@ def toy_build() -> str:
     return "| measurement | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
+def arith_build() -> str:
+    """toy/arith/build.py's build_report.json."""
+    r = load("toy/arith/build_report.json")
+    rows = [
+        ("SFT policy: pass@1 of its samples (T = 1)", f"{r['sft_accuracy_sampled_test']:.1%}"),
+        ("SFT policy: pass@1 greedy", f"{r['sft_accuracy_greedy_test']:.1%}"),
+        ("the SFT mix's own responses (the test split's `chosen`)", f"{r['sft_mix_accuracy_test']:.1%}"),
+        ("policy parameters / vocabulary", f"{r['policy_parameters']:,} / {r['vocab_size']}"),
+    ]
+    return "| measurement (500 test problems) | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
 RENDERERS = {
+    "arith-build": arith_build,
     "recipe-memory": recipe_memory,
     "conformance": conformance,
     "table": table,

@@ -1,6 +1,7 @@
 """Plumbing (a reader of the algorithms can skip it): datasets and prompt formats. Plain-text and conversational rows
 (TRL's formats), chat templates, tokenized prompts and responses, stop tokens, and the order prompts are drawn in."""
 
+import functools
 import os
 
 import torch
@@ -15,25 +16,7 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
     {"role", "content"} messages: `prompt` as messages, `messages` (the prompt is everything before the last
     assistant turn, whose content is the response) or `chosen` given as messages (explicit `prompt` column, or the
     whole conversation like `messages`); a response is then the assistant turn's content."""
-    import datasets
-
-    path = run.repo_path(name)
-    try:
-        if os.path.isdir(path) and any(
-            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
-        ):
-            ds = datasets.load_from_disk(path)
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        elif os.path.isfile(path):
-            builder = "parquet" if path.endswith(".parquet") else "json"
-            ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
-        else:
-            ds = datasets.load_dataset(path, split=split)
-    except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line naming the dataset
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        run.fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
-    if len(ds) == 0:
-        run.fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
+    ds = load_dataset_split(name, split)
     where = f"split '{split}' of --dataset '{name}'"
     columns = ds.column_names
     for column in (c for c in ("prompt", "messages", response_column) if c in columns):
@@ -63,6 +46,39 @@ def load_rows(name: str, split: str, response_column: str = "chosen") -> tuple[l
             what = "an empty string" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not a string"
             run.fail(f"row {i} of {where} has a prompt that is {what}; fix or drop that row")
     return prompts, responses
+
+
+def load_dataset_split(name: str, split: str):
+    """The `datasets.Dataset` of a split (a hub dataset, a local data dir, a jsonl/json/parquet file or a
+    `save_to_disk` dir): one line if it does not load or is empty. Loaded once while its files are unchanged (the
+    prompts and the columns a scorer reads come from one load)."""
+    path = run.repo_path(name)
+    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+    return _load_dataset_split(name, split, max((os.path.getmtime(f) for f in files if os.path.exists(f)), default=0))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset_split(name: str, split: str, modified: float):
+    import datasets
+
+    path = run.repo_path(name)
+    try:
+        if os.path.isdir(path) and any(
+            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
+        ):
+            ds = datasets.load_from_disk(path)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif os.path.isfile(path):
+            builder = "parquet" if path.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # noqa: BLE001 -- any loader failure becomes one line naming the dataset
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        run.fail(f"cannot load split '{split}' of --dataset '{name}' ({reason}); check its name/path and split")
+    if len(ds) == 0:
+        run.fail(f"split '{split}' of --dataset '{name}' is empty; pass a dataset with rows")
+    return ds
 
 
 def is_conversation(x) -> bool:

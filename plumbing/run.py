@@ -193,19 +193,39 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(ngrams)) / max(len(ngrams), 1)
 
 
-def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2)):
+def is_checker(scorer, device) -> bool:
+    """Whether `scorer` checks answers on every rank: a scoring function whose every score so far was 0 or 1 (ranks
+    decide alike: what follows may gather sharded weights). A reward model never is (no collective)."""
+    if not hasattr(scorer, "is_checker"):
+        return False
+    everywhere = torch.tensor([float(scorer.is_checker)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+    return bool(everywhere.item())
+
+
+def evaluation_metrics(score_fn, eval_score_fn, prompt_texts, response_texts, ended, kl, response_mask, ns=(1, 2),
+                       columns=None, greedy=None):  # fmt: skip
     """The evaluation of held-out samples, every rank's together: eval/reward (--reward-model), eval/gold_reward
     (--eval-reward, when given), eval/kl (k1 summed over the response), eval/response_length, eval/eos_rate, and
     eval/distinct_n for n in `ns` over all ranks' responses; under "samples" the samples themselves, in prompt order
-    (rank r holds the held-out prompts r, r + world size, ...), which the Logger writes to samples.jsonl."""
+    (rank r holds the held-out prompts r, r + world size, ...), which the Logger writes to samples.jsonl. `columns`:
+    each row's dataset columns the scoring functions read. When a reward is a checker (a scoring function whose
+    every score so far, on every rank, was 0 or 1; --eval-reward's first): eval/accuracy, pass@1 of the samples,
+    and eval/accuracy_greedy, of `greedy()`'s responses (a function returning the greedy responses' texts)."""
     per_sequence = {
-        "eval/reward": score_fn(prompt_texts, response_texts, ended),
+        "eval/reward": score_fn(prompt_texts, response_texts, ended, columns),
         "eval/kl": kl.sum(1),
         "eval/response_length": response_mask.sum(1),
         "eval/eos_rate": ended,
     }
     if eval_score_fn:
-        per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended)
+        per_sequence["eval/gold_reward"] = eval_score_fn(prompt_texts, response_texts, ended, columns)
+    checker = next((f for f in (eval_score_fn, score_fn) if is_checker(f, kl.device)), None)
+    if checker is not None:
+        per_sequence["eval/accuracy"] = per_sequence["eval/gold_reward" if checker is eval_score_fn else "eval/reward"]
+        if greedy is not None:
+            per_sequence["eval/accuracy_greedy"] = checker(prompt_texts, greedy(), None, columns)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     values = {key.removeprefix("eval/"): v.tolist() for key, v in per_sequence.items()}
     fields = {

@@ -1,8 +1,9 @@
 """Plumbing (a reader of the algorithms can skip it): scorers. Reward models and `module:function` scoring
-functions, each a sequence-level scorer (prompts, responses, ended) -> one float per response."""
+functions, each a sequence-level scorer (prompts, responses, ended, columns) -> one float per response."""
 
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 
@@ -31,8 +32,8 @@ class ScoringOptions:
 
 
 def load_scorer(spec: str, flag: str, device, dtype, options: ScoringOptions | None = None):
-    """A sequence-level scorer, (prompts, responses, ended=None) -> (N,) float tensor on `device`: a Python function
-    `module:function` (ScoringFunction) or a reward model (RewardModel). `flag` names it in errors."""
+    """A sequence-level scorer, (prompts, responses, ended=None, columns=None) -> (N,) float tensor on `device`: a
+    Python function `module:function` (ScoringFunction) or a reward model (RewardModel). `flag` names it in errors."""
     if is_scoring_function(spec):
         return ScoringFunction(spec, flag, device)
     return RewardModel(spec, flag, device, dtype, options or ScoringOptions())
@@ -49,21 +50,78 @@ def load_scorers(args, device, dtype):
     return score_fn, eval_score_fn
 
 
+def import_scoring_function(spec: str, flag: str):
+    """The function of a `module:function` spec; one line if it does not import or takes no (prompts, responses)."""
+    module, name = spec.split(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        run.fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
+    kind = inspect.Parameter
+    positional = [p.kind for p in parameters if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind == kind.VAR_POSITIONAL for p in parameters):
+        run.fail(f"scoring function {flag} '{spec}' takes {[p.name for p in parameters]}; it must take (prompts, "
+                 "responses), then any dataset columns it reads by name")  # fmt: skip
+    return fn
+
+
+@dataclasses.dataclass
+class Columns:
+    """The dataset columns a scoring function reads: the parameters it names after (prompts, responses), those
+    without a default `required`; `every` column if it takes **columns."""
+
+    required: set
+    optional: set
+    every: bool
+
+    @classmethod
+    def of(cls, fn) -> "Columns":
+        parameters, kind = list(inspect.signature(fn).parameters.values()), inspect.Parameter
+        first_two = [p for p in parameters if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)][:2]
+        named = [p for p in parameters if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)]
+        named = [p for p in named if p not in first_two]  # after (prompts, responses)
+        return cls({p.name for p in named if p.default is p.empty}, {p.name for p in named if p.default is not p.empty},
+                   any(p.kind == kind.VAR_KEYWORD for p in parameters))  # fmt: skip
+
+
+def dataset_columns(args, split: str, evaluation: bool = True) -> list[dict]:
+    """Each row's values of the dataset columns the module:function scorers read (--reward-model's, and on an
+    `evaluation` split --eval-reward's), in the dataset's row order ({} for each row when they read none, or are
+    reward models): one line for a column the split lacks. Read before any model is loaded."""
+    flags = (("--reward-model", args.reward_model), ("--eval-reward", args.eval_reward))[: 2 if evaluation else 1]
+    needs = [(flag, spec, Columns.of(import_scoring_function(spec, flag)))
+             for flag, spec in flags if spec and is_scoring_function(spec)]  # fmt: skip
+    ds = data.load_dataset_split(args.dataset, split)
+    present = [c for c in ds.column_names if c != "prompt"]
+    for flag, spec, columns in needs:
+        for name in sorted(columns.required - set(present)):
+            run.fail(f"scoring function {flag} '{spec}' reads the column '{name}', which split '{split}' of "
+                     f"--dataset '{args.dataset}' lacks (it has {ds.column_names}); add the column or give '{name}' a "
+                     "default")  # fmt: skip
+    read = [c for c in present if any(n.every or c in n.required | n.optional for *_, n in needs)]
+    values = [ds[c] for c in read]
+    return [dict(zip(read, row)) for row in zip(*values)] if read else [{} for _ in range(len(ds))]
+
+
 class ScoringFunction:
-    """A user's `module:function` scorer (prompts, responses) -> one float per response; whatever else it does (an
-    exception, another type or length) stops the run with one line naming it."""
+    """A user's `module:function` scorer, `fn(prompts, responses, **columns)` -> one float per response: a prompt is
+    the dataset's text (decoded as the policy saw it: left-truncated) or its list of {"role", "content"} messages
+    (a conversational dataset), a response is the generated text; the dataset columns it names as parameters (or
+    every column, if it takes **columns) are passed by name as lists, one value per row, as TRL's reward functions
+    take them. Whatever else it does (an exception, another type or length) stops the run with one line naming it.
+    `is_checker`: every score so far was 0 or 1 (a verifier: the evaluation then reports accuracy)."""
 
     def __init__(self, spec: str, flag: str, device):
-        module, name = spec.split(":")
-        try:
-            self.fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            run.fail(f"cannot import scoring function {flag} '{spec}' ({e}); expected module:function")
-        self.name, self.device = f"{flag} '{spec}'", device
+        self.fn = import_scoring_function(spec, flag)
+        self.columns = Columns.of(self.fn)
+        self.name, self.device, self.is_checker = f"{flag} '{spec}'", device, True
 
-    def __call__(self, prompts: list, responses: list[str], ended: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, prompts: list, responses: list[str], ended=None, columns: list[dict] | None = None):
+        names = [c for c in (columns[0] if columns else {}) if self.columns.every or c in self.columns.required
+                 | self.columns.optional]  # fmt: skip
         try:
-            scores = self.fn(prompts, responses)
+            scores = self.fn(prompts, responses, **{c: [row[c] for row in columns] for c in names})
         except Exception as e:  # noqa: BLE001 -- the user's function: whatever it raises becomes one line
             run.fail(f"scoring function {self.name} raised {type(e).__name__}: {e}; fix the function")
         try:
@@ -76,6 +134,7 @@ class ScoringFunction:
                 f"scoring function {self.name} returned {got}; it must return a list of {len(prompts)} floats, one "
                 "per response"
             )
+        self.is_checker = self.is_checker and bool(((tensor == 0) | (tensor == 1)).all())
         return tensor.to(self.device)
 
 
@@ -161,7 +220,8 @@ class RewardModel:
         return ids
 
     @torch.no_grad()
-    def __call__(self, prompts: list, responses: list[str], ended: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, prompts: list, responses: list[str], ended=None, columns=None) -> torch.Tensor:
+        """One score per (prompt, response); `ended` as in append_eos (None: not known); `columns` unread."""
         ended = ended.tolist() if ended is not None else [None] * len(prompts)  # (None: not known)
         encoded = [self.encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
         lengths, width, batch_size = (
@@ -183,8 +243,9 @@ class RewardModel:
                 input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
                 mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
                 padding.count_padding("passes", sum(len(ids) for ids in chunk), mask.numel())
+                mask = padding.to_device(mask, self.device)  # (prepared below: transformers reads none of it)
                 inputs = dict(input_ids=padding.to_device(input_ids, self.device),
-                              attention_mask=padding.to_device(mask, self.device))  # fmt: skip
+                              attention_mask=tensors.attention_mask_for(self.model, mask))  # fmt: skip
                 with tensors.autocast(self.device, self.dtype):
                     chunk_scores.append(self.model(**inputs).logits[:, 0].float())
         scores = torch.empty(len(encoded), device=self.device)

@@ -26,6 +26,8 @@ LONGEST_FIRST = [
     "test_short_default_run_reaches_a_gold_reward_broken_variants_do_not",
     "test_short_alol_run_reaches_a_gold_reward_plain_sft_does_not",
     "test_short_dpo_run_reaches_a_gold_reward_reversed_preferences_do_not",
+    "test_grpo_raises_the_verifiable_tasks_accuracy_a_reversed_checker_lowers_it",
+    "test_gsm8k_recipe_prints_its_runs_and_trains_on_stand_ins",
     "test_fsdp_checkpoint_is_sharded_and_resumes_on_another_number_of_ranks",
     "test_value_head_beats_the_mean_on_unseen_prompts",
     "test_alol_variants_train_on_the_weights_they_define",

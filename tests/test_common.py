@@ -200,7 +200,7 @@ def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
     mask = torch.tensor([[True, True, False], [True, False, False]])
     ended = torch.tensor([True, False])
     metrics = evaluation_metrics(
-        lambda p, r, e: torch.tensor([1.0, 3.0]), None, ["p", "q"], ["a b a", "a b"], ended, kl, mask, ns=(1, 2)
+        lambda p, r, e, c: torch.tensor([1.0, 3.0]), None, ["p", "q"], ["a b a", "a b"], ended, kl, mask, ns=(1, 2)
     )
     assert metrics.pop("samples") == [  # what samples.jsonl gets, in prompt order
         {"index": 0, "prompt": "p", "response": "a b a", "reward": 1.0, "gold_reward": None, "kl": 1.0, "length": 2,
@@ -219,7 +219,7 @@ def test_evaluation_metrics_average_per_sequence_and_count_distinct_ngrams():
         }
     )
     with_gold = evaluation_metrics(
-        lambda p, r, e: torch.zeros(2), lambda p, r, e: torch.ones(2), ["p", "q"], ["x", "y"], ended, kl, mask
+        lambda p, r, e, c: torch.zeros(2), lambda p, r, e, c: torch.ones(2), ["p", "q"], ["x", "y"], ended, kl, mask
     )
     assert with_gold["eval/gold_reward"] == 1.0
 

@@ -114,6 +114,7 @@ BAD_INPUTS = {
     "empty_dataset": (["--dataset", "{tmp}/empty.jsonl"], "--dataset"),
     "batch_sizes": (["--rollout-batch-size", "10", "--mini-batch-size", "4"], "not divisible"),
     "nan_reward": (["--reward-model", "tests.nan_reward:score"], "NaN"),
+    "scorer_column": (["--reward-model", "tests.bad_scorers:needs_answer"], "reads the column 'answer'"),
     "nan_loss": (["--lr", "1e30", "--value-lr", "1e30"], "NaN"),
     "run_exists": (["--output-dir", "{tmp}/existing"], "already holds a run"),
     "resume_nothing": (["--resume"], "no checkpoint"),

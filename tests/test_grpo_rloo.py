@@ -279,7 +279,7 @@ def test_what_main_passes_groups_advantages_and_the_first_minibatch(script, tmp_
         prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids[:, :context], attention_mask[:, :context])]
         assert prompts[0] == prompts[1] == prompts[2] == prompts[3] != prompts[4] == prompts[7]  # groups of 4
         mask = attention_mask[:, context:].bool()
-        (_, (_, _, ended), _, raw_scores) = [e for e in events[:start] if e[0] == "score"][-1]
+        (_, (_, _, ended, _), _, raw_scores) = [e for e in events[:start] if e[0] == "score"][-1]
         scores = raw_scores - 1.0 * (~ended).float()  # the missing-EOS penalty
         kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
         (_, advantage_args, _, advantages) = events[start]

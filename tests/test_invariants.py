@@ -67,7 +67,7 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
             events, "chunked_logprobs", start, 2
         )
         values = last(events, "chunked_values", start)[0][3]
-        (_, (_, _, ended), _, raw_scores) = last(events, "score", start)[0]
+        (_, (_, _, ended, _), _, raw_scores) = last(events, "score", start)[0]
         mask = attention_mask[:, -responses.shape[1] :].bool()
         assert torch.equal(ended, (mask & (responses == EOS)).any(1))  # stopped by itself, not cut
         scores = raw_scores - 1.0 * (~ended).float()  # the missing-EOS penalty (default 1.0)
@@ -259,7 +259,7 @@ def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, tmp_path)
     runs = [[*ALOL_FLAGS, "--dataset", tiny_toy_data, "--variant", variant, *flags, "--output-dir",
              str(tmp_path / variant)] for variant, flags in ALOL_RUNS.items()]  # fmt: skip
     for (variant, flags), events in zip(ALOL_RUNS.items(), record("alol", runs)):
-        (_, (_, _, ended), _, raw_scores) = next(e for e in events if e[0] == "score")  # the training pairs first
+        (_, (_, _, ended, _), _, raw_scores) = next(e for e in events if e[0] == "score")  # the training pairs first
         transform = "sigmoid" in flags
         rewards = (torch.sigmoid(raw_scores) if transform else raw_scores) - 1.0 * (~ended).float()
         (_, (got_rewards, ref_values, got_variant), _, (advantages, weights)) = next(
@@ -296,7 +296,7 @@ def test_alol_fits_v_ref_on_exactly_value_size_prompts(tiny_toy_data, tmp_path):
     assert features.shape[0] == len(targets) == 20 and sorted(set(prompt_ids.tolist())) == list(range(10))
     # the pairing: each target is the reward of a sample of its own prompt, each row its prompt's features. The
     # samples were scored sample-major (row s * 10 + i: sample s of prompt i); the fit reads them prompt-major.
-    (_, (texts, _, ended), _, raw) = [e for e in events if e[0] == "score"][1]  # the training pairs', then these
+    (_, (texts, _, ended, _), _, raw) = [e for e in events if e[0] == "score"][1]  # the training pairs', then these
     assert texts[:10] == texts[10:]  # the 10 prompts, once per sample
     rewards = raw - 1.0 * (~ended).float()  # the missing-EOS penalty (no --reward-transform)
     assert torch.allclose(targets, rewards.view(2, 10).T.reshape(-1))

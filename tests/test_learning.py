@@ -77,3 +77,24 @@ def test_short_dpo_run_reaches_a_gold_reward_reversed_preferences_do_not(toy_2k,
     sft, final = read_metrics(out)[0], read_metrics(out)[-1]
     print(f"dpo: gold {sft['eval/gold_reward']:.2f} -> {final['eval/gold_reward']:.2f}, kl {final['eval/kl']:.2f}")
     assert final["eval/gold_reward"] > 1.5 and final["eval/rewards/accuracy"] > 0.6 and 0.0 < final["eval/kl"] < 6.0
+
+
+ARITH = ["--model", "toy/arith/policy", "--dataset", "toy/arith/data", "--reward-model", "toy.arith:score",
+         "--eval-reward", "toy.arith:score"]  # fmt: skip
+
+
+def test_grpo_raises_the_verifiable_tasks_accuracy_a_reversed_checker_lowers_it(tmp_path, monkeypatch):
+    """The verifiable task (toy/arith): GRPO on the checker's 0/1 rewards, 1,024 episodes at lr 5e-5, at one torch
+    thread, evaluated on 256 held-out problems. Measured, seeds 1 / 2: pass@1 of the samples 0.375 -> 0.457 /
+    0.324 -> 0.461 (greedy 0.875 -> 0.734 / 0.738; KL 0.57 / 0.55); rewarding wrong answers instead
+    (tests/bad_scorers.py:wrong_answers, the sign-flipped advantage, in effect) 0.078 (greedy 0.066, KL 1.37)."""
+    monkeypatch.setattr(conftest, "THREADS", "1")
+    out = tmp_path / "run"
+    run_script("grpo.py", *ARITH, "--lr", "5e-5", "--total-episodes", "1024", "--eval-every", "16", "--eval-size",
+               "256", "--seed", "1", "--output-dir", str(out))  # fmt: skip
+    rows = read_metrics(out)
+    sft, final = rows[0], rows[-1]
+    print(f"grpo on arith: accuracy {sft['eval/accuracy']:.3f} -> {final['eval/accuracy']:.3f}")
+    assert final["eval/accuracy"] > 0.42 and final["eval/accuracy"] > sft["eval/accuracy"] + 0.05
+    assert final["eval/accuracy"] == final["eval/gold_reward"] and 0 <= final["eval/accuracy_greedy"] <= 1
+    assert 0 < final["eval/kl"] < 2.0 and 0 < final["train/zero_std_groups"] < 1

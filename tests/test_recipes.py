@@ -180,7 +180,7 @@ def test_stop_string_rollout_trains_on_the_cut_response(tmp_path):
     ][-2]
     mask = attention_mask[:, -responses.shape[1] :].bool()
     assert all(r[m].tolist() == cut for r, m in zip(responses, mask)) and responses.shape[1] == len(cut)
-    (_, (prompts, texts, ended), _, _) = [e for e in events[:start] if e[0] == "score"][-1]
+    (_, (prompts, texts, ended, _), _, _) = [e for e in events[:start] if e[0] == "score"][-1]
     assert texts == [" sure! watch the bishop."] * len(texts) and ended.all()
     policy = load_causal_lm(str(REPO / "toy" / "policy"), torch.float32)  # iteration 1: pi_old is the SFT policy
     prompt = input_ids[0][attention_mask[0].bool()].tolist()[: -len(cut)]

@@ -92,10 +92,11 @@ def snapshot(x):
 
 def recorded(name, fn):
     """`fn`, each call recorded with its arguments bound to its signature (a keyword argument that can be positional
-    is recorded in its place: the tests read a call the same however the script wrote it)."""
+    is recorded in its place: the tests read a call the same however the script wrote it). Its name and docstring
+    are fn's, not its attributes (a scorer's `is_checker` copied once would go stale: a recorded scorer has none)."""
     signature = inspect.signature(fn)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, updated=())
     def wrapper(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         before = (snapshot(bound.args), snapshot(bound.kwargs))
