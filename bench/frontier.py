@@ -12,6 +12,7 @@ gold flattens or falls.
     python bench/frontier.py --reuse              # keep finished runs: resume an interrupted sweep, or re-plot
     python bench/frontier.py --algorithms grpo rloo --add   # sweep these, keep the stored rows of the others
     python bench/frontier.py --extra="--reward-model toy.gold:score" --tag gold   # the gold scorer as the reward
+    python bench/frontier.py --regime verifiable --tag arith --extra="--model toy/arith/policy ..."  # docs/results.md
 
 The budget is counted in samples trained on (episodes for the online scripts, steps x batch size for alol.py, whose
 knob is its training length: an offline method has no other way to trade KL for reward).
@@ -49,6 +50,8 @@ SWEEPS = {
 REGIMES = {
     "toy": (640, 1, list(SWEEPS)),
     "paper": (2560, 20, ["ppo", "ppo (APA authors' controller)", "apa", "awr"]),
+    # the verifiable task (toy/arith, with --extra giving its model, data, checker and lr): the default budget
+    "verifiable": (4096, 1, ["ppo", "apa", "awr", "grpo", "rloo"]),
 }
 SMOKE = ["--rollout-batch-size", "16", "--mini-batch-size", "8", "--max-new-tokens", "16", "--eval-size", "8"]
 SMOKE_OFFLINE = ["--max-new-tokens", "16", "--eval-size", "8", "--value-samples", "1", "--value-epochs", "1"]
@@ -56,8 +59,9 @@ SMOKE_OFFLINE = ["--max-new-tokens", "16", "--eval-size", "8", "--value-samples"
 
 @dataclass
 class Args:
-    regime: Literal["toy", "paper"] = "toy"
-    """toy: each script's learning rate; paper: learning rates / 20 with 4x the samples"""
+    regime: Literal["toy", "paper", "verifiable"] = "toy"
+    """toy: each script's learning rate; paper: learning rates / 20 with 4x the samples; verifiable: 4,096 samples
+    (for toy/arith, whose model, data, checker and learning rate --extra gives)"""
     mode: Literal["sweep", "smoke"] = "sweep"
     """sweep: every knob value x seed; smoke: two knob values, one seed, tiny runs (CI)"""
     seeds: tuple[int, ...] = (1, 2, 3)
