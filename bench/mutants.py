@@ -80,6 +80,7 @@ KL_ONE_TOKEN = f"{GR}each_kl_term_has_the_gradient_it_claims_one_token"
 KL_TWO_TOKENS = f"{GR}per_token_kl_terms_leave_the_state_distribution_alone_the_reward_penalty_does_not"
 GSPO = f"{GR}gspo_sequence_ratio_is_the_geometric_mean_of_the_token_ratios"
 STALE = f"{GR}rloo_weights_stale_samples_by_their_clipped_sequence_ratio"
+VERIFIABLE = "tests/test_verifiable.py::"
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,22 @@ MUTANTS = [
            "    if fresh:\n        optimizer.state.clear()\n    return", "    return", (f"{SPLITS}[ppo_max]",)),
     Mutant("apa-resume-forgets-score-stats", "apa.py", '        score_stats.load_state_dict(checkpoint["score_stats"])',
            "        pass", (f"{RESUMED}[apa]",)),
+    # ---- verifiable rewards (issue 43) and the prepared attention mask (issue 40)
+    Mutant("grpo-scorer-without-columns", "grpo.py", "raw_scores = score_fn(r.prompt_texts, r.response_texts, r.ended, "
+           "r.columns)", "raw_scores = score_fn(r.prompt_texts, r.response_texts, r.ended)",
+           ("tests/test_learning.py::test_grpo_raises_the_verifiable_tasks_accuracy_a_reversed_checker_lowers_it",)),
+    Mutant("grpo-columns-of-other-rows", "grpo.py", "for x in (train_prompts, train_rows, train_columns)))",
+           "for x in (train_prompts, train_rows, train_columns[::-1])))",
+           ("tests/test_learning.py::test_grpo_raises_the_verifiable_tasks_accuracy_a_reversed_checker_lowers_it",)),
+    Mutant("checker-if-any-score-is-binary", "plumbing/scorers.py", "((tensor == 0) | (tensor == 1)).all())",
+           "((tensor == 0) | (tensor == 1)).any())",
+           (f"{VERIFIABLE}test_the_checker_is_a_checker_and_the_gold_scorer_is_not",)),
+    Mutant("gsm8k-first-final-answer", "recipes/gsm8k_reward.py", "minus, minus_after_dollar, number = final[-1]",
+           "minus, minus_after_dollar, number = final[0]",
+           (f"{VERIFIABLE}test_the_gsm8k_answer_extractor_on_tricky_strings",)),
+    Mutant("prepared-mask-anti-causal", "plumbing/tensors.py", "dtype=torch.bool, device=attention_mask.device).tril()",
+           "dtype=torch.bool, device=attention_mask.device).triu()",
+           ("tests/test_architectures.py::test_the_prepared_mask_only_where_it_means_what_the_2d_mask_does",)),
 ]  # fmt: skip
 
 

@@ -70,7 +70,9 @@ def test_the_checker_is_a_checker_and_the_gold_scorer_is_not():
     checker = scorers.load_scorer("toy.arith:score", "--reward-model", torch.device("cpu"), torch.float32)
     checker(["p", "p"], ["#### 1", "#### 2"], None, [{"answer": 1}, {"answer": 1}])
     gold = scorers.load_scorer("toy.gold:score", "--eval-reward", torch.device("cpu"), torch.float32)
-    gold(["\n\nHuman: chess?\n\nAssistant:"], [" sure! watch the bishop."])
+    assert gold(
+        ["\n\nHuman: chess?\n\nAssistant:"] * 2, [" watch the bishop.", " sure! watch the bishop."]
+    ).tolist() == [1.0, 1.5]  # one score of 1, one not: a checker's scores are all 0 or 1
     assert checker.is_checker and not gold.is_checker
 
 
