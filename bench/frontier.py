@@ -60,8 +60,8 @@ SMOKE_OFFLINE = ["--max-new-tokens", "16", "--eval-size", "8", "--value-samples"
 @dataclass
 class Args:
     regime: Literal["toy", "paper", "verifiable"] = "toy"
-    """toy: each script's learning rate; paper: learning rates / 20 with 4x the samples; verifiable: 4,096 samples
-    (for toy/arith, whose model, data, checker and learning rate --extra gives)"""
+    """toy: each script's learning rate; paper: learning rates / 20 with 4x the samples; verifiable: 4,096 samples,
+    for toy/arith, whose model, data, checker and learning rate --extra gives"""
     mode: Literal["sweep", "smoke"] = "sweep"
     """sweep: every knob value x seed; smoke: two knob values, one seed, tiny runs (CI)"""
     seeds: tuple[int, ...] = (1, 2, 3)
