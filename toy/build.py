@@ -170,26 +170,31 @@ def right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 def train_sft(tokenizer, rng: random.Random, steps: int = 1500, batch: int = 64) -> GPTNeoXForCausalLM:
     model = GPTNeoXForCausalLM(model_config(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    eos = tokenizer.eos_token_id
     for step in range(steps):
         prompts = [make_prompt(rng) for _ in range(batch)]
         responses = [sample_response(rng, topic_of(p)) for p in prompts]
-        p_ids = tokenizer(prompts)["input_ids"]
-        r_ids = tokenizer(responses)["input_ids"]
-        ids, mask = right_pad([p + r + [eos] for p, r in zip(p_ids, r_ids)], tokenizer.pad_token_id)
-        labels = ids.masked_fill(mask == 0, -100)
-        for i, p in enumerate(p_ids):  # loss on the response (and its EOS) only
-            labels[i, : len(p)] = -100
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 1e-3)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0:
-            print(f"sft step {step} loss {loss.item():.3f}", flush=True)
+        sft_step(model, opt, tokenizer, prompts, responses, step, steps)
     return model.eval()
+
+
+def sft_step(model, opt, tokenizer, prompts: list[str], responses: list[str], step: int, steps: int, peak=1e-3):
+    """One SFT step on (prompt, response + EOS) texts: the loss on the response and its EOS only, AdamW at lr_at."""
+    eos = tokenizer.eos_token_id
+    p_ids = tokenizer(prompts)["input_ids"]
+    r_ids = tokenizer(responses)["input_ids"]
+    ids, mask = right_pad([p + r + [eos] for p, r in zip(p_ids, r_ids)], tokenizer.pad_token_id)
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, p in enumerate(p_ids):  # loss on the response (and its EOS) only
+        labels[i, : len(p)] = -100
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, steps, peak)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if step % 100 == 0:
+        print(f"sft step {step} loss {loss.item():.3f}", flush=True)
 
 
 def rm_scores(rm, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:

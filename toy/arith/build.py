@@ -30,7 +30,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from toy.arith import score  # noqa: E402
-from toy.build import CHAT_TEMPLATE, build_tokenizer, lr_at, right_pad  # noqa: E402
+from toy.build import CHAT_TEMPLATE, build_tokenizer, sft_step  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 SEED = 0
@@ -106,24 +106,10 @@ def train_sft(tokenizer, rows: list[dict], steps: int = 1500, batch: int = 64) -
     )  # fmt: skip
     model = GPTNeoXForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    rng, eos = random.Random(SEED + 1), tokenizer.eos_token_id
+    rng = random.Random(SEED + 1)
     for step in range(steps):
         sample = [rng.choice(rows) for _ in range(batch)]
-        p_ids = tokenizer([r["prompt"] for r in sample])["input_ids"]
-        r_ids = tokenizer([r["chosen"] for r in sample])["input_ids"]
-        ids, mask = right_pad([p + r + [eos] for p, r in zip(p_ids, r_ids)], tokenizer.pad_token_id)
-        labels = ids.masked_fill(mask == 0, -100)
-        for i, p in enumerate(p_ids):  # loss on the response (and its EOS) only
-            labels[i, : len(p)] = -100
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 1e-3)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0:
-            print(f"sft step {step} loss {loss.item():.3f}", flush=True)
+        sft_step(model, opt, tokenizer, [r["prompt"] for r in sample], [r["chosen"] for r in sample], step, steps)
     return model.eval()
 
 
