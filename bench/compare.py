@@ -81,7 +81,8 @@ class Args:
     """seeds per algorithm"""
     algorithms: tuple[str, ...] = DEFAULT
     """which to run: ppo, ppo_max, apa, awr, grpo, rloo, a-lol, nll (the default), or A-LoL's other variants
-    a-lol-ref-free, a-lol-seq, a-lol-kl, r-lol, wbc, or the preference baselines dpo, dpo-ref-free, pro"""
+    a-lol-ref-free, a-lol-seq, a-lol-kl, r-lol, wbc, the preference baselines dpo, dpo-ref-free, pro, or GRPO's
+    other advantage scalings grpo-batch-std, grpo-no-std"""
     output_dir: str = ""
     """where records.json, results.md, the plots and the runs (runs/, not committed) go; default bench/results/<mode>"""
     extra: str = ""

@@ -176,3 +176,43 @@ def test_gsm8k_recipe_prints_its_runs_and_trains_on_stand_ins(tmp_path):
 def test_the_reward_function_imports_as_the_recipe_names_it():
     assert scorers.import_scoring_function("recipes.gsm8k_reward:score", "--reward-model") is gsm8k_reward.score
     assert "recipes" in sys.modules and (REPO / "recipes" / "gsm8k_reward.py").exists()
+
+
+def test_accuracy_is_reported_for_a_checker_only_and_greedy_means_greedy():
+    """eval/accuracy is the checker's mean over the samples and eval/accuracy_greedy its mean over greedy()'s texts;
+    with a scorer that is not a checker neither is logged and greedy() is never called. common.greedy_texts decodes
+    what transformers' generate() does with sampling off, whatever the seed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    import common
+    from plumbing.data import load_rows, tokenize_prompts
+    from plumbing.run import evaluation_metrics
+
+    checker = scorers.load_scorer("toy.arith:score", "--eval-reward", torch.device("cpu"), torch.float32)
+    gold = scorers.load_scorer("toy.gold:score", "--eval-reward", torch.device("cpu"), torch.float32)
+    kl, mask, ended = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.tensor([True, True])
+    columns = [{"answer": 7}, {"answer": 9}]
+    sampled, greedy = [" #### 7", " #### 8"], [" #### 7", " #### 9"]
+    metrics = evaluation_metrics(checker, checker, ["p", "q"], sampled, ended, kl, mask, columns=columns,
+                                 greedy=lambda: greedy)  # fmt: skip
+    assert metrics["eval/accuracy"] == 0.5 and metrics["eval/accuracy_greedy"] == 1.0
+    never = lambda: pytest.fail("greedy() called for a scorer that is not a checker")  # noqa: E731
+    prompts = ["\n\nHuman: chess?\n\nAssistant:"] * 2
+    metrics = evaluation_metrics(gold, gold, prompts, [" watch the bishop.", " sure! watch the bishop."], ended, kl,
+                                 mask, greedy=never)  # fmt: skip
+    assert "eval/accuracy" not in metrics and "eval/accuracy_greedy" not in metrics
+
+    path = str(REPO / "toy" / "arith" / "policy")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).float()
+    prompts = tokenize_prompts(tokenizer, load_rows(str(REPO / "toy" / "arith" / "data"), "test")[0][:6], 128)
+    config = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    texts = []
+    for seed in (0, 123):  # sampling off: the seed changes nothing
+        torch.manual_seed(seed)
+        texts.append(common.greedy_texts(model, prompts, tokenizer, config, 4, torch.float32))
+    assert texts[0] == texts[1]
+    expected = [tokenizer.decode(model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24,
+                                                pad_token_id=tokenizer.pad_token_id)[0, len(p):],
+                                 skip_special_tokens=True) for p in prompts]  # fmt: skip
+    assert texts[0] == expected

@@ -187,6 +187,11 @@ def sft_step(model, opt, tokenizer, prompts: list[str], responses: list[str], st
     for i, p in enumerate(p_ids):  # loss on the response (and its EOS) only
         labels[i, : len(p)] = -100
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    optimizer_step(model, opt, loss, step, steps, peak, "sft")
+
+
+def optimizer_step(model, opt, loss, step: int, steps: int, peak: float, name: str):
+    """AdamW at lr_at(step), the gradient clipped to norm 1; the loss printed every 100 steps."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, steps, peak)
     opt.zero_grad()
@@ -194,7 +199,7 @@ def sft_step(model, opt, tokenizer, prompts: list[str], responses: list[str], st
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     if step % 100 == 0:
-        print(f"sft step {step} loss {loss.item():.3f}", flush=True)
+        print(f"{name} step {step} loss {loss.item():.3f}", flush=True)
 
 
 def rm_scores(rm, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -217,14 +222,7 @@ def train_rm(policy, tokenizer, rng: random.Random, steps: int = 1500, batch: in
         chosen = rm_scores(rm, tokenizer, prompts, [r["chosen"] for r in pairs])
         rejected = rm_scores(rm, tokenizer, prompts, [r["rejected"] for r in pairs])
         loss = -F.logsigmoid(chosen - rejected).mean()  # Bradley-Terry
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 5e-4)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0:
-            print(f"rm step {step} loss {loss.item():.3f}", flush=True)
+        optimizer_step(rm, opt, loss, step, steps, 5e-4, "rm")
     return rm.eval()
 
 
