@@ -122,6 +122,32 @@ def run_script(
     return result
 
 
+def main_error(script: str, *args: str) -> str:
+    """The one-line error SCRIPT's main() stops with on these flags, called in this process with the sys.argv that
+    `python SCRIPT ARGS` gives it (no interpreter start per bad input): for the errors that must come before any
+    model is loaded, so loading one fails the test, as does any exception but the one-line SystemExit (a traceback).
+    The random state is left as it was. (Errors that come later, such as a NaN, are tested as real processes.)"""
+    import importlib
+    from unittest import mock
+
+    from plumbing import models
+
+    def no_model(loader, path, flag, *rest, **kwargs):
+        raise AssertionError(f"{script} loaded {flag} '{path}' before stopping")
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    with mock.patch.object(sys, "argv", [script, *args]), mock.patch.object(models, "load_model", no_model):
+        with torch.random.fork_rng(devices=[]):
+            try:
+                module.main()
+            except SystemExit as stop:
+                message = stop.code
+            else:
+                raise AssertionError(f"{script} {' '.join(args)} ran to the end")
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
 def kill_at_first_checkpoint(
     script: str, args: list[str], output_dir, nproc: int = 1, checkpoint: str = "checkpoint.pt", wrap=()
 ):

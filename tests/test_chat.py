@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script, toy_rows
+from conftest import FAST, REPO, main_error, read_metrics, run_script, toy_rows
 from test_real_checkpoints import save_classifier
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -196,14 +196,13 @@ def test_a_template_that_rejects_a_conversation_is_one_line(tmp_path):
 
 
 def test_conversational_data_needs_a_chat_template(tmp_path):
-    """End to end: one line on stderr naming the fix, nothing written, before any model is loaded."""
+    """Through main(): one line naming the fix, nothing written, before any model is loaded."""
     shutil.copytree(REPO / "toy" / "policy", tmp_path / "policy")
     (tmp_path / "policy" / "chat_template.jinja").unlink()
     out = tmp_path / "out"
-    result = run_script("ppo.py", *FAST, "--model", str(tmp_path / "policy"), "--dataset",
-                        str(REPO / "toy" / "chat" / "prompts"), "--output-dir", str(out), check=False)  # fmt: skip
-    assert result.returncode != 0 and "Traceback" not in result.stderr and not out.exists()
-    assert "has no chat template" in result.stderr.strip().splitlines()[-1]
+    error = main_error("ppo.py", *FAST, "--model", str(tmp_path / "policy"), "--dataset",
+                       str(REPO / "toy" / "chat" / "prompts"), "--output-dir", str(out))  # fmt: skip
+    assert "has no chat template" in error and not out.exists()
 
 
 def test_ppo_on_conversational_prompts_matches_the_plain_text_run(tmp_path):

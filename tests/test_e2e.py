@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAST, REPO, kill_at_first_checkpoint, read_metrics, run_script
+from conftest import FAST, REPO, kill_at_first_checkpoint, main_error, read_metrics, run_script
 
 ONLINE = ["ppo.py", "apa.py", "awr.py", "ppo_max.py"]
 CONTRACT = ["iteration", "episodes", "train/reward", "train/kl", "eval/reward", "eval/gold_reward", "eval/kl"]
@@ -107,19 +107,23 @@ def _make_two_label_model(path):
     AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer").save_pretrained(path)
 
 
+# case: (flags, what the one-line error says); EARLY: the cases that must stop before any model loads, checked by
+# calling main() in this process (conftest.main_error); the others run as processes: the exit status and stderr
 BAD_INPUTS = {
     "model_path": (["--model", "/nonexistent/model"], "cannot load"),
-    "reward_two_labels": (["--reward-model", "{tmp}/two_labels"], "num_labels=1"),
     "missing_column": (["--dataset", "{tmp}/bad.jsonl"], "expected 'prompt'"),
     "empty_dataset": (["--dataset", "{tmp}/empty.jsonl"], "--dataset"),
     "batch_sizes": (["--rollout-batch-size", "10", "--mini-batch-size", "4"], "not divisible"),
-    "nan_reward": (["--reward-model", "tests.nan_reward:score"], "NaN"),
     "scorer_column": (["--reward-model", "tests.bad_scorers:needs_answer"], "reads the column 'answer'"),
-    "nan_loss": (["--lr", "1e30", "--value-lr", "1e30"], "NaN"),
     "run_exists": (["--output-dir", "{tmp}/existing"], "already holds a run"),
     "resume_nothing": (["--resume"], "no checkpoint"),
-    "push_without_token": (["--push-to-hub", "me/ppo-toy"], "needs a Hugging Face token"),
+    "reward_two_labels": (["--reward-model", "{tmp}/two_labels"], "num_labels=1"),
+    "nan_reward": (["--reward-model", "tests.nan_reward:score"], "NaN"),
+    "nan_loss": (["--lr", "1e30", "--value-lr", "1e30"], "NaN"),
+    "push_without_token": (["--push-to-hub", "me/ppo-toy"], "needs a Hugging Face token"),  # (HF_HOME: a process)
 }
+EARLY = ["model_path", "missing_column", "empty_dataset", "batch_sizes", "scorer_column", "run_exists",
+         "resume_nothing"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -138,10 +142,14 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(case, tmp_path, monke
     out = tmp_path / "out"
     if "--output-dir" not in flags:
         flags += ["--output-dir", str(out)]
-    result = run_script("ppo.py", *FAST, *flags, check=False)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, result.stderr[-2000:]
+    if case in EARLY:
+        last = main_error("ppo.py", *FAST, *flags)
+    else:
+        result = run_script("ppo.py", *FAST, *flags, check=False)
+        assert result.returncode != 0
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: "), result.stderr[-2000:]
+    assert expected in last, last
     if case.startswith("nan_"):  # it stopped in the first iteration, before any checkpoint
         assert not (out / "checkpoint.pt").exists()
     elif case == "run_exists":

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_script
+from conftest import FAST, REPO, main_error
 
 from common import RunningMoments, response_logits
 from plumbing.scorers import ScoringOptions, load_scorer
@@ -245,13 +245,11 @@ def test_misbehaving_scoring_functions_are_named_in_one_line(name, expected):
 
 
 def test_bad_dataset_stops_the_script_before_loading_models(tmp_path):
-    """End to end: one line on stderr, no traceback, nothing written."""
+    """Through main(): one line, no traceback, nothing written, no model loaded."""
     (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")
     out = tmp_path / "out"
-    result = run_script("ppo.py", *FAST, "--dataset", str(tmp_path / "data.jsonl"), "--output-dir", str(out),
-                        check=False)  # fmt: skip
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "is an empty string" in result.stderr.strip().splitlines()[-1] and not out.exists()
+    error = main_error("ppo.py", *FAST, "--dataset", str(tmp_path / "data.jsonl"), "--output-dir", str(out))
+    assert "is an empty string" in error and not out.exists()
 
 
 def test_apa_lambda_zero_is_refused():
