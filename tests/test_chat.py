@@ -208,10 +208,10 @@ def test_conversational_data_needs_a_chat_template(tmp_path):
 def test_ppo_on_conversational_prompts_matches_the_plain_text_run(tmp_path):
     """The toy template renders a conversation as the plain prompt it came from, so the evaluation of the initial
     policy (same held-out prompts, same seed) is identical, gold scorer included; then training runs."""
-    runs = {}
-    for name, dataset in [("plain", REPO / "toy" / "data"), ("chat", REPO / "toy" / "chat" / "prompts")]:
-        run_script("ppo.py", *FAST, "--dataset", str(dataset), "--output-dir", str(tmp_path / name))
-        runs[name] = read_metrics(tmp_path / name)
+    datasets = {"plain": REPO / "toy" / "data", "chat": REPO / "toy" / "chat" / "prompts"}
+    flags = [[*FAST, "--dataset", str(d), "--output-dir", str(tmp_path / name)] for name, d in datasets.items()]
+    run_script("tests/wrap.py", "--runs", json.dumps(flags), "ppo")  # (both runs in one process)
+    runs = {name: read_metrics(tmp_path / name) for name in datasets}
     keys = ["eval/gold_reward", "eval/kl", "eval/response_length", "eval/eos_rate", "eval/distinct_2"]
     assert {k: runs["chat"][0][k] for k in keys} == {k: runs["plain"][0][k] for k in keys}
     assert runs["chat"][-1]["eval/kl"] != 0.0  # the policy trained

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import FAST, main_error, read_metrics, run_script
-from test_invariants import FLAGS, between, record
+from test_invariants import FLAGS, between, recorded
 
 import grpo
 import rloo
@@ -259,15 +259,18 @@ def test_per_token_kl_terms_leave_the_state_distribution_alone_the_reward_penalt
         torch.testing.assert_close(got, want)
 
 
+# each script's recorded runs (one process for both tests below)
+RUNS = {"main": [*FLAGS, "--group-size", "4"], "no_kl": [*FLAGS, "--kl-coef", "0", "--eval-every", "1"]}
+
+
 @pytest.mark.parametrize("script", ["grpo", "rloo"])
-def test_what_main_passes_groups_advantages_and_the_first_minibatch(script, tmp_path):
+def test_what_main_passes_groups_advantages_and_the_first_minibatch(script, shared):
     """A recorded run (2 iterations of 8 responses: 2 prompts x K = 4): each group is K copies of one prompt on
     consecutive rows; the advantages are the tested function of the penalised scores (RLOO: less beta times the
     sequence KL); the first micro-batch's log-probs re-score the rollout (ratio 1); the KL term (GRPO) uses pi_ref."""
     module = {"grpo": grpo, "rloo": rloo}[script]
-    flags = [*FLAGS, "--group-size", "4", "--output-dir", str(tmp_path / "run")]
-    (events,) = record(script, [flags])
-    rows = read_metrics(tmp_path / "run")[1:]
+    events, out = recorded(shared, script, RUNS, "main")
+    rows = read_metrics(out)[1:]
     name = {"grpo": "group_advantages", "rloo": "leave_one_out_advantages"}[script]
     starts = [i for i, e in enumerate(events) if e[0] == name]
     assert len(starts) == len(rows) == 2
@@ -309,14 +312,13 @@ def test_what_main_passes_groups_advantages_and_the_first_minibatch(script, tmp_
 
 
 @pytest.mark.parametrize("script", ["grpo", "rloo"])
-def test_no_kl_term_means_no_reference_pass_in_training(script, tmp_path):
+def test_no_kl_term_means_no_reference_pass_in_training(script, shared):
     """--kl-coef 0: the rollout scores with the policy alone (the evaluation still measures KL to pi_ref)."""
-    flags = [*FLAGS, "--kl-coef", "0", "--eval-every", "1", "--output-dir", str(tmp_path / "run")]
-    (events,) = record(script, [flags])
+    events, out = recorded(shared, script, RUNS, "no_kl")
     passes = [e for e in events if e[0] == "chunked_logprobs"]
     # 3 evaluations x (policy, pi_ref) + 2 rollouts x policy only
     assert len(passes) == 8
-    rows = read_metrics(tmp_path / "run")
+    rows = read_metrics(out)
     assert "train/kl" not in rows[1] and rows[-1]["eval/kl"] > 0
 
 

@@ -4,7 +4,9 @@ the algorithm says (pi_old vs pi_ref log-probs, advantages vs returns, the missi
 on the first minibatch of every iteration the ratio is 1 and the value net's outputs equal the rollout values; and
 the logged losses are the tested loss functions' outputs, weighted by each micro-batch's share of the tokens."""
 
+import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,23 @@ EXTRA = {"ppo_max": ["--critic-warmup-steps", "0"]}
 EOS = 0  # the toy tokenizer's <|endoftext|>
 
 
+def runs_of(script: str, data: str = "") -> dict:
+    """Every run of `script` the tests below read, name -> flags (recorded once: `recorded`); `data`: A-LoL's."""
+    if script == "alol":
+        base = [*ALOL_FLAGS, "--dataset", data]
+        return {"temperature": [*base, "--temperature", "0.7"],
+                "v_ref": [*base, "--eval-size", "8", "--value-size", "10", "--total-steps", "1"],
+                **{variant: [*base, "--variant", variant, *flags] for variant, flags in ALOL_RUNS.items()}}  # fmt: skip
+    base = [*FLAGS, *EXTRA.get(script, [])]
+    runs = {"main": base, "temperature": [*base, "--temperature", "0.7"]}
+    if script == "ppo":
+        runs["apa_authors"] = [*FLAGS, "--update-epochs", "2", "--kl-control", "apa-authors", "--kl-target", "0.5",
+                               "--kl-horizon", "64", "--rollout-forward-batch-size", "3"]  # fmt: skip
+    if script == "ppo_max":
+        runs["ptx"] = [*FLAGS, "--critic-warmup-steps", "0", "--ptx-coef", "0.5"]
+    return runs
+
+
 def record(script: str, runs: list[list[str]], rollouts: str = "") -> list[list[tuple]]:
     """The events of each run of `script` (one process), as tests/wrap.py --record saves them; `rollouts`: fixed or
     next-turn responses in place of sampling (tests/wrap.py)."""
@@ -31,6 +50,24 @@ def record(script: str, runs: list[list[str]], rollouts: str = "") -> list[list[
     wrap = ["--rollouts", rollouts] if rollouts else []
     run_script("tests/wrap.py", "--record", out, "--runs", json.dumps(runs), *wrap, script)
     return torch.load(out, weights_only=False)
+
+
+def recorded(shared, script: str, runs: dict, name: str) -> tuple[list[tuple], Path]:
+    """The events and output directory of run `name` of `runs` (name -> flags, without --output-dir), every run of
+    which is recorded once per test session in one process for all the tests that read them (tests/runs.py's
+    Shared: one interpreter start per script, not one per test)."""
+
+    def make(directory):
+        flags = [[*f, "--output-dir", str(directory / n)] for n, f in runs.items()]
+        run_script("tests/wrap.py", "--record", str(directory / "events.pt"), "--runs", json.dumps(flags), script)
+
+    directory = shared.get(f"recorded-{script}", make)
+    return load_events(directory / "events.pt")[list(runs).index(name)], directory / name
+
+
+@functools.lru_cache(maxsize=1)
+def load_events(path: Path) -> list[list[tuple]]:
+    return torch.load(path, weights_only=False)
 
 
 def last(events, name: str, before: int, n: int = 1) -> list[tuple]:
@@ -55,10 +92,10 @@ def per_step(events, start: int, end: int, loss: str, micro_batch: str = "token_
 
 
 @pytest.mark.parametrize("script", list(ONLINE))
-def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_path):
+def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, shared):
     module = ONLINE[script]
-    (events,) = record(script, [[*FLAGS, *EXTRA.get(script, []), "--output-dir", str(tmp_path / "run")]])
-    rows = read_metrics(tmp_path / "run")[1:]
+    events, out = recorded(shared, script, runs_of(script), "main")
+    rows = read_metrics(out)[1:]
     starts = [i for i, e in enumerate(events) if e[0] == "compute_rewards"]
     assert len(starts) == len(rows) == 2
     for iteration, (start, end, row) in enumerate(zip(starts, starts[1:] + [len(events)], rows), 1):
@@ -127,16 +164,13 @@ def test_what_main_passes_to_the_algorithm_and_the_first_minibatch(script, tmp_p
 
 
 @pytest.mark.parametrize("script", [*ONLINE, "alol"])
-def test_every_pass_divides_by_the_sampling_temperature(script, tiny_toy_data, tmp_path):
+def test_every_pass_divides_by_the_sampling_temperature(script, tiny_toy_data, shared):
     """--temperature 0.7: every log-prob describes the distribution sampled, so each pass divides its logits by T
     (the rollout's pi_old and pi_ref, the update's forward, the evaluation's): KL exactly 0 before training and ratio
     1 on every iteration's first minibatch, and every recorded forward at T (but PPO-ptx's SFT NLL and A-LoL's
     offline training passes, at T = 1 by design). A pass that forgot T would show in both."""
-    flags = [*FLAGS, *EXTRA.get(script, []), "--temperature", "0.7"]
-    if script == "alol":
-        flags = [*ALOL_FLAGS, "--dataset", tiny_toy_data, "--temperature", "0.7"]
-    (events,) = record(script, [[*flags, "--output-dir", str(tmp_path / "run")]])
-    rows = read_metrics(tmp_path / "run")
+    events, out = recorded(shared, script, runs_of(script, tiny_toy_data), "temperature")
+    rows = read_metrics(out)
     assert rows[0]["eval/kl"] == 0.0  # the initial policy against itself, at T
     temperatures = [e[1][0] for e in events if e[0] == "response_logits"]
     chunked = [e[1][4] for e in events if e[0] == "chunked_logprobs"]
@@ -148,15 +182,13 @@ def test_every_pass_divides_by_the_sampling_temperature(script, tiny_toy_data, t
     assert set(chunked) == {0.7} and set(temperatures) == {0.7} and len(temperatures) >= 8
 
 
-def test_apa_authors_controller_input_and_schedule(tmp_path):
+def test_apa_authors_controller_input_and_schedule(shared):
     """--kl-control apa-authors: the controller is fed the mean over every position of prompt + response (masked by
     the predicting position, as theirs) of k3 = exp(d) - 1 - d, d = log pi_old - log pi_ref, over the rollout's last
     chunk of --rollout-forward-batch-size rows padded to its own longest prompt and response; after every minibatch,
     with n = the minibatch; and the update epochs are consecutive steps on one minibatch."""
-    flags = [*FLAGS, "--update-epochs", "2", "--kl-control", "apa-authors", "--kl-target", "0.5", "--kl-horizon", "64",
-             "--rollout-forward-batch-size", "3"]  # fmt: skip
-    (events,) = record("ppo", [[*flags, "--output-dir", str(tmp_path / "run")]])
-    rows = read_metrics(tmp_path / "run")[1:]
+    events, out = recorded(shared, "ppo", runs_of("ppo"), "apa_authors")
+    rows = read_metrics(out)[1:]
     starts = [i for i, e in enumerate(events) if e[0] == "compute_rewards"]
     kl_coef = 0.05
     for start, end, row in zip(starts, starts[1:] + [len(events)], rows):
@@ -189,7 +221,7 @@ def test_apa_authors_controller_input_and_schedule(tmp_path):
     assert rows[1]["train/kl_control_input"] > 0
 
 
-def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(tmp_path):
+def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(shared):
     """PPO-ptx: each step's SFT rows are the dataset's chosen responses as the policy would write them (cut at
     --max-new-tokens without a stop token), scored at T = 1 by the policy being trained, and their NLL is a mean over
     the step's SFT tokens (each micro-batch weighted by its share of them, not of the rollout tokens)."""
@@ -198,8 +230,7 @@ def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(t
     from plumbing.data import load_rows, tokenize_prompts, tokenize_responses
     from plumbing.models import load_tokenizer
 
-    flags = [*FLAGS, "--critic-warmup-steps", "0", "--ptx-coef", "0.5", "--output-dir", str(tmp_path / "run")]
-    (events,) = record("ppo_max", [flags])
+    events, out = recorded(shared, "ppo_max", runs_of("ppo_max"), "ptx")
     tokenizer = load_tokenizer(str(REPO / "toy" / "policy"))
     prompts, chosen = load_rows(str(REPO / "toy" / "data"), "train")
     prompt_ids = tokenize_prompts(tokenizer, prompts, 128)
@@ -228,7 +259,7 @@ def test_ppo_ptx_trains_on_the_datasets_responses_with_a_token_mean_of_its_own(t
             logits = policy(torch.tensor([prompt_ids[i] + sft[i]])).logits[0, len(prompt_ids[i]) - 1 : -1]
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sft[i])[:, None]).squeeze(-1)
         assert mask[row].sum() == len(sft[i]) and torch.allclose(logprobs[row, : len(sft[i])], expected, atol=1e-5)
-    rows = read_metrics(tmp_path / "run")[1:]
+    rows = read_metrics(out)[1:]
     for iteration, row in enumerate(rows):
         means = [
             sum(share * loss[3].item() for _, share, _, loss in step)
@@ -251,14 +282,13 @@ def tiny_toy_data(tmp_path_factory):
     return toy_rows(REPO / "toy" / "data", tmp_path_factory.mktemp("tiny_toy_data"), 64, 24)
 
 
-def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, tmp_path):
+def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, shared):
     """Every variant end to end: r(x, y) from the scores (sigmoid first when asked, then the missing-EOS penalty),
     A = r - V_ref, the variant's weights, rows drawn only among positive weights (in proportion to them unless
     uniform or nll), the loss given the drawn rows' weights; at the first step pi = pi_ref; the logged loss is the
     tested loss weighted by each micro-batch's share of the examples."""
-    runs = [[*ALOL_FLAGS, "--dataset", tiny_toy_data, "--variant", variant, *flags, "--output-dir",
-             str(tmp_path / variant)] for variant, flags in ALOL_RUNS.items()]  # fmt: skip
-    for (variant, flags), events in zip(ALOL_RUNS.items(), record("alol", runs)):
+    for variant, flags in ALOL_RUNS.items():
+        events, out = recorded(shared, "alol", runs_of("alol", tiny_toy_data), variant)
         (_, (_, _, ended, _), _, raw_scores) = next(e for e in events if e[0] == "score")  # the training pairs first
         transform = "sigmoid" in flags
         rewards = (torch.sigmoid(raw_scores) if transform else raw_scores) - 1.0 * (~ended).float()
@@ -280,18 +310,18 @@ def test_alol_variants_train_on_the_weights_they_define(tiny_toy_data, tmp_path)
         first = losses[0][1]
         assert torch.allclose(first[0], first[1], atol=1e-5)  # the first step: pi = pi_ref
         assert first[0].abs().sum() > 0  # (log-probs of real tokens)
-        setup, row = read_metrics(tmp_path / variant)
+        setup, row = read_metrics(out)
         assert setup["train/kept_fraction"] == pytest.approx((weights > 0).float().mean().item())
         per_step = [sum(0.5 * e[3][0].item() for e in losses[i : i + 2]) for i in (0, 2)]
         assert row["loss/policy"] == pytest.approx(sum(per_step) / 2, rel=1e-5)
-        assert (tmp_path / variant / "policy" / "config.json").exists()
+        assert (out / "policy" / "config.json").exists()
 
 
-def test_alol_fits_v_ref_on_exactly_value_size_prompts(tiny_toy_data, tmp_path):
+def test_alol_fits_v_ref_on_exactly_value_size_prompts(tiny_toy_data, shared, tmp_path):
     """--value-size N: V_ref is fitted on the N held-out prompts after the --eval-size ones (the A-LoL authors' 280
     dev prompts), each with --value-samples samples; more than the split holds is a one-line error."""
-    flags = [*ALOL_FLAGS, "--dataset", tiny_toy_data, "--eval-size", "8", "--value-size", "10", "--total-steps", "1"]
-    (events,) = record("alol", [[*flags, "--output-dir", str(tmp_path / "run")]])
+    flags = runs_of("alol", tiny_toy_data)["v_ref"]
+    events, _ = recorded(shared, "alol", runs_of("alol", tiny_toy_data), "v_ref")
     (_, (features, targets, prompt_ids, *_), _, _) = next(e for e in events if e[0] == "fit_value_head")
     assert features.shape[0] == len(targets) == 20 and sorted(set(prompt_ids.tolist())) == list(range(10))
     # the pairing: each target is the reward of a sample of its own prompt, each row its prompt's features. The

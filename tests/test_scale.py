@@ -1,6 +1,7 @@
 """Scale features: one update for any rank count / FSDP / micro-batch split, FSDP + LoRA checkpoints and resume,
 activation checkpointing, --num-layers-unfrozen, and the reference computing exactly what the policy computes."""
 
+import json
 import sys
 
 import pytest
@@ -120,15 +121,17 @@ def test_num_layers_unfrozen_trains_only_those_parameters(tmp_path):
     assert any(k.startswith("lm_head.") for k in changed) and any(".layers." in k for k in changed)
 
 
-@pytest.mark.parametrize("flags", [[], ["--num-layers-unfrozen", "2"]], ids=["full", "unfrozen-2"])
-def test_bf16_reference_computes_what_the_policy_computes(flags, tmp_path):
+def test_bf16_reference_computes_what_the_policy_computes(tmp_path):
     """Under bf16 autocast the fp32 policy and its reference (whose Linear weights are stored in bf16, as are the
-    policy's frozen ones) give KL exactly 0 before the first update."""
-    out = tmp_path / "run"
-    run_script("ppo.py", *FAST, "--total-episodes", "16", "--dtype", "bfloat16", *flags, "--output-dir", str(out))
-    sft, first = read_metrics(out)
-    assert sft["eval/kl"] == 0.0 and first["train/kl"] == 0.0
-    assert first["policy/abs_log_ratio_first_mb"] == 0.0
+    policy's frozen ones) give KL exactly 0 before the first update: fully trained, and with 2 layers unfrozen."""
+    cases = {"full": [], "unfrozen-2": ["--num-layers-unfrozen", "2"]}
+    flags = [[*FAST, "--total-episodes", "16", "--dtype", "bfloat16", *extra, "--output-dir", str(tmp_path / name)]
+             for name, extra in cases.items()]  # fmt: skip
+    run_script("tests/wrap.py", "--runs", json.dumps(flags), "ppo")  # (both runs in one process)
+    for name in cases:
+        sft, first = read_metrics(tmp_path / name)
+        assert sft["eval/kl"] == 0.0 and first["train/kl"] == 0.0, name
+        assert first["policy/abs_log_ratio_first_mb"] == 0.0, name
 
 
 def test_frozen_linear_weights_are_stored_in_the_compute_dtype():
