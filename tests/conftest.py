@@ -177,6 +177,25 @@ def shared(tmp_path_factory) -> runs.Shared:
     return runs.Shared(runs.session_root(tmp_path_factory.getbasetemp()) / "shared-runs")
 
 
+def assert_adapter_merges_to_the_policy(output_dir, base) -> None:
+    """A LoRA run's outputs: OUT/adapter on the base model, merged, is OUT/policy (the merged policy it saved), and
+    that policy trained (it is not the base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def params(model) -> dict:
+        return {k: v.float() for k, v in model.state_dict().items()}
+
+    merged = params(AutoModelForCausalLM.from_pretrained(Path(output_dir) / "policy"))
+    initial = params(AutoModelForCausalLM.from_pretrained(base))
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), Path(output_dir) / "adapter")
+    reloaded = params(adapter.merge_and_unload())
+    assert reloaded.keys() == merged.keys()
+    for k, v in reloaded.items():
+        assert torch.allclose(v, merged[k], atol=1e-3), k
+    assert any(not torch.allclose(merged[k], initial[k]) for k in merged)
+
+
 def read_metrics(output_dir) -> list[dict]:
     import json
 

@@ -5,7 +5,7 @@ the decoder layers. One end-to-end run: ppo.py with LoRA on a LLaMA-shaped model
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script
+from conftest import FAST, REPO, assert_adapter_merges_to_the_policy, read_metrics, run_script
 
 import common
 from plumbing import models
@@ -114,14 +114,15 @@ def test_policy_value_net_lora_and_layers_on_each_architecture(kind, use_lora, t
 
 
 def test_ppo_with_lora_on_a_llama_shaped_model(tmp_path):
-    """The value network's LoRA wrapper on a LLaMA-family model used to crash (no last_hidden_state)."""
+    """The value network's LoRA wrapper on a LLaMA-family model used to crash (no last_hidden_state); the adapter,
+    merged into the base, is the saved policy (ppo.py's LoRA lines, which apa.py and awr.py share)."""
     path = save_tiny("llama", tmp_path / "llama")
     out = tmp_path / "run"
-    run_script("ppo.py", *FAST, "--total-episodes", "16", "--model", path, "--use-lora", "--lora-r", "4",
-               "--output-dir", str(out))  # fmt: skip
+    run_script("ppo.py", *FAST, "--total-episodes", "16", "--model", path, "--use-lora", "--lora-r", "4", "--lr",
+               "1e-3", "--output-dir", str(out))  # fmt: skip
     sft, first = read_metrics(out)
     assert sft["eval/kl"] == 0.0 and first["policy/abs_log_ratio_first_mb"] < 1e-5
-    assert (out / "adapter" / "adapter_config.json").exists() and (out / "policy" / "config.json").exists()
+    assert_adapter_merges_to_the_policy(out, path)
 
 
 def test_lora_alpha_and_dropout_reach_peft_and_dropout_acts_in_the_training_forward_only(tiny_lm):

@@ -5,7 +5,15 @@ import os
 
 import pytest
 import torch
-from conftest import FAST, REPO, kill_at_first_checkpoint, main_error, read_metrics, run_script
+from conftest import (
+    FAST,
+    REPO,
+    assert_adapter_merges_to_the_policy,
+    kill_at_first_checkpoint,
+    main_error,
+    read_metrics,
+    run_script,
+)
 
 ONLINE = ["ppo.py", "apa.py", "awr.py", "ppo_max.py"]
 CONTRACT = ["iteration", "episodes", "train/reward", "train/kl", "eval/reward", "eval/gold_reward", "eval/kl"]
@@ -78,24 +86,14 @@ def test_run_writes_the_contract_and_ppo_resumes_exactly_after_a_kill(script, tm
     assert all(torch.allclose(trained[k], final[k], atol=1e-5) for k in trained)
 
 
-# (apa.py and awr.py share ppo.py's LoRA lines; grpo.py rloo.py's)
-@pytest.mark.parametrize("script", ["ppo.py", "ppo_max.py", "rloo.py"])
-def test_lora_saves_adapter_and_merged_model(script, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+# ppo_max.py's LoRA lines (ppo.py's, which apa.py and awr.py share: tests/test_architectures.py on a LLaMA-shaped
+# model; grpo.py's and rloo.py's: tests/test_grpo_rloo.py under torchrun; alol.py's: tests/test_alol.py)
+def test_lora_saves_adapter_and_merged_model(tmp_path):
     out = tmp_path / "run"
-    run_script(
-        script, *FAST, *EXTRA.get(script, []), "--use-lora", "--lora-r", "4", "--lr", "1e-3", "--output-dir", str(out)
-    )
+    run_script("ppo_max.py", *FAST, *EXTRA["ppo_max.py"], "--use-lora", "--lora-r", "4", "--lr", "1e-3",
+               "--output-dir", str(out))  # fmt: skip
     assert read_metrics(out)[1]["policy/abs_log_ratio_first_mb"] < 1e-5
-    merged = load_policy_params(out / "policy")
-    base = AutoModelForCausalLM.from_pretrained(REPO / "toy" / "policy")
-    reloaded = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
-    for k, v in reloaded.state_dict().items():
-        assert torch.allclose(v.float(), merged[k], atol=1e-3), k
-    initial = load_policy_params(REPO / "toy" / "policy")
-    assert any(not torch.allclose(merged[k], initial[k]) for k in merged)
+    assert_adapter_merges_to_the_policy(out, REPO / "toy" / "policy")
 
 
 def _make_two_label_model(path):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, main_error, read_metrics, run_script
+from conftest import FAST, REPO, assert_adapter_merges_to_the_policy, main_error, read_metrics, run_script
 from test_invariants import FLAGS, between, recorded
 
 import grpo
@@ -348,8 +348,6 @@ def test_chat_data_stop_strings_lora_and_micro_batches_under_torchrun(script, tm
     card, the adapter and the merged policy."""
     import json
 
-    from conftest import REPO
-
     out = tmp_path / "run"
     run_script(script, *FAST, "--dataset", str(REPO / "toy" / "chat" / "prompts"), "--stop-strings", "Human:",
                "--use-lora", "--lora-r", "4", "--lr", "1e-3", "--micro-batch-size", "2", "--output-dir", str(out),
@@ -361,4 +359,5 @@ def test_chat_data_stop_strings_lora_and_micro_batches_under_torchrun(script, tm
     assert [s["iteration"] for s in samples] == [0] * 16 + [1] * 16 + [2] * 16
     assert all("Human:" not in s["response"] for s in samples)
     card = (out / "policy" / "README.md").read_text()
-    assert f"torchrun --nproc_per_node 2 {script}" in card and (out / "adapter" / "adapter_config.json").exists()
+    assert f"torchrun --nproc_per_node 2 {script}" in card
+    assert_adapter_merges_to_the_policy(out, REPO / "toy" / "policy")

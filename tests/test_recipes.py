@@ -102,9 +102,9 @@ def test_trlx_reward_checkpoint_converted_scores_as_the_authors_model(tmp_path):
     assert bad.returncode != 0 and "is not a moss reward checkpoint" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path):
-    """OpenAssistant's GPTNeoXRewardModel (the A-LoL authors' reward model): gpt_neox + out_proj with a bias, the score
-    at the last token; converted, the same scores from a head without a bias."""
+def oasst_checkpoint(path):
+    """A tiny random OpenAssistant GPTNeoXRewardModel checkpoint at `path` (gpt_neox + out_proj with a bias of 3 more):
+    (its backbone, its head, its config fields)."""
     from transformers import GPTNeoXConfig, GPTNeoXModel
 
     config = GPTNeoXConfig(vocab_size=640, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -113,11 +113,18 @@ def test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path):
     backbone, out_proj = GPTNeoXModel(config).eval(), nn.Linear(32, 1)
     state = {**{f"gpt_neox.{k}": v for k, v in backbone.state_dict().items()}, "out_proj.weight": out_proj.weight,
              "out_proj.bias": out_proj.bias + 3.0}  # fmt: skip
-    (tmp_path / "oasst").mkdir()
-    torch.save(state, tmp_path / "oasst" / "pytorch_model.bin")
+    path.mkdir()
+    torch.save(state, path / "pytorch_model.bin")
     fields = {**config.to_dict(), "model_type": "gpt_neox_reward_model", "architectures": ["GPTNeoXRewardModel"]}
-    (tmp_path / "oasst" / "config.json").write_text(json.dumps(fields))
-    AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer").save_pretrained(tmp_path / "oasst")
+    (path / "config.json").write_text(json.dumps(fields))
+    AutoTokenizer.from_pretrained(REPO / "toy" / "tokenizer").save_pretrained(path)
+    return backbone, out_proj, fields
+
+
+def test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path):
+    """OpenAssistant's GPTNeoXRewardModel (the A-LoL authors' reward model): gpt_neox + out_proj with a bias, the score
+    at the last token; converted, the same scores from a head without a bias."""
+    backbone, out_proj, fields = oasst_checkpoint(tmp_path / "oasst")
     result = convert(tmp_path, "--format", "oasst", "--checkpoint", "oasst", "--output-dir", "rm")
     assert result.returncode == 0, result.stderr[-2000:]
     ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -135,7 +142,6 @@ def test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path):
     refused = convert(tmp_path, "--format", "oasst", "--checkpoint", "oasst", "--output-dir", "rm-mean")
     assert refused.returncode == 1 and "pools its hidden states by 'mean'" in refused.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "rm-mean").exists()
-    (tmp_path / "oasst" / "config.json").write_text(json.dumps({**fields, "pooling": "last"}))
 
 
 # ---------------------------------------------------------------- trlX's stop strings
@@ -297,7 +303,7 @@ def test_alol_recipe_runs_on_stand_ins(tmp_path):
     base = save_tiny("llama", tmp_path / "llama")
     adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
     adapter.save_pretrained(tmp_path / "sft-adapter")
-    test_oasst_reward_head_bias_is_folded_into_the_final_norm(tmp_path)  # writes tmp_path / "oasst"
+    oasst_checkpoint(tmp_path / "oasst")  # (its conversion: the test above)
     variables = {"BASE_MODEL": base, "SFT_ADAPTER": str(tmp_path / "sft-adapter"), "POLICY": str(tmp_path / "sft"),
                  "DATASET": hh_dataset(tmp_path / "hh", rows=32), "DATA_DIR": str(tmp_path / "hh-messages"),
                  "REWARD_CHECKPOINT": str(tmp_path / "oasst"), "REWARD_DIR": str(tmp_path / "rm-small"),
