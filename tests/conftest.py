@@ -196,6 +196,19 @@ def assert_adapter_merges_to_the_policy(output_dir, base) -> None:
     assert any(not torch.allclose(merged[k], initial[k]) for k in merged)
 
 
+def shared_runs(shared, script: str, runs: dict) -> dict:
+    """name -> output directory of each run of `runs` (name -> flags, without --output-dir), all made in one process
+    (tests/wrap.py --runs) once per test session, for every test that reads one of them (tests/runs.py's Shared)."""
+    import json
+
+    def make(directory):
+        flags = [[*f, "--output-dir", str(directory / name)] for name, f in runs.items()]
+        run_script("tests/wrap.py", "--runs", json.dumps(flags), script)
+
+    directory = shared.get(f"{script}-" + "-".join(runs), make)
+    return {name: directory / name for name in runs}
+
+
 def read_metrics(output_dir) -> list[dict]:
     import json
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, main_error, read_metrics, run_script
+from conftest import REPO, main_error, read_metrics, shared_runs
 
 from dpo import implicit_rewards, preference_loss, pro_loss
 
@@ -116,32 +116,46 @@ def test_bad_preference_data_is_one_line(case, expected, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("variant", ["dpo-ref-free", "pro"])  # (dpo: tests/test_learning.py)
-def test_each_variant_runs_on_hh_dialogues_and_learns_the_preferences(variant, tmp_path):
-    """hh-rlhf's format (full chosen / rejected dialogues, the prompt their shared part): 20 steps of 8 pairs raise
-    the held-out implicit reward margin and accuracy from the initial policy's 0 / 0."""
+def hh_pairs(directory):
+    """240 toy pairs in hh-rlhf's format (full chosen / rejected dialogues, the prompt their shared part)."""
     rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in toy_pairs(240)]
-    data = write(tmp_path / "data", rows[:200], rows[200:])
-    flags = ["--dataset", data, "--variant", variant, "--total-steps", "20", "--batch-size", "8", "--eval-size", "40",
-             "--eval-every", "20", "--log-every", "10", "--save-every", "0", "--lr", "3e-4",
-             "--output-dir", str(tmp_path / "run")]  # fmt: skip
-    run_script("dpo.py", *flags)
-    first, *_, last = read_metrics(tmp_path / "run")
-    assert first["eval/rewards/margin"] == 0.0 and first["eval/kl"] == 0.0  # the initial policy is pi_ref
-    assert last["eval/rewards/margin"] > 0.05 and last["eval/rewards/accuracy"] > 0.6, last
-    assert (tmp_path / "run" / "policy" / "config.json").exists()
+    write(directory, rows[:200], rows[200:])
 
 
-def test_conversational_pairs_run_through_the_chat_template(tmp_path):
-    """TRL's conversational preference format (prompt as messages, chosen / rejected as assistant messages), rendered
-    by the toy policy's chat template: a short run trains (KL moves off 0) and scores its held-out pairs."""
+def conversational_pairs(directory):
+    """TRL's conversational preference format: prompt as messages, chosen / rejected as assistant messages."""
     rows = []
     for r in toy_pairs(64):
         question = r["prompt"].split("Human:")[-1].split("\n\nAssistant:")[0].strip()
         rows.append({"prompt": [{"role": "user", "content": question}],
                      "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
                      "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]})  # fmt: skip
-    data = write(tmp_path / "data", rows[:48], rows[48:])
-    run_script("dpo.py", *SHORT, "--dataset", data, "--lr", "1e-3", "--output-dir", str(tmp_path / "run"))
-    first, last = read_metrics(tmp_path / "run")[0], read_metrics(tmp_path / "run")[-1]
+    write(directory, rows[:48], rows[48:])
+
+
+def runs(shared) -> dict:
+    """The runs of the two tests below, made in one process (conftest.shared_runs)."""
+    hh, chat = str(shared.get("dpo-hh-pairs", hh_pairs)), str(shared.get("dpo-chat-pairs", conversational_pairs))
+    learn = ["--dataset", hh, "--total-steps", "20", "--batch-size", "8", "--eval-size", "40", "--eval-every", "20",
+             "--log-every", "10", "--save-every", "0", "--lr", "3e-4"]  # fmt: skip
+    return shared_runs(shared, "dpo", {"dpo-ref-free": [*learn, "--variant", "dpo-ref-free"],
+                                       "pro": [*learn, "--variant", "pro"],
+                                       "conversational": [*SHORT, "--dataset", chat, "--lr", "1e-3"]})  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["dpo-ref-free", "pro"])  # (dpo: tests/test_learning.py)
+def test_each_variant_runs_on_hh_dialogues_and_learns_the_preferences(variant, shared):
+    """hh-rlhf's format: 20 steps of 8 pairs raise the held-out implicit reward margin and accuracy from the initial
+    policy's 0 / 0."""
+    out = runs(shared)[variant]
+    first, *_, last = read_metrics(out)
+    assert first["eval/rewards/margin"] == 0.0 and first["eval/kl"] == 0.0  # the initial policy is pi_ref
+    assert last["eval/rewards/margin"] > 0.05 and last["eval/rewards/accuracy"] > 0.6, last
+    assert (out / "policy" / "config.json").exists()
+
+
+def test_conversational_pairs_run_through_the_chat_template(shared):
+    """TRL's conversational preference format, rendered by the toy policy's chat template: a short run trains (KL
+    moves off 0) and scores its held-out pairs."""
+    first, *_, last = read_metrics(runs(shared)["conversational"])
     assert first["eval/kl"] == 0.0 and last["eval/kl"] != 0.0 and last["eval/rewards/margin"] != 0.0

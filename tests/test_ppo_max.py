@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script
+from conftest import FAST, REPO, read_metrics, shared_runs
 
 from common import RunningMoments, left_pad
 from plumbing.models import load_tokenizer, load_value_model
@@ -59,9 +59,13 @@ def test_critic_from_the_reward_model_reads_its_score_at_the_last_token():
     assert torch.allclose(values[:, -1], score(prompts, responses), atol=1e-4)
 
 
-def test_critic_warmup_leaves_the_policy_unchanged(tmp_path):
-    out = tmp_path / "run"
-    run_script("ppo_max.py", *FAST, "--critic-warmup-steps", "2", "--output-dir", str(out))
+# the runs of the two tests below, made in one process (conftest.shared_runs)
+RUNS = {"warmup": [*FAST, "--critic-warmup-steps", "2"], "released": [*FAST, "--recipe", "released",
+                                                                      "--lr-warmup-steps", "2"]}  # fmt: skip
+
+
+def test_critic_warmup_leaves_the_policy_unchanged(shared):
+    out = shared_runs(shared, "ppo_max", RUNS)["warmup"]
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
@@ -81,15 +85,15 @@ def optimizer_settings(checkpoint: dict, name: str) -> tuple[float, float]:
     return group["eps"], group["weight_decay"]
 
 
-def test_released_recipe_end_to_end(tmp_path):
+def test_released_recipe_end_to_end(shared):
     """The MOSS-RLHF release: no critic warm-up (the policy moves at iteration 1), KL coefficient 0.01, LR warm-up
     then 1/sqrt decay, AdamW eps 1e-6 (the critic's 1e-8) and no weight decay."""
-    run_script("ppo_max.py", *FAST, "--recipe", "released", "--lr-warmup-steps", "2", "--output-dir", str(tmp_path))
-    rows = [row for row in read_metrics(tmp_path) if "train/lr" in row]
+    out = shared_runs(shared, "ppo_max", RUNS)["released"]
+    rows = [row for row in read_metrics(out) if "train/lr" in row]
     assert rows[-1]["train/kl_coef"] == 0.01
     # two minibatches per iteration: optimizer steps 0, 1 then 2, 3; the logged LR is the last step's
     assert [row["train/lr"] for row in rows] == pytest.approx([3e-4 * 0.5, 3e-4 * (2 / 3) ** 0.5])
     assert rows[0]["eval/kl"] != 0.0  # the policy moved (with a critic warm-up it is exactly 0)
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert optimizer_settings(checkpoint, "policy") == (1e-6, 0.0)
     assert optimizer_settings(checkpoint, "value_model") == (1e-8, 0.0)

@@ -1,12 +1,11 @@
 """Scale features: one update for any rank count / FSDP / micro-batch split, FSDP + LoRA checkpoints and resume,
 activation checkpointing, --num-layers-unfrozen, and the reference computing exactly what the policy computes."""
 
-import json
 import sys
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, run_script
+from conftest import FAST, REPO, read_metrics, run_script, shared_runs
 
 # one minibatch per update epoch (the whole rollout): its composition cannot depend on how the ranks shuffle
 EQUIVALENCE = [
@@ -110,9 +109,8 @@ def test_value_network_with_its_own_frozen_layers_and_an_mlp_head():
     assert frozen == {str(i) for i in range(models.hf_model(default).config.num_hidden_layers - 1)}
 
 
-def test_num_layers_unfrozen_trains_only_those_parameters(tmp_path):
-    out = tmp_path / "run"
-    run_script("ppo.py", *FAST, "--num-layers-unfrozen", "2", "--output-dir", str(out))
+def test_num_layers_unfrozen_trains_only_those_parameters(shared):
+    out = shared_runs(shared, "ppo", PPO_RUNS)["unfrozen-2"]
     trained, initial = final_params(out / "policy"), final_params(REPO / "toy" / "policy")
     n = int(__import__("json").load(open(REPO / "toy" / "policy" / "config.json"))["num_hidden_layers"])
     top = tuple(f"gpt_neox.layers.{i}." for i in (n - 2, n - 1)) + ("gpt_neox.final_layer_norm.", "lm_head.")
@@ -121,15 +119,18 @@ def test_num_layers_unfrozen_trains_only_those_parameters(tmp_path):
     assert any(k.startswith("lm_head.") for k in changed) and any(".layers." in k for k in changed)
 
 
-def test_bf16_reference_computes_what_the_policy_computes(tmp_path):
+# ppo.py runs of the two tests below, made in one process (conftest.shared_runs)
+PPO_RUNS = {"bf16": [*FAST, "--total-episodes", "16", "--dtype", "bfloat16"],
+            "bf16-unfrozen-2": [*FAST, "--total-episodes", "16", "--dtype", "bfloat16", "--num-layers-unfrozen", "2"],
+            "unfrozen-2": [*FAST, "--num-layers-unfrozen", "2"]}  # fmt: skip
+
+
+def test_bf16_reference_computes_what_the_policy_computes(shared):
     """Under bf16 autocast the fp32 policy and its reference (whose Linear weights are stored in bf16, as are the
     policy's frozen ones) give KL exactly 0 before the first update: fully trained, and with 2 layers unfrozen."""
-    cases = {"full": [], "unfrozen-2": ["--num-layers-unfrozen", "2"]}
-    flags = [[*FAST, "--total-episodes", "16", "--dtype", "bfloat16", *extra, "--output-dir", str(tmp_path / name)]
-             for name, extra in cases.items()]  # fmt: skip
-    run_script("tests/wrap.py", "--runs", json.dumps(flags), "ppo")  # (both runs in one process)
-    for name in cases:
-        sft, first = read_metrics(tmp_path / name)
+    runs = shared_runs(shared, "ppo", PPO_RUNS)
+    for name in ("bf16", "bf16-unfrozen-2"):
+        sft, first = read_metrics(runs[name])
         assert sft["eval/kl"] == 0.0 and first["train/kl"] == 0.0, name
         assert first["policy/abs_log_ratio_first_mb"] == 0.0, name
 
