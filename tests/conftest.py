@@ -196,16 +196,18 @@ def assert_adapter_merges_to_the_policy(output_dir, base) -> None:
     assert any(not torch.allclose(merged[k], initial[k]) for k in merged)
 
 
-def shared_runs(shared, script: str, runs: dict) -> dict:
+def shared_runs(shared, script: str, runs: dict, record: bool = False) -> dict:
     """name -> output directory of each run of `runs` (name -> flags, without --output-dir), all made in one process
-    (tests/wrap.py --runs) once per test session, for every test that reads one of them (tests/runs.py's Shared)."""
+    (tests/wrap.py --runs) once per test session, for every test that reads one of them (tests/runs.py's Shared).
+    `record`: with tests/wrap.py --record, every run's events in events.pt beside the runs' directories."""
     import json
 
     def make(directory):
         flags = [[*f, "--output-dir", str(directory / name)] for name, f in runs.items()]
-        run_script("tests/wrap.py", "--runs", json.dumps(flags), script)
+        record_to = ["--record", str(directory / "events.pt")] if record else []
+        run_script("tests/wrap.py", *record_to, "--runs", json.dumps(flags), script)
 
-    directory = shared.get(f"{script}-" + "-".join(runs), make)
+    directory = shared.get(("recorded-" if record else "") + f"{script}-" + "-".join(runs), make)
     return {name: directory / name for name in runs}
 
 

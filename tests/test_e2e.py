@@ -15,12 +15,9 @@ from conftest import (
     run_script,
 )
 
-ONLINE = ["ppo.py", "apa.py", "awr.py", "ppo_max.py"]
 CONTRACT = ["iteration", "episodes", "train/reward", "train/kl", "eval/reward", "eval/gold_reward", "eval/kl"]
 CONTRACT += ["eval/response_length", "time/samples_per_s", "time/generate", "time/score", "time/update"]
 CONTRACT += ["time/iteration", "time/decode_steps", "time/peak_memory_gb"]
-# PPO-max trains only its critic for the first 4 rollout batches by default: more than these short runs have
-EXTRA = {"ppo_max.py": ["--critic-warmup-steps", "0"]}
 
 
 def load_policy_params(path):
@@ -39,7 +36,7 @@ def tensorboard_scalars(path) -> dict[str, dict[int, float]]:
 # (apa.py and awr.py: ppo.py's lines but the loss; rloo.py: grpo.py's)
 @pytest.mark.parametrize("script", ["ppo.py", "grpo.py"])
 def test_run_writes_the_contract_and_ppo_resumes_exactly_after_a_kill(script, tmp_path):
-    args = [*FAST, *EXTRA.get(script, []), "--total-episodes", "48"]  # 3 iterations, a checkpoint after each
+    args = [*FAST, "--total-episodes", "48"]  # 3 iterations, a checkpoint after each
     straight = tmp_path / "straight"
     run_script(script, *args, "--output-dir", str(straight))
     sft, *rows = read_metrics(straight)
@@ -90,7 +87,8 @@ def test_run_writes_the_contract_and_ppo_resumes_exactly_after_a_kill(script, tm
 # model; grpo.py's and rloo.py's: tests/test_grpo_rloo.py under torchrun; alol.py's: tests/test_alol.py)
 def test_lora_saves_adapter_and_merged_model(tmp_path):
     out = tmp_path / "run"
-    run_script("ppo_max.py", *FAST, *EXTRA["ppo_max.py"], "--use-lora", "--lora-r", "4", "--lr", "1e-3",
+    # (PPO-max trains only its critic for the first 4 rollout batches by default: more than this short run has)
+    run_script("ppo_max.py", *FAST, "--critic-warmup-steps", "0", "--use-lora", "--lora-r", "4", "--lr", "1e-3",
                "--output-dir", str(out))  # fmt: skip
     assert read_metrics(out)[1]["policy/abs_log_ratio_first_mb"] < 1e-5
     assert_adapter_merges_to_the_policy(out, REPO / "toy" / "policy")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, main_error, read_metrics, run_script, toy_rows
+from conftest import REPO, main_error, read_metrics, run_script, shared_runs, toy_rows
 
 import apa
 import awr
@@ -54,15 +54,10 @@ def record(script: str, runs: list[list[str]], rollouts: str = "") -> list[list[
 
 def recorded(shared, script: str, runs: dict, name: str) -> tuple[list[tuple], Path]:
     """The events and output directory of run `name` of `runs` (name -> flags, without --output-dir), every run of
-    which is recorded once per test session in one process for all the tests that read them (tests/runs.py's
-    Shared: one interpreter start per script, not one per test)."""
-
-    def make(directory):
-        flags = [[*f, "--output-dir", str(directory / n)] for n, f in runs.items()]
-        run_script("tests/wrap.py", "--record", str(directory / "events.pt"), "--runs", json.dumps(flags), script)
-
-    directory = shared.get(f"recorded-{script}", make)
-    return load_events(directory / "events.pt")[list(runs).index(name)], directory / name
+    which is recorded once per test session in one process for all the tests that read them
+    (conftest.shared_runs: one interpreter start per script, not one per test)."""
+    out = shared_runs(shared, script, runs, record=True)[name]
+    return load_events(out.parent / "events.pt")[list(runs).index(name)], out
 
 
 @functools.lru_cache(maxsize=1)
